@@ -1,0 +1,235 @@
+"""`engine build`: the compiler driver. Reads like a table of contents."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from builder.errors import BuildError
+from builder.frontend import open_model, trace_model
+from builder.ir import Graph
+from builder.passes.fuse import RULES as FUSE_RULES
+from builder.passes.fuse import fuse
+from builder.passes.kv_cache import kv_cache, select_logits
+from builder.passes.lower_aten import lower_aten
+from builder.passes.plan_memory import plan_memory
+from builder.passes.report import PassReport
+from builder.plan import to_plan
+from builder.verify import VerifyError, verify
+from builder.weights import make_weight
+from builder.writer import EngineWriter, sha256_file, write_safetensors_streaming
+
+BUILDER_VERSION = "0.1.0"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The pass list is data: (name, function, can the user disable it?).
+PASSES = [
+    ("kv_cache", kv_cache, False),
+    ("select_logits", select_logits, False),
+    ("fuse", fuse, True),
+    ("plan_memory", plan_memory, True),
+]
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    output: Path
+    dtype: str = "float32"
+    max_seq_len: int | None = None
+    max_batch_tokens: int = 2048
+    disabled_passes: tuple[str, ...] = ()
+    force: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if self.dtype not in DTYPES:
+            raise BuildError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.max_batch_tokens < 1:
+            raise BuildError("--max-batch-tokens must be at least 1")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise BuildError("--max-seq-len must be at least 1")
+        valid = {name for name, _, optional in PASSES if optional}
+        valid |= {f"fuse.{r.name}" for r in FUSE_RULES}
+        for name in self.disabled_passes:
+            if name in {n for n, _, optional in PASSES if not optional} or name == "lower_aten":
+                raise BuildError(f"pass {name} is required by the runtime and cannot be disabled")
+            if name not in valid:
+                raise BuildError(f"unknown pass {name!r}; passes: {', '.join(sorted(valid))}")
+
+
+class BuildUI:
+    """Progress hooks; the default is silent (tests, library use)."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+    def counter(self, name: str, total: int) -> Callable[[str], None]:
+        return lambda item: None
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI) -> list[PassReport]:
+    reports = []
+    for name, fn, _ in PASSES:
+        if name in options.disabled_passes:
+            reports.append(PassReport(name, notes=["disabled by --disable-pass"]))
+            continue
+        with ui.stage(f"pass {name}"):
+            start = time.perf_counter()
+            if fn is fuse:
+                disabled = frozenset(p.removeprefix("fuse.") for p in options.disabled_passes
+                                     if p.startswith("fuse."))
+                graph, report = fn(graph, options, disabled=disabled)
+            else:
+                graph, report = fn(graph, options)
+            try:
+                verify(graph)
+            except VerifyError as e:
+                raise BuildError(f"pass {name} produced an invalid graph: {e}") from e
+            report.seconds = round(time.perf_counter() - start, 3)
+            report.op_counts_after = graph.op_counts()
+            ui.note(report.summary())
+        reports.append(report)
+    return reports
+
+
+def _resolve_max_seq_len(config, requested: int | None) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if requested is None:
+        return int(limit or 4096)
+    learned = getattr(config, "model_type", "") in ("gpt2",)
+    if learned and limit and requested > limit:
+        raise BuildError(f"--max-seq-len {requested} exceeds the model's {limit} learned "
+                         "positions; pass at most that")
+    return requested
+
+
+def _eos_ids(source) -> list[int]:
+    ids = getattr(source.config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
+    ui = ui or BuildUI()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        timings[stage] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
+    dtype = DTYPES[options.dtype]
+    # Refuse an existing output before any slow work.
+    EngineWriter(options.output, options.force)
+    with ui.stage("open model"):
+        source = open_model(options.model)
+        max_seq_len = _resolve_max_seq_len(source.config, options.max_seq_len)
+    lap("open_model")
+    with ui.stage("trace (torch.export)"):
+        traced = trace_model(source.config, dtype)
+        aten_counts: dict[str, int] = {}
+        for n in traced.program.graph_module.graph.nodes:
+            if n.op == "call_function":
+                aten_counts[str(n.target)] = aten_counts.get(str(n.target), 0) + 1
+    lap("trace")
+    with ui.stage("pass lower_aten"):
+        graph, lower_report = lower_aten(traced, source.weights.__contains__)
+        verify(graph)
+        lower_report.op_counts_after = graph.op_counts()
+        ui.note(lower_report.summary())
+    lowered_counts = graph.op_counts()
+    reports = [lower_report, *run_passes(graph, options, ui)]
+    lap("passes")
+
+    plan = to_plan(graph)
+    specs = [(name, spec.shape, spec.dtype) for name, spec in sorted(graph.weights.items())]
+    weight_bytes: dict[str, int] = {}
+    with EngineWriter(options.output, options.force) as out:
+        with ui.stage("write weights"):
+            tick = ui.counter("weights", len(specs))
+
+            def stream():
+                for name, _, _ in specs:
+                    tensor = make_weight(graph.weights[name], source.weights, traced.buffers)
+                    key = str(tensor.dtype).removeprefix("torch.")
+                    weight_bytes[key] = weight_bytes.get(key, 0) + tensor.numel() * \
+                        tensor.element_size()
+                    yield name, tensor
+
+            write_safetensors_streaming(out.path("weights.rank0.safetensors"), specs, stream(),
+                                        on_tensor=tick)
+        lap("write_weights")
+        has_tokenizer = source.has_tokenizer()
+        if has_tokenizer:
+            with ui.stage("tokenizer"):
+                tokenizer = source.load_tokenizer()
+                tokenizer.save_pretrained(str(out.path("tokenizer")))
+                if not out.path("tokenizer/tokenizer.json").is_file():
+                    raise BuildError("the model's tokenizer has no fast (tokenizer.json) form; "
+                                     "the runtime needs one")
+        else:
+            ui.note("no tokenizer in the checkpoint: the engine takes token ids only")
+        lap("tokenizer")
+        out.write_json("plan.rank0.json", plan)
+        report = {
+            "passes": [r.to_json() for r in reports],
+            "op_counts": {"traced_aten": dict(sorted(aten_counts.items())),
+                          "lowered": lowered_counts, "final": graph.op_counts()},
+            "weights": {"count": len(specs), "bytes_by_dtype": weight_bytes,
+                        "bytes": sum(weight_bytes.values())},
+            "memory": plan["memory"],
+            "timings_s": timings,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        out.write_json("report.json", report)
+        files = {}
+        assert out.tmp is not None
+        for p in sorted(out.tmp.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(out.tmp))] = {"sha256": sha256_file(p),
+                                                      "bytes": p.stat().st_size}
+        config = source.config.to_dict()
+        config.pop("quantization_config", None)
+        out.write_json("engine.json", {
+            "format_version": FORMAT_VERSION,
+            "builder_version": BUILDER_VERSION,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "model": {"architecture": traced.architecture, "source": str(source.path),
+                      "source_kind": source.kind, "config": config},
+            "build": {**{k: v for k, v in asdict(options).items()
+                         if k not in ("output", "force", "model")},
+                      "disabled_passes": list(options.disabled_passes),
+                      "max_seq_len": max_seq_len},
+            "target": {"device": options.device, "dtype": options.dtype},
+            "ranks": 1,
+            "tokenizer": "tokenizer" if has_tokenizer else None,
+            "kv_cache": graph.meta.get("kv_cache"),
+            "generation": {"eos_token_ids": _eos_ids(source),
+                           "bos_token_id": getattr(source.config, "bos_token_id", None),
+                           "max_seq_len": max_seq_len,
+                           "vocab_size": int(source.config.vocab_size)},
+            "files": files,
+        })
+    lap("finalize")
+    return options.output
+

@@ -1,0 +1,131 @@
+"""The `engine` command: build and inspect here; run/serve/bench come from the runtime.
+
+Errors the user can act on print as one line on stderr with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from builder.errors import BuildError
+
+
+class _RichUI:
+    """Build progress: one line per stage with its time, a bar while weights stream."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.console.status(f"[bold]{name}[/]…"):
+            yield
+        self.console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
+
+    def counter(self, name: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress = Progress(TextColumn(f"  {name}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.description}"), console=self.console,
+                            transient=True)
+        task = progress.add_task("", total=total)
+        progress.start()
+
+        def tick(item: str) -> None:
+            progress.update(task, advance=1, description=item)
+            if progress.tasks[0].finished:
+                progress.stop()
+
+        return tick
+
+    def note(self, text: str) -> None:
+        self.console.print(f"  [dim]{text}[/]")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """llm-engine: compile a Hugging Face model into an engine, then run it."""
+
+
+@main.command()
+@click.option("--model", required=True, help="HF checkpoint dir, .gguf file, or a named model "
+              "(smollm2).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Engine directory to write (default: engines/<model name>).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True, help="Weight and activation dtype.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Longest sequence (prompt + output); default: the model's limit.")
+@click.option("--max-batch-tokens", type=int, default=2048, show_default=True,
+              help="Tokens per step the engine's memory plan is sized for.")
+@click.option("--disable-pass", "disabled", multiple=True,
+              help="Skip a pass (fuse, plan_memory) or fusion rule (fuse.rope, ...); repeatable.")
+@click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
+def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, force) -> None:
+    """Compile MODEL into an engine directory."""
+    from builder.build import BuildOptions, build_engine
+
+    if output is None:
+        output = Path("engines") / Path(model).name.removesuffix(".gguf")
+    try:
+        options = BuildOptions(model=model, output=output, dtype=dtype, max_seq_len=max_seq_len,
+                               max_batch_tokens=max_batch_tokens,
+                               disabled_passes=tuple(disabled), force=force)
+        start = time.perf_counter()
+        path = build_engine(options, _RichUI())
+    except BuildError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; no engine was written")
+    click.echo(f"built in {time.perf_counter() - start:.1f}s", err=True)
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--graph", "graph_out", type=click.Path(path_type=Path), default=None,
+              help="Draw the plan's graph to this file (.svg, .png or .dot).")
+@click.option("--layers", type=int, default=1, show_default=True,
+              help="With --graph: how many decoder layers to draw (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(engine_dir, graph_out, layers, as_json) -> None:
+    """Summarise ENGINE_DIR: model, ops, fusions, weights, size."""
+    from builder.inspect import InspectError, draw_graph, print_summary, summarize
+
+    try:
+        summary = summarize(engine_dir)
+        print_summary(summary, as_json=as_json)
+        if graph_out is not None:
+            draw_graph(engine_dir, graph_out, layers=layers)
+            click.echo(f"graph written to {graph_out}", err=True)
+    except InspectError as e:
+        _fail(str(e))
+
+
+def _register_runtime_commands() -> None:
+    try:
+        from runtime.cli import COMMANDS
+    except ImportError:
+        return
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_runtime_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""kv_cache: causal `sdpa` -> `paged_attention` over a paged KV cache.
+
+Each attention node becomes one layer of the cache. Its K/V inputs are taken from before
+HF's `repeat_kv` (unsqueeze/expand/reshape), so the cache stores only the KV heads and the
+attention kernel shares each across its query-head group. The attention metadata of a flat
+batch (slot mapping, block tables, context lengths, query starts) becomes graph inputs.
+Positions already are one (`position_ids`), which covers RoPE and learned (GPT-2) positions.
+"""
+
+from __future__ import annotations
+
+from builder.ir import Graph, Node
+from builder.passes.report import PassReport
+
+METADATA_INPUTS = {
+    # name: (shape, dtype); -1 is a size only the runtime knows (sequences, blocks)
+    "slot_mapping": (("T",), "int64"),
+    "block_tables": ((-1, -1), "int32"),
+    "context_lens": ((-1,), "int32"),
+    "query_start_loc": ((-1,), "int32"),
+}
+
+
+def strip_repeat_kv(graph: Graph, name: str) -> str:
+    """x [1, Hkv, T, D] if `name` is reshape(expand(unsqueeze(x, 2))) (HF's repeat_kv)."""
+    node = graph.node(name)
+    if node.op != "reshape":
+        return name
+    expand = graph.producer(node, 0)
+    if expand.op != "expand":
+        return name
+    unsq = graph.producer(expand, 0)
+    if unsq.op != "unsqueeze" or unsq.attrs["dim"] != 2:
+        return name
+    return unsq.inputs[0]
+
+
+def _metadata_inputs(graph: Graph) -> list[str]:
+    names = []
+    for name, (shape, dtype) in METADATA_INPUTS.items():
+        if name not in graph:
+            graph.add("input", [], shape, dtype, attrs={"name": name}, name=name, order=-1.0)
+            graph.inputs.append(name)
+        names.append(name)
+    return names
+
+
+def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
+    attention: list[Node] = [n for n in graph.nodes() if n.op == "sdpa"]
+    report = PassReport("kv_cache")
+    if not attention:
+        report.notes.append("no attention nodes found")
+        return graph, report
+    meta = _metadata_inputs(graph)
+    layers = []
+    for layer, node in enumerate(attention):
+        q, k, v = node.inputs
+        k, v = strip_repeat_kv(graph, k), strip_repeat_kv(graph, v)
+        q_shape, k_shape = graph.node(q).shape, graph.node(k).shape
+        heads, kv_heads, head_dim = q_shape[1], k_shape[1], k_shape[3]
+        if heads % kv_heads:
+            raise ValueError(f"{node.name}: {heads} query heads over {kv_heads} KV heads")
+        paged = graph.add(
+            "paged_attention", [q, k, v, *meta], node.shape, node.dtype,
+            attrs={"layer": layer, "scale": node.attrs["scale"], "window": node.attrs["window"],
+                   "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim},
+            origin=node.origin, name=f"paged_attention_{layer}", order=node.order)
+        graph.replace_uses(node.name, paged.name)
+        graph.remove(node.name)
+        layers.append({"num_kv_heads": kv_heads, "head_dim": head_dim,
+                       "dtype": graph.node(k).dtype, "window": node.attrs["window"]})
+    removed = graph.dce()
+    graph.meta["kv_cache"] = {"layers": layers}
+    report.changed = True
+    report.stats = {"attention_layers": len(layers), "repeat_kv_removed": removed,
+                    "kv_heads": layers[0]["num_kv_heads"], "head_dim": layers[0]["head_dim"]}
+    return graph, report
+
+
+def select_logits(graph: Graph, options=None) -> tuple[Graph, PassReport]:
+    """Compute logits only for the rows in the `logits_indices` input (last token of each
+    sequence, unless prompt logprobs are wanted): gathers the hidden states before lm_head."""
+    report = PassReport("select_logits")
+    out = graph.node(graph.outputs[0])
+    if out.op != "linear" or len(out.shape) != 3:
+        report.notes.append(f"output is {out.op}, not a linear head; all rows kept")
+        return graph, report
+    idx = graph.add("input", [], ("N",), "int64", attrs={"name": "logits_indices"},
+                    name="logits_indices", order=-1.0)
+    graph.inputs.append(idx.name)
+    hidden = graph.node(out.inputs[0])
+    rows = graph.add("index_select", [hidden.name, idx.name], (1, "N", hidden.shape[2]),
+                     hidden.dtype, attrs={"dim": 1}, origin=out.origin,
+                     name="select_logit_rows", order=out.order - 1e-4)
+    graph.set_inputs(out, [rows.name, *out.inputs[1:]])
+    out.shape = (1, "N", out.shape[2])
+    report.changed = True
+    report.stats = {"vocab": out.shape[2]}
+    return graph, report

@@ -1,0 +1,36 @@
+"""Materialise engine weights from their recipes, one tensor at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from builder.ir import Graph, WeightSpec
+from kernels.dtypes import to_torch_dtype
+
+
+def materialize(recipe: dict, source, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "load" in recipe:
+        return source.get(recipe["load"])
+    if "buffer" in recipe:
+        return buffers[recipe["buffer"]]
+    if "t" in recipe:
+        return materialize(recipe["t"], source, buffers).t().contiguous()
+    if "cat" in recipe:
+        parts = [materialize(r, source, buffers) for r in recipe["cat"]]
+        return torch.cat(parts, dim=recipe.get("dim", 0))
+    raise ValueError(f"unknown weight recipe {recipe}")
+
+
+def make_weight(spec: WeightSpec, source, buffers) -> torch.Tensor:
+    t = materialize(spec.recipe, source, buffers).to(to_torch_dtype(spec.dtype))
+    if tuple(t.shape) != tuple(spec.shape):
+        raise ValueError(f"weight {spec.name}: checkpoint gives {tuple(t.shape)}, "
+                         f"graph expects {tuple(spec.shape)}")
+    return t.contiguous()
+
+
+def iter_weights(graph: Graph, source, buffers) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in sorted(graph.weights):
+        yield name, make_weight(graph.weights[name], source, buffers)

@@ -1,0 +1,264 @@
+"""Torch reference implementation of every IR op.
+
+These functions are the oracle the Triton kernels are tested against and the CPU execution
+path of the runtime. Each takes its tensor inputs positionally and its attributes as keyword
+arguments, exactly as a plan node records them. The set of names in `OPS` is the IR's closed
+op set: the builder's verifier rejects any other op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import paged_attention, sdpa
+from kernels.dtypes import to_torch_dtype
+from kernels.pointwise import eval_expr
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One IR op: its reference function and the family it belongs to."""
+
+    name: str
+    fn: Callable
+    kind: str  # source | elementwise | reduction | shape | gemm | norm | attention | fused
+    arity: tuple[int, int]  # min and max number of tensor inputs
+    needs_ctx: bool = False  # reads runtime state (the KV cache) passed as `ctx=`
+
+
+def _scalar_binary(fn: Callable) -> Callable:
+    """Binary ops accept either two tensors or one tensor and `scalar` (on the right unless
+    `scalar_first`), because the traced graphs mix both forms."""
+
+    def op(a, b=None, *, scalar=None, scalar_first=False):
+        if b is None:
+            return fn(scalar, a) if scalar_first else fn(a, scalar)
+        return fn(a, b)
+
+    return op
+
+
+def _sub(a, b):
+    return torch.sub(torch.as_tensor(a), b) if not torch.is_tensor(a) else torch.sub(a, b)
+
+
+def _div(a, b):
+    return torch.div(torch.as_tensor(a), b) if not torch.is_tensor(a) else torch.div(a, b)
+
+
+def _pow(a, b):
+    return torch.pow(a, b)
+
+
+def to_dtype(x, *, dtype):
+    return x.to(to_torch_dtype(dtype))
+
+
+def gelu(x, *, approximate="none"):
+    return F.gelu(x, approximate=approximate)
+
+
+def mean(x, *, dims, keepdim=False):
+    return x.mean(dim=dims, keepdim=keepdim)
+
+
+def sum_(x, *, dims, keepdim=False):
+    return x.sum(dim=dims, keepdim=keepdim)
+
+
+def amax(x, *, dims, keepdim=False):
+    return x.amax(dim=dims, keepdim=keepdim)
+
+
+def softmax(x, *, dim, dtype=None):
+    return torch.softmax(x, dim=dim, dtype=to_torch_dtype(dtype) if dtype else None)
+
+
+def reshape(x, *, shape):
+    return x.reshape(shape)
+
+
+def transpose(x, *, dim0, dim1):
+    return x.transpose(dim0, dim1)
+
+
+def permute(x, *, dims):
+    return x.permute(dims)
+
+
+def unsqueeze(x, *, dim):
+    return x.unsqueeze(dim)
+
+
+def squeeze(x, *, dim):
+    return x.squeeze(dim)
+
+
+def expand(x, *, shape):
+    return x.expand(shape)
+
+
+def slice_(x, *, dim, start, end, step=1):
+    index = [slice(None)] * x.dim()
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def select(x, *, dim, index):
+    return x.select(dim, index)
+
+
+def cat(*xs, dim):
+    return torch.cat(xs, dim=dim)
+
+
+def index_select(x, index, *, dim):
+    return x.index_select(dim, index)
+
+
+def getitem(x, *, index):
+    return x[index]
+
+
+def embedding(weight, ids):
+    return F.embedding(ids, weight)
+
+
+def linear(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def matmul(a, b):
+    return torch.matmul(a, b)
+
+
+def rms_norm(x, w, *, eps):
+    """RMSNorm computed in float32 and cast back, the way HF Llama/Qwen2/Mistral do it."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * y.to(x.dtype)
+
+
+def layer_norm(x, w, b=None, *, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def add_rms_norm(x, residual, w, *, eps):
+    """Residual add fused with RMSNorm: returns (normed, updated residual)."""
+    s = x + residual
+    return rms_norm(s, w, eps=eps), s
+
+
+def add_layer_norm(x, residual, w, b=None, *, eps):
+    s = x + residual
+    return layer_norm(s, w, b, eps=eps), s
+
+
+def rope(x, cos, sin):
+    """Rotary embedding, rotate-half convention: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+_ACTS: dict[str, Callable] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def gated_act(x, *, act):
+    """act(gate) * up over the two halves of the last dimension (gate first)."""
+    gate, up = x.chunk(2, dim=-1)
+    return _ACTS[act](gate) * up
+
+
+def pointwise(*xs, expr, dtype):
+    return eval_expr(expr, xs).to(to_torch_dtype(dtype))
+
+
+UNARY: dict[str, Callable] = {
+    "neg": torch.neg,
+    "rsqrt": torch.rsqrt,
+    "sqrt": torch.sqrt,
+    "exp": torch.exp,
+    "log": torch.log,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "relu": F.relu,
+    "cos": torch.cos,
+    "sin": torch.sin,
+    "abs": torch.abs,
+    "reciprocal": torch.reciprocal,
+    "erf": torch.erf,
+}
+
+BINARY: dict[str, Callable] = {
+    "add": torch.add,
+    "sub": _sub,
+    "mul": torch.mul,
+    "div": _div,
+    "pow": _pow,
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+}
+
+
+def _build() -> dict[str, OpDef]:
+    ops: list[OpDef] = [
+        OpDef("input", lambda: None, "source", (0, 0)),
+        OpDef("weight", lambda: None, "source", (0, 0)),
+        OpDef("to_dtype", to_dtype, "elementwise", (1, 1)),
+        OpDef("gelu", gelu, "elementwise", (1, 1)),
+        OpDef("mean", mean, "reduction", (1, 1)),
+        OpDef("sum", sum_, "reduction", (1, 1)),
+        OpDef("amax", amax, "reduction", (1, 1)),
+        OpDef("softmax", softmax, "reduction", (1, 1)),
+        OpDef("reshape", reshape, "shape", (1, 1)),
+        OpDef("transpose", transpose, "shape", (1, 1)),
+        OpDef("permute", permute, "shape", (1, 1)),
+        OpDef("unsqueeze", unsqueeze, "shape", (1, 1)),
+        OpDef("squeeze", squeeze, "shape", (1, 1)),
+        OpDef("expand", expand, "shape", (1, 1)),
+        OpDef("slice", slice_, "shape", (1, 1)),
+        OpDef("select", select, "shape", (1, 1)),
+        OpDef("getitem", getitem, "shape", (1, 1)),
+        OpDef("cat", cat, "copy", (1, 64)),
+        OpDef("index_select", index_select, "copy", (2, 2)),
+        OpDef("embedding", embedding, "gemm", (2, 2)),
+        OpDef("linear", linear, "gemm", (2, 3)),
+        OpDef("matmul", matmul, "gemm", (2, 2)),
+        OpDef("rms_norm", rms_norm, "norm", (2, 2)),
+        OpDef("layer_norm", layer_norm, "norm", (2, 3)),
+        OpDef("add_rms_norm", add_rms_norm, "norm", (3, 3)),
+        OpDef("add_layer_norm", add_layer_norm, "norm", (3, 4)),
+        OpDef("rope", rope, "fused", (3, 3)),
+        OpDef("gated_act", gated_act, "fused", (1, 1)),
+        OpDef("pointwise", pointwise, "fused", (1, 16)),
+        OpDef("sdpa", sdpa, "attention", (3, 3)),
+        OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),
+    ]
+    ops += [OpDef(name, fn, "elementwise", (1, 1)) for name, fn in UNARY.items()]
+    ops += [OpDef(name, _scalar_binary(fn), "elementwise", (1, 2)) for name, fn in BINARY.items()]
+    return {op.name: op for op in ops}
+
+
+OPS: dict[str, OpDef] = _build()
+
+# Ops whose output can be a view of their first input: the memory planner gives them no
+# buffer of their own, and extends the lifetime of the tensor they view.
+VIEW_OPS = frozenset({"reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+                      "slice", "select", "getitem"})
+MULTI_OUTPUT_OPS = frozenset({"add_rms_norm", "add_layer_norm"})
+
+
+def num_elements(shape) -> int:
+    return math.prod(shape)

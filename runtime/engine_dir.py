@@ -1,0 +1,132 @@
+"""Read and validate an engine directory; memory-map its weights.
+
+Validation happens before anything runs: format version, that every listed file exists and
+matches its sha256, that the plan only names known ops, and that the target device is here.
+Weights are mapped straight from the safetensors file (read-only, shared with the page cache)
+rather than copied, so loading costs no weight-sized allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class EngineLoadError(Exception):
+    """The engine directory cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class EngineFiles:
+    path: Path
+    meta: dict[str, Any]
+    plan: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
+    """Zero-copy tensors over a memory map of a safetensors file."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        (n,) = struct.unpack("<Q", mm[:8])
+        header = json.loads(mm[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise EngineLoadError(f"{path}: not a safetensors file ({e})") from e
+    base = 8 + n
+    buf = memoryview(mm)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        shape = info["shape"]
+        if end == start:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        with _quiet_readonly():
+            flat = torch.frombuffer(buf[base + start:base + end], dtype=dtype)
+        tensors[name] = flat.view(shape)
+    return tensors, mm
+
+
+class _quiet_readonly:
+    """torch warns that a read-only buffer makes a non-writable tensor; weights are
+    never written, so the warning is noise."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineLoadError(f"{path} is missing; rebuild the engine with `engine build`") \
+            from None
+    except (OSError, ValueError) as e:
+        raise EngineLoadError(f"{path} is not valid JSON ({e}); rebuild the engine") from e
+
+
+def check_device(meta: dict[str, Any], device: str) -> None:
+    target = meta.get("target", {}).get("device", "cpu")
+    if target == "cuda" and not torch.cuda.is_available():
+        raise EngineLoadError("engine was built for cuda but no CUDA device is present; "
+                              "rebuild it with --device cpu or run it on a GPU host")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineLoadError(f"device {device!r} requested but CUDA is not available")
+
+
+def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
+                    verify_checksums: bool = True) -> EngineFiles:
+    path = Path(path)
+    if not path.is_dir():
+        raise EngineLoadError(f"{path} is not an engine directory; build one with `engine build`")
+    meta = _read_json(path / "engine.json")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise EngineLoadError(f"{path}/engine.json has no format_version; rebuild the engine")
+    if version > FORMAT_VERSION:
+        raise EngineLoadError(f"engine format v{version} is newer than this runtime reads "
+                              f"(v{FORMAT_VERSION}); upgrade llm-engine")
+    for rel, info in meta.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise EngineLoadError(f"{f} is missing; the engine is incomplete, rebuild it")
+        if f.stat().st_size != info["bytes"] or (verify_checksums and
+                                                  _sha256(f) != info["sha256"]):
+            raise EngineLoadError(f"{f} does not match its checksum in engine.json; the file "
+                                  "is corrupt or was modified, rebuild the engine")
+    check_device(meta, device)
+    plan = _read_json(path / f"plan.rank{rank}.json")
+    weights, mm = map_safetensors(path / f"weights.rank{rank}.safetensors")
+    return EngineFiles(path, meta, plan, weights, [mm])

@@ -1,0 +1,110 @@
+"""A small paged-KV driver over the plan runner, for comparing engines with HF.
+
+It runs several sequences at once in one flat token batch per step, with prefill chunks and
+decode tokens mixed, and gives each sequence blocks drawn at random from a shuffled pool so
+block tables are never contiguous. The runtime's scheduler is the production driver; this one
+is deliberately simple so the tests check the engine, not the scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.dtypes import to_torch_dtype
+from runtime.engine_dir import load_engine_dir
+from runtime.plan import PlanRunner
+
+
+@dataclass
+class _Seq:
+    tokens: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+
+
+class PagedRunner:
+    def __init__(self, engine_dir: Path, block_size: int = 4, num_blocks: int = 512,
+                 seed: int = 0) -> None:
+        files = load_engine_dir(engine_dir)
+        self.meta = files.meta
+        self.runner = PlanRunner(files.plan, files.weights)
+        self.block_size = block_size
+        self.kv_caches = []
+        for layer in files.plan["kv_cache"]["layers"]:
+            shape = (num_blocks, block_size, layer["num_kv_heads"], layer["head_dim"])
+            dtype = to_torch_dtype(layer["dtype"])
+            self.kv_caches.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+        self.free = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.seqs: dict[int, _Seq] = {}
+
+    def step(self, work: list[tuple[int, list[int]]], all_rows: bool = False):
+        """Run one flat batch; work = [(seq id, new tokens)]. Returns {id: logits rows}."""
+        ids, pos, slots, starts, lens, rows = [], [], [], [0], [], []
+        tables = []
+        for sid, new in work:
+            seq = self.seqs.setdefault(sid, _Seq())
+            first = len(seq.tokens)
+            seq.tokens += new
+            while len(seq.blocks) * self.block_size < len(seq.tokens):
+                seq.blocks.append(self.free.pop())
+            for i, tok in enumerate(new):
+                p = first + i
+                ids.append(tok)
+                pos.append(p)
+                slots.append(seq.blocks[p // self.block_size] * self.block_size
+                             + p % self.block_size)
+            row0 = starts[-1]
+            starts.append(row0 + len(new))
+            lens.append(len(seq.tokens))
+            tables.append(seq.blocks)
+            rows += list(range(row0, row0 + len(new))) if all_rows else [row0 + len(new) - 1]
+        width = max(len(t) for t in tables)
+        feeds = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([pos]),
+            "slot_mapping": torch.tensor(slots),
+            "block_tables": torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                         dtype=torch.int32),
+            "context_lens": torch.tensor(lens, dtype=torch.int32),
+            "query_start_loc": torch.tensor(starts, dtype=torch.int32),
+            "logits_indices": torch.tensor(rows),
+        }
+
+        class Ctx:
+            kv_caches = self.kv_caches
+
+        logits = self.runner.run(feeds, Ctx())[0][0]
+        out, r = {}, 0
+        for sid, new in work:
+            n = len(new) if all_rows else 1
+            out[sid] = logits[r:r + n]
+            r += n
+        return out
+
+    def greedy(self, prompts: list[list[int]], max_new: int, chunk: int = 5) -> list[list[int]]:
+        """Greedy decoding of all prompts together: prompt i arrives at step i and is
+        prefilled in chunks of `chunk` tokens while earlier ones decode."""
+        pending = {i: list(p) for i, p in enumerate(prompts)}
+        generated: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        base = max(self.seqs, default=-1) + 1
+        step = 0
+        while any(len(g) < max_new for g in generated.values()):
+            work = []
+            for i in range(min(step + 1, len(prompts))):
+                if pending[i]:
+                    work.append((i, pending[i][:chunk]))
+                elif len(generated[i]) < max_new:
+                    work.append((i, [generated[i][-1]]))
+            out = self.step([(base + i, toks) for i, toks in work])
+            for i, toks in work:
+                if pending[i]:
+                    pending[i] = pending[i][len(toks):]
+                    if pending[i]:
+                        continue  # mid-prompt chunk: its logits are not a prediction yet
+                generated[i].append(int(out[base + i][-1].argmax()))
+            step += 1
+        return [generated[i] for i in range(len(prompts))]
