@@ -117,10 +117,8 @@ def inspect(engine_dir, graph_out, layers, as_json) -> None:
 
 
 def _register_runtime_commands() -> None:
-    try:
-        from runtime.cli import COMMANDS
-    except ImportError:
-        return
+    from runtime.cli import COMMANDS
+
     for command in COMMANDS:
         main.add_command(command)
 

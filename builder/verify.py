@@ -57,6 +57,11 @@ def verify(graph: Graph, *, semantic: bool = True) -> None:
     if not nx.is_directed_acyclic_graph(graph.g):
         raise VerifyError(f"graph has a cycle: {nx.find_cycle(graph.g)}")
     for name in graph.g:
+        if "node" not in graph.g.nodes[name]:
+            # networkx creates a bare node for an edge to a missing name (set_inputs with a
+            # typo, add with an explicit order): report the dangling input, not a KeyError.
+            users = ", ".join(sorted(graph.g.successors(name)))
+            raise VerifyError(f"{users}: input {name!r} does not exist")
         node = graph.node(name)
         if node.op not in OPS:
             raise VerifyError(f"{name}: op {node.op!r} is not in the IR op set")

@@ -22,6 +22,8 @@ _BINOPS = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
+# Sizes are integers: `~`/`not` and float constants (which `int()` would truncate) are refused.
+_UNARYOPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
 @lru_cache(maxsize=4096)
@@ -30,7 +32,9 @@ def _parse(expr: str) -> ast.AST:
     for node in ast.walk(tree):
         ok = isinstance(node, ast.BinOp | ast.Constant | ast.Name | ast.UnaryOp | ast.operator
                         | ast.unaryop | ast.Load)
-        if not ok or (isinstance(node, ast.BinOp) and type(node.op) not in _BINOPS):
+        if not ok or (isinstance(node, ast.BinOp) and type(node.op) not in _BINOPS) \
+                or (isinstance(node, ast.UnaryOp) and type(node.op) not in _UNARYOPS) \
+                or (isinstance(node, ast.Constant) and type(node.value) is not int):
             raise ValueError(f"unsupported symbolic size expression {expr!r}")
         if isinstance(node, ast.Name) and node.id not in SYMBOLS:
             raise ValueError(f"symbolic size {expr!r} uses {node.id!r}; only {SYMBOLS} exist")
@@ -43,7 +47,7 @@ def _eval(node: ast.AST, env: Env) -> int:
     if isinstance(node, ast.Name):
         return env[node.id]
     if isinstance(node, ast.UnaryOp):
-        return -_eval(node.operand, env)
+        return _UNARYOPS[type(node.op)](_eval(node.operand, env))
     return _BINOPS[type(node.op)](_eval(node.left, env), _eval(node.right, env))
 
 

@@ -8,9 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.models import ARCHS, build_tiny_engine, make_checkpoint  # noqa: E402
+from tests.models import ARCHS, build_tiny_engine, make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,10 @@ def smol(tmp_path_factory):
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                               dtype=torch.float32,
                                               quantization_config=GgufConfig(dequantize=True))
+    # Compare 32 tokens past any EOS: ours decodes on regardless, so HF must not stop
+    # (min_new_tokens would instead *mask* EOS and change the greedy path).
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = tok.pad_token_id
     return engine, tok, hf.eval()
 
 
@@ -63,7 +67,25 @@ def test_smollm2_greedy_matches_hf_generate(smol):
     ours = PagedRunner(engine, block_size=16).greedy(prompts, max_new=32, chunk=16)
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+            # An explicit mask: the chat prompt contains <|im_end|>, which is also the pad
+            # id, and HF would otherwise mask those prompt tokens out as padding.
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
                               do_sample=False)
         assert tok.decode(got) == tok.decode(out[0, len(prompt):])
         assert got == out[0, len(prompt):].tolist()
+
+
+def test_gguf_reader_matches_transformers_dequantization(smol):
+    """Our streaming GGUF reader (with llama.cpp's q/k row permutation undone) yields the
+    same tensors transformers gets when it dequantizes the file itself."""
+    from builder.frontend.source import _named_model_path, open_model
+
+    _, _, hf = smol
+    source = open_model(str(_named_model_path("smollm2")))
+    state = hf.state_dict()
+    names = source.weights.names()
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    for name in names:
+        torch.testing.assert_close(source.weights.get(name), state[name], atol=0, rtol=0,
+                                   msg=name)

@@ -96,9 +96,15 @@ def fuse_rms_norm(graph: Graph) -> int:
         if not all(_only_used_by(graph, n.name, members) for n in inner):
             continue
         xs = graph.node(x)
+        # The op rounds the normalised value to its input's dtype before scaling by w (HF's
+        # cast back); fuse only where the graph rounds to that same dtype.
+        scaled = graph.node(node.inputs[1] if node.inputs[0] == w.name else node.inputs[0])
         # HF casts to float32 before normalising; the op does that itself.
         src = xs.inputs[0] if xs.op == "to_dtype" and xs.dtype == "float32" and \
-            _only_used_by(graph, x, members) else x
+            _only_used_by(graph, x, members) and \
+            graph.node(xs.inputs[0]).dtype == scaled.dtype else x
+        if graph.node(src).dtype != scaled.dtype:
+            continue
         if src != x:
             inner.append(xs)
         fused = graph.add("rms_norm", [src, w.name], node.shape, node.dtype,
@@ -293,7 +299,8 @@ def fuse_gated_act(graph: Graph) -> int:
             last = len(y.shape) - 1
             if (gate.attrs["dim"], gate.attrs["start"], gate.attrs["end"]) != (last, 0, width // 2) \
                     or (up.attrs["dim"], up.attrs["start"], up.attrs["end"]) != \
-                    (last, width // 2, width):
+                    (last, width // 2, width) \
+                    or gate.attrs.get("step", 1) != 1 or up.attrs.get("step", 1) != 1:
                 continue
             members = {node.name, act.name, gate.name, up.name}
             if not all(_only_used_by(graph, n, members) for n in (act.name, gate.name, up.name)):
@@ -333,21 +340,7 @@ def fuse_pointwise(graph: Graph) -> int:
         if len(members) < 2:
             continue
         inputs: list[str] = []
-
-        def build(name: str) -> dict:
-            if name not in members:
-                if name not in inputs:
-                    inputs.append(name)
-                return {"in": inputs.index(name)}
-            n = graph.node(name)
-            args = [build(i) for i in n.inputs]
-            attrs = {k: v for k, v in n.attrs.items() if k not in ("scalar", "scalar_first")}
-            if "scalar" in n.attrs:
-                const = {"const": n.attrs["scalar"]}
-                args = [const, *args] if n.attrs.get("scalar_first") else [*args, const]
-            return {"op": n.op, "args": args, **attrs}
-
-        expr = build(root.name)
+        expr = _expr_tree(graph, root.name, members, inputs)
         inner = [graph.node(m) for m in members if m != root.name]
         fused = graph.add("pointwise", inputs, root.shape, root.dtype,
                           attrs={"expr": expr, "dtype": root.dtype},
@@ -389,3 +382,19 @@ def fuse(graph: Graph, options=None, *, disabled: frozenset[str] = frozenset(),
     report.stats["nodes_before"] = before
     report.stats["nodes_after"] = len(graph)
     return graph, report
+
+
+def _expr_tree(graph: Graph, name: str, members: set[str], inputs: list[str]) -> dict:
+    """The fused group below `name` as a pointwise expression; values from outside the group
+    become numbered inputs (appended to `inputs` in first-use order)."""
+    if name not in members:
+        if name not in inputs:
+            inputs.append(name)
+        return {"in": inputs.index(name)}
+    n = graph.node(name)
+    args = [_expr_tree(graph, i, members, inputs) for i in n.inputs]
+    attrs = {k: v for k, v in n.attrs.items() if k not in ("scalar", "scalar_first")}
+    if "scalar" in n.attrs:
+        const = {"const": n.attrs["scalar"]}
+        args = [const, *args] if n.attrs.get("scalar_first") else [*args, const]
+    return {"op": n.op, "args": args, **attrs}

@@ -1,0 +1,158 @@
+"""An asyncio front for the engine: many coroutines submit, one thread steps.
+
+The engine is single-threaded by design, so every call into it happens on one background
+thread: submissions and aborts are queued to it as commands, and each step's outputs are
+handed back to the submitting coroutine's queue on its event loop. The torch ops release the
+GIL, so the event loop stays responsive while a step runs. Cancelling the coroutine that
+consumes a request (client disconnect, timeout) aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.engine import Engine, Output
+from runtime.sampling import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a step raised); no request can run until a restart."""
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, _Sink] = {}
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", **options: Any) -> AsyncEngine:
+        return cls(Engine.load(path, device, **options))
+
+    # ---- the loop thread ------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn on the loop thread; returns a future of its result."""
+        if self.error is not None or self._stop:
+            raise EngineDeadError(f"the engine has stopped ({self.error or 'shut down'})")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+        self._commands.put(run)
+        self._wake.set()
+        return fut
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                while True:
+                    try:
+                        self._commands.get_nowait()()
+                    except queue.Empty:
+                        break
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as e:  # a step failed: fail every waiting request, stay alive
+            self.error = e
+            for rid in list(self._sinks):
+                self._deliver_error(rid, e)
+
+    def _deliver(self, out: Output) -> None:
+        sink = self._sinks.get(out.request_id)
+        if sink is None:
+            return
+        if out.finished:
+            del self._sinks[out.request_id]
+        sink.loop.call_soon_threadsafe(sink.queue.put_nowait, out)
+
+    def _deliver_error(self, rid: str, error: BaseException) -> None:
+        sink = self._sinks.pop(rid, None)
+        if sink is not None:
+            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, error)
+
+    # ---- the asyncio side -------------------------------------------------------------------
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       *, request_id: str | None = None, priority: int = 0
+                       ) -> AsyncIterator[Output]:
+        """Submit a request and yield its Outputs as they come (the last one has
+        finish_reason set). Raises ValueError at once for a bad prompt or params."""
+        loop = asyncio.get_running_loop()
+        sink = _Sink(loop, asyncio.Queue())
+
+        def add() -> str:
+            rid = self.engine.add_request(prompt, params, request_id=request_id,
+                                          priority=priority)
+            self._sinks[rid] = sink
+            return rid
+
+        rid = await asyncio.wrap_future(self._call(add))
+        finished = False
+        try:
+            while not finished:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine failed: {item}") from item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished and self.error is None and not self._stop:
+                self._call(lambda: self._abort(rid))
+
+    async def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       **kwargs: Any) -> Output:
+        """The final Output of one request."""
+        last = None
+        async for last in self.generate(prompt, params, **kwargs):  # noqa: B007
+            pass
+        assert last is not None
+        return last
+
+    def _abort(self, rid: str) -> None:
+        self._sinks.pop(rid, None)
+        self.engine.abort(rid)
+
+    async def abort(self, request_id: str) -> None:
+        def run() -> None:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+
+        await asyncio.wrap_future(self._call(run))
+
+    async def run_sync(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the loop thread (tokenizer calls, stats) and await its result."""
+        return await asyncio.wrap_future(self._call(lambda: fn(self.engine)))
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and not self._stop and self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)

@@ -1,0 +1,216 @@
+"""`engine run`: generate from an engine directory in the terminal.
+
+Registered onto the `engine` command group by builder.cli; imports nothing from the builder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runtime.engine_dir import EngineLoadError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(2)
+
+
+def engine_options(fn):
+    """Options shared by run, serve and bench: how the engine is loaded."""
+    options = [
+        click.option("--kv-cache-memory", type=str, default=None,
+                     help="KV cache size: bytes (e.g. 512MiB, 2GB) or a fraction of free "
+                          "memory (e.g. 0.3). Default: min(2 GiB, half of free memory)."),
+        click.option("--block-size", type=int, default=16, show_default=True,
+                     help="Tokens per KV-cache block."),
+        click.option("--max-num-seqs", type=int, default=64, show_default=True,
+                     help="Most sequences in one batch."),
+        click.option("--max-batch-tokens", type=int, default=None,
+                     help="Most tokens in one batch (default: the engine's build setting)."),
+        click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_memory(text: str) -> dict[str, Any]:
+    """'0.3' -> fraction of free memory; '512MiB' / '2GB' / '1000000' -> bytes."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("kmgib")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size; use e.g. 512MiB, 2GB or 0.3") \
+            from None
+    if unit not in _UNITS:
+        raise click.BadParameter(f"unknown unit in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB")
+    if unit == "" and 0 < value < 1:
+        return {"kv_cache_fraction": value}
+    if value <= 0:
+        raise click.BadParameter(f"KV cache size must be positive, got {text!r}")
+    return {"kv_cache_memory": int(value * _UNITS[unit])}
+
+
+def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
+                no_prefix_caching, quiet: bool = False):
+    from runtime.engine import Engine
+
+    options: dict[str, Any] = {"block_size": block_size, "max_num_seqs": max_num_seqs,
+                               "max_batch_tokens": max_batch_tokens,
+                               "prefix_caching": not no_prefix_caching}
+    if kv_cache_memory is not None:
+        options.update(parse_memory(kv_cache_memory))
+    try:
+        engine = Engine.load(engine_dir, **options)
+    except (EngineLoadError, ValueError) as e:
+        _fail(str(e))
+    if not quiet:
+        click.echo(f"KV cache: {engine.kv_cache_summary}", err=True)
+    return engine
+
+
+def _read_prompts_file(path: Path) -> list[Any]:
+    """One prompt per line, or JSONL with {"prompt": ...} or {"messages": [...]} per line."""
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        _fail(f"cannot read --prompts-file {path}: {e.strerror}")
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                _fail(f"{path}:{i}: invalid JSON ({e})")
+            if "messages" in obj:
+                prompts.append(obj["messages"])
+            elif "prompt" in obj:
+                prompts.append(obj["prompt"])
+            else:
+                _fail(f'{path}:{i}: a JSON line needs "prompt" or "messages"')
+        else:
+            prompts.append(line)
+    if not prompts:
+        _fail(f"{path} has no prompts")
+    return prompts
+
+
+def _render(engine, prompt: Any, chat: bool, system: str | None) -> Any:
+    if isinstance(prompt, list):  # chat messages from a JSONL file
+        return engine.apply_chat_template(prompt, add_generation_prompt=True)
+    if chat:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return engine.apply_chat_template(messages, add_generation_prompt=True)
+    return prompt
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt text; repeatable.")
+@click.option("--prompts-file", type=click.Path(path_type=Path), default=None,
+              help="Prompts, one per line or JSONL ({\"prompt\"} / {\"messages\"}); all run "
+                   "through the batcher and tokens/s is reported.")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the model's chat template.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per prompt (text, token_ids, finish_reason).")
+@engine_options
+def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature, top_p, top_k,
+        seed, as_json, **engine_kw) -> None:
+    """Generate text from ENGINE_DIR (interactive chat when no prompt is given on a TTY)."""
+    from runtime.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    todo: list[Any] = list(prompts)
+    if prompts_file is not None:
+        todo += _read_prompts_file(prompts_file)
+    if not todo and not sys.stdin.isatty():
+        _fail("no prompt: pass --prompt TEXT or --prompts-file F (or run on a terminal to chat)")
+    engine = load_engine(engine_dir, **engine_kw, quiet=as_json)
+    if not todo:
+        _interactive(engine, params, system)
+        return
+    try:
+        rendered = [_render(engine, p, chat, system) for p in todo]
+    except ValueError as e:
+        _fail(str(e))
+    if len(rendered) == 1 and not as_json and prompts_file is None:
+        _stream_one(engine, rendered[0], params)
+        return
+    start = time.perf_counter()
+    try:
+        outputs = engine.generate(rendered, params, progress=not as_json)
+    except ValueError as e:
+        _fail(str(e))
+    elapsed = time.perf_counter() - start
+    for out in outputs:
+        if as_json:
+            click.echo(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                                   "finish_reason": out.finish_reason,
+                                   "prompt_tokens": len(out.prompt_token_ids),
+                                   **({"error": out.error} if out.error else {})}))
+        else:
+            click.echo(f"{out.text}\n[{out.finish_reason}]\n")
+    generated = sum(len(o.token_ids) for o in outputs)
+    click.echo(f"{len(outputs)} prompts, {generated} tokens in {elapsed:.1f}s = "
+               f"{generated / elapsed:.1f} tok/s", err=True)
+
+
+def _stream_one(engine, prompt: Any, params) -> str:
+    text, reason = "", None
+    try:
+        for out in engine.stream(prompt, params):
+            click.echo(out.delta_text, nl=False)
+            sys.stdout.flush()
+            text += out.delta_text
+            reason = out.finish_reason
+            if out.error:
+                click.echo(f"\nerror: {out.error}", err=True)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo("")
+    if reason == "length":
+        click.echo("[stopped at --max-tokens]", err=True)
+    return text
+
+
+def _interactive(engine, params, system: str | None) -> None:
+    click.echo("chat with the model; empty line or Ctrl-D quits", err=True)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("")
+            return
+        if not line.strip():
+            return
+        messages.append({"role": "user", "content": line})
+        reply = _stream_one(engine, engine.apply_chat_template(messages), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+COMMANDS = [run]

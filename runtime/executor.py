@@ -1,0 +1,126 @@
+"""Turn a scheduled step into the plan's inputs, run it, and hand back the logits rows.
+
+The plan takes one flat token batch (all sequences' new tokens end to end) plus the paged
+attention metadata: each token's position and cache slot, each sequence's block table,
+context length and start offset in the batch, and which rows need logits (only the last row
+of a sequence that samples, unless prompt logprobs are wanted), so the LM head runs on a
+handful of rows instead of the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.dtypes import to_torch_dtype
+from runtime.plan import PlanRunner
+from runtime.scheduler import Chunk
+
+
+@dataclass
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    layers: list[dict[str, Any]]
+
+    @staticmethod
+    def bytes_per_block(layers: list[dict[str, Any]], block_size: int) -> int:
+        total = 0
+        for layer in layers:
+            itemsize = torch.empty((), dtype=to_torch_dtype(layer["dtype"])).element_size()
+            total += 2 * block_size * layer["num_kv_heads"] * layer["head_dim"] * itemsize
+        return total
+
+
+class KVCache:
+    """Per layer a (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] tensors; the
+    attention ops find them through the context object passed to the plan."""
+
+    def __init__(self, spec: KVCacheSpec, device: str = "cpu") -> None:
+        self.spec = spec
+        self.kv_caches = []
+        for layer in spec.layers:
+            shape = (spec.num_blocks, spec.block_size, layer["num_kv_heads"], layer["head_dim"])
+            dtype = to_torch_dtype(layer["dtype"])
+            self.kv_caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                                   torch.zeros(shape, dtype=dtype, device=device)))
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies])
+        dst = torch.tensor([d for _, d in copies])
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+
+@dataclass
+class StepLogits:
+    """Logits rows of one step: `rows[i]` are the rows of chunk i ([0] rows if none)."""
+
+    logits: torch.Tensor  # [num_rows, vocab], float32
+    rows: list[slice]
+
+
+class Executor:
+    def __init__(self, runner: PlanRunner, cache: KVCache) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.block_size = cache.spec.block_size
+
+    def build_feeds(self, chunks: list[Chunk], block_tables: list[list[int]]
+                    ) -> tuple[dict[str, torch.Tensor], list[slice]]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        lens: list[int] = []
+        rows: list[int] = []
+        row_slices: list[slice] = []
+        for chunk, table in zip(chunks, block_tables):
+            req = chunk.req
+            first, n = chunk.start, chunk.num_tokens
+            ids += req.all_ids[first:first + n]
+            positions = range(first, first + n)
+            pos += positions
+            slots += [table[p // bs] * bs + p % bs for p in positions]
+            row0 = starts[-1]
+            starts.append(row0 + n)
+            lens.append(first + n)
+            before = len(rows)
+            if chunk.prompt_logits:
+                rows += range(row0, row0 + n)
+            elif chunk.sample:
+                rows.append(row0 + n - 1)
+            row_slices.append(slice(before, len(rows)))
+        width = max(len(t) for t in block_tables)
+        table = torch.zeros((len(block_tables), width), dtype=torch.int32)
+        for i, t in enumerate(block_tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        feeds = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([pos]),
+            "slot_mapping": torch.tensor(slots),
+            "block_tables": table,
+            "context_lens": torch.tensor(lens, dtype=torch.int32),
+            "query_start_loc": torch.tensor(starts, dtype=torch.int32),
+            "logits_indices": torch.tensor(rows, dtype=torch.int64),
+        }
+        return feeds, row_slices
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], block_tables: list[list[int]],
+            copies: list[tuple[int, int]]) -> StepLogits:
+        self.cache.copy_blocks(copies)
+        feeds, row_slices = self.build_feeds(chunks, block_tables)
+        if feeds["logits_indices"].numel() == 0:
+            # The plan still has to run to write KV; ask for one row and drop it.
+            feeds["logits_indices"] = torch.tensor([0])
+            self.runner.run(feeds, self.cache)
+            return StepLogits(torch.empty(0, 0), row_slices)
+        logits = self.runner.run(feeds, self.cache)[0]
+        return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)

@@ -1,0 +1,187 @@
+"""In-flight batching: each step is one flat batch of prefill chunks and decode tokens.
+
+A request is a token list and a count of how many of its leading tokens have KV in the cache
+(`num_computed`). A step gives each scheduled request a slice `[num_computed, +n)` to compute;
+when the slice reaches the end of the list the step also samples the request's next token.
+Prefill, chunked prefill and decode are thus the same thing with different `n`, which is what
+lets them share one batch.
+
+Order within a step: running decodes first (one token each, so a long prompt never stalls
+them), then running requests part-way through their prompt, then waiting requests by
+(priority, arrival). Budgets: `max_batch_tokens` tokens and `max_num_seqs` sequences.
+
+When the KV cache runs out, the scheduler preempts by recomputation: the running request
+that is least important (lowest priority, then most recently admitted) gives up its blocks and
+goes back to the front of the waiting queue with its generated tokens kept; re-admission
+recomputes their KV (from the prefix cache where blocks survived). A request that cannot fit
+even alone in the cache is finished instead of retried forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from runtime.block_manager import BlockManager
+from runtime.request import Request, Status
+
+
+@dataclass
+class Chunk:
+    req: Request
+    start: int  # first position computed in this step
+    num_tokens: int
+    sample: bool  # the chunk reaches the end of the request's tokens: sample its next token
+    prompt_logits: bool  # all rows' logits are wanted (prompt logprobs)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # ended by the scheduler itself
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_seq_len: int = 8192
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        if config.max_batch_tokens < 1 or config.max_num_seqs < 1:
+            raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        self.config = config
+        self.blocks = blocks
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._seq = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.id in self.requests:
+            raise ValueError(f"request id {req.id!r} is already in use")
+        req.seqno = next(self._seq)
+        req.status = Status.WAITING
+        self.requests[req.id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return None
+        self.finish(req, "abort")
+        return req
+
+    def finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """End a request: frees its blocks at once and drops it from the queues."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self.blocks.free(req.id)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        self.requests.pop(req.id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_batch_tokens
+        scheduled: set[str] = set()
+        decoding = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
+        prefilling = [r for r in self.running if len(r.all_ids) - r.num_computed > 1]
+        for req in decoding + prefilling:
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(len(req.all_ids) - req.num_computed, budget)
+            if not self._grow(req, n, scheduled, out):
+                continue
+            scheduled.add(req.id)
+            budget -= n
+            out.chunks.append(self._chunk(req, n))
+        if not out.preempted:  # admitting while preempting would just thrash
+            budget = self._admit(budget, out)
+        out.copies = self.blocks.take_copies()
+        return out
+
+    def _chunk(self, req: Request, n: int) -> Chunk:
+        end = req.num_computed + n
+        return Chunk(req, req.num_computed, n, sample=end == len(req.all_ids),
+                     prompt_logits=req.wants_prompt_logprobs() and req.num_computed < req.num_prompt)
+
+    def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> bool:
+        """Get slots for n more tokens of a running request, preempting others if needed."""
+        while not self.blocks.allocate_slots(req.id, req.num_computed + n):
+            victims = [r for r in self.running if r.id not in scheduled and r is not req]
+            if not victims:
+                if len(self.running) == 1:  # alone and still no room: the cache is too small
+                    self.finish(req, "length")
+                    out.finished.append(req)
+                else:  # the blocks are held by requests already scheduled this step
+                    self._preempt(req, out)
+                return False
+            self._preempt(max(victims, key=lambda r: (r.priority, r.seqno)), out)
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.id)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        out.preempted.append(req)
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        self.waiting.sort(key=lambda r: (r.priority, r.seqno))
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self.blocks.blocks_for(len(req.all_ids) + 1) > self.blocks.num_blocks:
+                self.finish(req, "error", error=(
+                    f"the request needs {len(req.all_ids) + 1} tokens of KV cache but the "
+                    f"whole cache holds {self.blocks.num_blocks * self.blocks.block_size}; "
+                    "raise --kv-cache-memory or shorten the prompt"))
+                out.finished.append(req)
+                continue
+            n = min(len(req.all_ids), budget)
+            # Prompt logprobs need every prompt row's logits, so hits cannot skip them.
+            use_cache = req.params.prompt_logprobs is None
+            cached = self.blocks.allocate_prompt(req.id, req.all_ids, n, use_cache=use_cache)
+            if cached is None:
+                break  # head-of-line waits for blocks; later arrivals do not jump it
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = cached
+            req.num_computed = cached
+            n = min(n, len(req.all_ids) - cached)
+            self.waiting.pop(0)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            budget -= n
+            out.chunks.append(self._chunk(req, n))
+        return budget
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the step ran: the chunks' KV is written; publish full blocks to the cache."""
+        for chunk in out.chunks:
+            req = chunk.req
+            if req.finished:
+                continue
+            req.num_computed = chunk.start + chunk.num_tokens
+            self.blocks.commit(req.id, req.all_ids, req.num_computed)
