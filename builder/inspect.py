@@ -100,8 +100,12 @@ def weights_by_dtype(engine_dir: Path) -> dict[str, dict[str, int]]:
         for name, info in safetensors_header(path).items():
             if name == "__metadata__":
                 continue
-            dtype = _ST_DTYPES.get(info["dtype"], info["dtype"].lower())
-            start, end = info["data_offsets"]
+            try:
+                dtype = _ST_DTYPES.get(info["dtype"], str(info["dtype"]).lower())
+                start, end = info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise InspectError(f"{path}: header entry {name!r} is malformed; rebuild the "
+                                   "engine with `engine build --force`") from e
             entry = out.setdefault(dtype, {"count": 0, "bytes": 0})
             entry["count"] += 1
             entry["bytes"] += end - start
@@ -170,7 +174,7 @@ def summarize(engine_dir: Path | str) -> dict[str, Any]:
     model = engine.get("model") or {}
     build = engine.get("build") or {}
     if plan is not None:
-        ops = dict(sorted(Counter(n["op"] for n in plan.get("nodes", [])).items()))
+        ops = dict(sorted(Counter(n.get("op", "?") for n in plan.get("nodes", [])).items()))
     else:  # an engine without its plan cannot run, but report.json still says what it held
         ops = dict((report.get("op_counts") or {}).get("final") or {})
     kinds = Counter()
@@ -349,7 +353,9 @@ def plan_to_dot(plan: dict[str, Any], layers: int = 1) -> str:
     shown_names = {n["name"] for n in shown}
     hidden = [n for n in nodes.values() if n["op"] != "weight" and n["name"] not in shown_names]
 
-    lines = ["digraph plan {", "  rankdir=TB;",
+    # Bounded network-simplex passes: without them dot spends minutes placing a full 30-layer
+    # plan (every layer reads the same attention metadata and rotary inputs); with them, seconds.
+    lines = ["digraph plan {", "  rankdir=TB;", "  nslimit=2; nslimit1=2;",
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
              '  edge [color="#777777", arrowsize=0.6];']
     for n in shown:

@@ -69,22 +69,50 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     key_cache, value_cache = ctx.kv_caches[layer]
     write_kv(key_cache, value_cache, k, v, slot_mapping)
     block_size = key_cache.shape[1]
-    heads, kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
+    n_q = [starts[s + 1] - starts[s] for s in range(len(lens))]
+    # Decode tokens (one query each) of all sequences go through one padded, masked SDPA:
+    # a Python loop over sequences would cost a dispatch per sequence per layer.
+    decode = [s for s, n in enumerate(n_q) if n == 1]
+    if len(decode) > 1:
+        _decode_attention(q, out, key_cache, value_cache, block_tables, decode, starts, lens,
+                          scale, window)
+    else:
+        decode = []
+    done = set(decode)
     for s, n_ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
-        if q1 == q0:
+        if q1 == q0 or s in done:
             continue
         blocks = block_tables[s, : (n_ctx + block_size - 1) // block_size]
         keys = gather_kv(key_cache, blocks, n_ctx).transpose(0, 1).to(q.dtype)
         values = gather_kv(value_cache, blocks, n_ctx).transpose(0, 1).to(q.dtype)
-        if kv_heads != heads:
-            keys = keys.repeat_interleave(heads // kv_heads, dim=0)
-            values = values.repeat_interleave(heads // kv_heads, dim=0)
         mask = _allowed(q1 - q0, n_ctx, window, q.device)
         out[0, :, q0:q1] = F.scaled_dot_product_attention(
-            q[0, :, q0:q1], keys, values, attn_mask=mask, scale=scale
+            q[0, :, q0:q1], keys, values, attn_mask=mask, scale=scale,
+            enable_gqa=keys.shape[0] != q.shape[1],
         )
     return out
+
+
+def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts, lens, scale,
+                      window):
+    block_size = key_cache.shape[1]
+    idx = torch.tensor(seqs, device=q.device)
+    ctx = torch.tensor([lens[s] for s in seqs], device=q.device)
+    rows = torch.tensor([starts[s] for s in seqs], device=q.device)
+    n_blocks = (max(lens[s] for s in seqs) + block_size - 1) // block_size
+    tables = block_tables[idx, :n_blocks]
+    # [B, n_blocks, block, Hkv, D] -> [B, Hkv, L, D]
+    keys = key_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    values = value_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    k_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    allowed = k_pos < ctx[:, None]
+    if window is not None:
+        allowed &= k_pos > (ctx[:, None] - 1 - window)
+    queries = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None, None],
+                                         scale=scale, enable_gqa=keys.shape[1] != q.shape[1])
+    out[0, :, rows] = res.squeeze(2).transpose(0, 1)

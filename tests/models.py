@@ -1,4 +1,9 @@
-"""Tiny random-weight models of every architecture the builder supports."""
+"""Tiny random-weight models of every architecture the builder supports.
+
+"llama" and "qwen2" checkpoints also carry a tiny byte-level BPE tokenizer (320 ids, the models'
+vocab) with a ChatML template, so text prompts, chat templates, stop strings and streaming
+detokenization can be tested in seconds. The other architectures have none (token ids only).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,45 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
+WITH_TOKENIZER = ("llama", "qwen2")
+
+TINY_VOCAB = 320
+SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Fixed training text: English for the merges, plus multi-byte UTF-8 (2, 3 and 4 bytes) so that
+# some characters are one token and others span several byte tokens.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs.
+Hello, world! How are you today? I am fine, thank you. What is the capital of France?
+Paris is the capital of France. Berlin is the capital of Germany. Rome is in Italy.
+Once upon a time there was a small engine that could run the model on the CPU.
+It read the weights, planned the memory, and then it generated one token at a time.
+The cat and the hat. The rain in Spain stays mainly in the plain. To be or not to be.
+naïve café résumé über straße déjà vu — “quotes” … 日本語のテキスト 中文 한국어 🙂🚀 ✓ €100
+"""
+
+
+def make_tokenizer():
+    """A deterministic byte-level BPE over CORPUS as an HF fast tokenizer with a ChatML
+    template. Special tokens take ids 0-3 (<s>, </s>, <|im_start|>, <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    assert tok.get_vocab_size(with_added_tokens=True) == TINY_VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   chat_template=CHATML_TEMPLATE)
 
 
 def tiny_config(arch: str):
@@ -41,6 +85,8 @@ def make_checkpoint(arch: str, path: Path, seed: int = 0):
             if p.dim() >= 2:
                 p.mul_(2.0)
     model.save_pretrained(path)
+    if arch in WITH_TOKENIZER:
+        make_tokenizer().save_pretrained(path)
     return path, model
 
 
