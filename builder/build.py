@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -118,10 +119,21 @@ def _resolve_max_seq_len(config, requested: int | None) -> int:
 
 
 def _eos_ids(source) -> list[int]:
-    ids = getattr(source.config, "eos_token_id", None)
-    if ids is None:
-        return []
-    return [ids] if isinstance(ids, int) else list(ids)
+    """EOS ids from config.json plus generation_config.json: instruct models often list
+    their end-of-turn tokens only in the latter (e.g. Llama 3's <|eot_id|>), as vLLM reads."""
+    found: list[int] = []
+    values = [getattr(source.config, "eos_token_id", None)]
+    gen_file = source.path / "generation_config.json" if source.kind == "hf" else None
+    if gen_file is not None and gen_file.is_file():
+        try:
+            values.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+        except ValueError as e:
+            raise BuildError(f"{gen_file}: not valid JSON ({e})") from e
+    for ids in values:
+        for i in [ids] if isinstance(ids, int) else list(ids or []):
+            if i not in found:
+                found.append(i)
+    return found
 
 
 def _peak_rss_mb() -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -54,6 +55,11 @@ class AsyncEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            # The caller may have been cancelled while this waited in the queue (its asyncio
+            # future cancels this one): then skip the call. Setting a result on a cancelled
+            # future raises InvalidStateError, which would end the loop thread.
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(fn())
             except BaseException as e:
@@ -81,6 +87,11 @@ class AsyncEngine:
             self.error = e
             for rid in list(self._sinks):
                 self._deliver_error(rid, e)
+            return
+        # shut down: consumers still waiting would otherwise wait forever
+        stopped = EngineDeadError("the engine was shut down")
+        for rid in list(self._sinks):
+            self._deliver_error(rid, stopped)
 
     def _deliver(self, out: Output) -> None:
         sink = self._sinks.get(out.request_id)
@@ -88,12 +99,24 @@ class AsyncEngine:
             return
         if out.finished:
             del self._sinks[out.request_id]
-        sink.loop.call_soon_threadsafe(sink.queue.put_nowait, out)
+        if not self._put(sink, out) and not out.finished:
+            # The consumer's event loop is gone (asyncio.run returned mid-stream): nobody can
+            # read this request any more, so free its blocks rather than generate on.
+            self._sinks.pop(out.request_id, None)
+            self.engine.abort(out.request_id)
 
     def _deliver_error(self, rid: str, error: BaseException) -> None:
         sink = self._sinks.pop(rid, None)
         if sink is not None:
-            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, error)
+            self._put(sink, error)
+
+    @staticmethod
+    def _put(sink: _Sink, item: Any) -> bool:
+        try:
+            sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed": must not end the loop thread
+            return False
+        return True
 
     # ---- the asyncio side -------------------------------------------------------------------
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -110,7 +133,14 @@ class AsyncEngine:
             self._sinks[rid] = sink
             return rid
 
-        rid = await asyncio.wrap_future(self._call(add))
+        submitted = self._call(add)
+        try:
+            rid = await asyncio.wrap_future(submitted)
+        except asyncio.CancelledError:
+            # Cancelled while add() was queued: it is skipped. If it had already started, it
+            # still adds the request, which nobody would read: abort it once it is in.
+            submitted.add_done_callback(self._abort_orphan)
+            raise
         finished = False
         try:
             while not finished:
@@ -131,6 +161,12 @@ class AsyncEngine:
             pass
         assert last is not None
         return last
+
+    def _abort_orphan(self, submitted: concurrent.futures.Future) -> None:
+        if submitted.cancelled() or submitted.exception() is not None:
+            return
+        with contextlib.suppress(EngineDeadError):
+            self._call(lambda: self._abort(submitted.result()))
 
     def _abort(self, rid: str) -> None:
         self._sinks.pop(rid, None)

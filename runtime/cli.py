@@ -34,6 +34,8 @@ def engine_options(fn):
         click.option("--max-batch-tokens", type=int, default=None,
                      help="Most tokens in one batch (default: the engine's build setting)."),
         click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads for torch ops (default: torch's choice, one per core)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -64,14 +66,24 @@ def parse_memory(text: str) -> dict[str, Any]:
 
 
 def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
-                no_prefix_caching, quiet: bool = False):
+                no_prefix_caching, threads=None, quiet: bool = False):
+    import torch
+
     from runtime.engine import Engine
+
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
     options: dict[str, Any] = {"block_size": block_size, "max_num_seqs": max_num_seqs,
                                "max_batch_tokens": max_batch_tokens,
                                "prefix_caching": not no_prefix_caching}
     if kv_cache_memory is not None:
-        options.update(parse_memory(kv_cache_memory))
+        try:
+            options.update(parse_memory(kv_cache_memory))
+        except click.BadParameter as e:  # raised outside option parsing: click would print usage
+            _fail(f"--kv-cache-memory: {e.message}")
     try:
         engine = Engine.load(engine_dir, **options)
     except (EngineLoadError, ValueError) as e:

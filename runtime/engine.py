@@ -149,7 +149,12 @@ class Engine:
                 raise ValueError("this engine has no tokenizer; pass a list of token ids")
             if not prompt:
                 raise ValueError("prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)
+            if self.vocab_size and max(ids, default=0) >= self.vocab_size:
+                raise ValueError(f"the tokenizer produced id {max(ids)} but the model's vocab "
+                                 f"is {self.vocab_size}; the engine's tokenizer does not match "
+                                 "its model, rebuild it")
+            return prompt, ids
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -205,6 +210,9 @@ class Engine:
         finished during the step."""
         sched = self.scheduler.schedule()
         changed: dict[str, Request] = {r.id: r for r in sched.finished}
+        for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
+            if req.detok is not None and req.finish_reason == "length":
+                req.text += req.detok.flush()
         if sched.chunks:
             self._run(sched, changed)
         self.stats["steps"] += 1
@@ -255,6 +263,8 @@ class Engine:
                 and not params.skip_special_tokens):
             req.text += req.detok.step(token)
         if stopped_by_token:
+            if req.detok is not None:  # hand out what the detokenizer still holds, as "length"
+                req.text += req.detok.flush()
             self._finish(req, "stop")
             return
         if params.stop and req.num_output >= params.min_tokens and self._check_stop_strings(req):

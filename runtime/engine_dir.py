@@ -1,7 +1,8 @@
 """Read and validate an engine directory; memory-map its weights.
 
-Validation happens before anything runs: format version, that every listed file exists and
-matches its sha256, that the plan only names known ops, and that the target device is here.
+Validation happens before anything runs: format and builder versions, that every listed file
+exists and matches its sha256, that the plan only names known ops, and that the target device is
+here.
 Weights are mapped straight from the safetensors file (read-only, shared with the page cache)
 rather than copied, so loading costs no weight-sized allocation.
 """
@@ -9,6 +10,7 @@ rather than copied, so loading costs no weight-sized allocation.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import mmap
 import struct
@@ -97,6 +99,32 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise EngineLoadError(f"{path} is not valid JSON ({e}); rebuild the engine") from e
 
 
+def runtime_version() -> str:
+    try:
+        return importlib.metadata.version("llm-engine")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0.1.0"
+
+
+def _major(version: Any) -> int | None:
+    try:
+        return int(str(version).strip().lstrip("v").split(".")[0])
+    except ValueError:
+        return None
+
+
+def check_builder_version(meta: dict[str, Any]) -> None:
+    """A newer builder MAJOR may write plans this runtime misreads even at the same format
+    version, so such engines are refused. A missing or unparseable version is let through: the
+    format_version check already guards the layout."""
+    built_by = meta.get("builder_version")
+    ours = runtime_version()
+    theirs_major, our_major = _major(built_by), _major(ours)
+    if theirs_major is not None and our_major is not None and theirs_major > our_major:
+        raise EngineLoadError(f"engine was built by llm-engine {built_by}, this runtime is "
+                              f"{ours}; upgrade llm-engine")
+
+
 def check_device(meta: dict[str, Any], device: str) -> None:
     target = meta.get("target", {}).get("device", "cpu")
     if target == "cuda" and not torch.cuda.is_available():
@@ -118,6 +146,7 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
     if version > FORMAT_VERSION:
         raise EngineLoadError(f"engine format v{version} is newer than this runtime reads "
                               f"(v{FORMAT_VERSION}); upgrade llm-engine")
+    check_builder_version(meta)
     for rel, info in meta.get("files", {}).items():
         f = path / rel
         if not f.is_file():

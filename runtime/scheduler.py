@@ -128,21 +128,28 @@ class Scheduler:
     def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> bool:
         """Get slots for n more tokens of a running request, preempting others if needed."""
         while not self.blocks.allocate_slots(req.id, req.num_computed + n):
-            victims = [r for r in self.running if r.id not in scheduled and r is not req]
-            if not victims:
+            # The least important request not yet scheduled gives up its blocks, and that can
+            # be req itself: a low-priority request must not evict a more important one.
+            victims = [r for r in self.running if r.id not in scheduled]
+            victim = max(victims, key=lambda r: (r.priority, r.seqno))
+            if victim is req:
                 if len(self.running) == 1:  # alone and still no room: the cache is too small
                     self.finish(req, "length")
                     out.finished.append(req)
-                else:  # the blocks are held by requests already scheduled this step
+                else:  # the others are more important or hold blocks scheduled this step
                     self._preempt(req, out)
                 return False
-            self._preempt(max(victims, key=lambda r: (r.priority, r.seqno)), out)
+            self._preempt(victim, out)
         return True
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self.blocks.free(req.id)
         req.num_computed = 0
+        if req.wants_prompt_logprobs():
+            # Recomputation starts over at position 0 and yields these rows again: drop the
+            # partial rows, or the engine would append them a second time.
+            del req.prompt_logprobs[1:]
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -153,11 +160,17 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.seqno))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if self.blocks.blocks_for(len(req.all_ids) + 1) > self.blocks.num_blocks:
-                self.finish(req, "error", error=(
-                    f"the request needs {len(req.all_ids) + 1} tokens of KV cache but the "
-                    f"whole cache holds {self.blocks.num_blocks * self.blocks.block_size}; "
-                    "raise --kv-cache-memory or shorten the prompt"))
+            # A preempted request only needs room for the tokens it has (as in _grow): one that
+            # ran up to the cache's size must resume, or stop with "length", not fail.
+            need = len(req.all_ids) + (0 if req.num_output else 1)
+            if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+                if req.num_output:
+                    self.finish(req, "length")
+                else:
+                    self.finish(req, "error", error=(
+                        f"the request needs {len(req.all_ids) + 1} tokens of KV cache but the "
+                        f"whole cache holds {self.blocks.num_blocks * self.blocks.block_size}; "
+                        "raise --kv-cache-memory or shorten the prompt"))
                 out.finished.append(req)
                 continue
             n = min(len(req.all_ids), budget)

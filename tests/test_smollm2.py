@@ -21,6 +21,11 @@ PROMPTS = [
     "Write a haiku about the sea.",
     "Explain in one sentence what a hash table is.",
     "List three colors.",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue? Answer briefly.",
+    "Give me a name for a pet turtle.",
+    "What is 12 times 12?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
 ]
 
 
@@ -61,19 +66,51 @@ def test_smollm2_logits_match_hf(smol):
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-5)
 
 
-def test_smollm2_greedy_matches_hf_generate(smol):
-    engine, tok, hf = smol
-    prompts = [_chat(tok, p) for p in PROMPTS]
-    ours = PagedRunner(engine, block_size=16).greedy(prompts, max_new=32, chunk=16)
-    for prompt, got in zip(prompts, ours):
+@pytest.fixture(scope="module")
+def hf_greedy(smol):
+    """HF generate, one prompt at a time: (prompt ids, 32 greedy tokens) per prompt."""
+    _, tok, hf = smol
+    result = []
+    for text in PROMPTS:
+        prompt = _chat(tok, text)
         with torch.no_grad():
             # An explicit mask: the chat prompt contains <|im_end|>, which is also the pad
             # id, and HF would otherwise mask those prompt tokens out as padding.
             ids = torch.tensor([prompt])
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
                               do_sample=False)
-        assert tok.decode(got) == tok.decode(out[0, len(prompt):])
-        assert got == out[0, len(prompt):].tolist()
+        result.append((prompt, out[0, len(prompt):].tolist()))
+    return result
+
+
+def test_smollm2_greedy_matches_hf_generate(smol, hf_greedy):
+    engine, tok, _ = smol
+    prompts = [p for p, _ in hf_greedy[:4]]
+    ours = PagedRunner(engine, block_size=16).greedy(prompts, max_new=32, chunk=16)
+    for got, (_, want) in zip(ours, hf_greedy):
+        assert tok.decode(got) == tok.decode(want)
+        assert got == want
+
+
+@pytest.mark.parametrize("kv_blocks", [None, 24], ids=["roomy", "preempting"])
+def test_smollm2_runtime_concurrent_matches_hf(smol, hf_greedy, kv_blocks):
+    """8 requests arriving at different steps through the real scheduler, chunked prefill
+    and (with a 24-block cache, too small for all at once) preemption."""
+    from runtime import Engine, SamplingParams
+    from tests.test_engine import run_staggered
+
+    engine_dir, tok, _ = smol
+    per_block = 30 * 2 * 16 * 3 * 64 * 4
+    memory = kv_blocks * per_block if kv_blocks else 64 << 20
+    engine = Engine.load(engine_dir, block_size=16, max_batch_tokens=64,
+                         kv_cache_memory=memory)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outs = run_staggered(engine, [p for p, _ in hf_greedy], params, every=3)
+    if kv_blocks:
+        assert engine.scheduler.num_preemptions > 0
+    for out, (_, want) in zip(outs, hf_greedy):
+        assert out.token_ids == want, tok.decode(out.token_ids)
+        assert out.text == tok.decode(want, skip_special_tokens=True)
 
 
 def test_gguf_reader_matches_transformers_dequantization(smol):

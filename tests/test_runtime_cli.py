@@ -1,0 +1,120 @@
+"""`engine run` on the tiny llama engine (it has a tokenizer): a streamed prompt, --json, a
+prompts file (plain lines and JSONL), --chat, and bad input as one line `error: ...`, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from builder.cli import main
+from runtime import Engine, SamplingParams
+
+KV = ["--kv-cache-memory", "4MiB"]  # the default would reserve up to 2 GiB
+
+
+@pytest.fixture(scope="module")
+def engine_dir(engines):
+    return engines("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir):
+    return Engine.load(engine_dir, kv_cache_memory=4 << 20)
+
+
+def _run(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, ["run", *map(str, args)], input=input)
+
+
+def _greedy(engine: Engine, prompts, max_tokens: int = 5):
+    return engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert result.stdout == ""
+
+
+def test_single_prompt_streams_the_greedy_text(engine_dir, engine):
+    result = _run(engine_dir, "--prompt", "Hello, world!", "--max-tokens", "5",
+                  "--temperature", "0", *KV)
+    assert result.exit_code == 0, result.output
+    (ref,) = _greedy(engine, ["Hello, world!"])
+    assert result.stdout == ref.text + "\n"
+    assert "KV cache:" in result.stderr and "[stopped at --max-tokens]" in result.stderr
+
+
+def test_json_prints_one_object_per_prompt(engine_dir, engine):
+    prompts = ["Hello, world!", "Paris is"]
+    result = _run(engine_dir, "--prompt", prompts[0], "-p", prompts[1], "--max-tokens", "5",
+                  "--temperature", "0", "--json", *KV)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, ref in zip(lines, _greedy(engine, prompts)):
+        obj = json.loads(line)
+        assert obj["text"] == ref.text and obj["token_ids"] == ref.token_ids
+        assert obj["finish_reason"] == "length" and len(obj["token_ids"]) == 5
+        assert obj["prompt_tokens"] == len(ref.prompt_token_ids)
+    assert "tok/s" in result.stderr
+
+
+def test_prompts_file_plain_and_jsonl(engine_dir, engine, tmp_path):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("Hello, world!\n\nParis is\n")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "Paris is"}) + "\n"
+                     + json.dumps({"messages": messages}) + "\n")
+    chat_text = engine.apply_chat_template(messages, add_generation_prompt=True)
+    for path, prompts in ((plain, ["Hello, world!", "Paris is"]),
+                          (jsonl, ["Paris is", chat_text])):
+        result = _run(engine_dir, "--prompts-file", path, "--max-tokens", "5",
+                      "--temperature", "0", *KV)
+        assert result.exit_code == 0, result.output
+        refs = _greedy(engine, prompts)
+        assert result.stdout == "".join(f"{r.text}\n[length]\n\n" for r in refs)
+        assert f"{len(prompts)} prompts, 10 tokens in" in result.stderr
+        assert "tok/s" in result.stderr
+    result = _run(engine_dir, "--prompts-file", jsonl, "--json", "--max-tokens", "5",
+                  "--temperature", "0", *KV)
+    objs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["token_ids"] for o in objs] == [r.token_ids for r in refs]
+
+
+def test_chat_wraps_the_prompt_in_the_template(engine_dir, engine):
+    result = _run(engine_dir, "--chat", "--system", "Be brief.", "--prompt", "Hi there",
+                  "--json", "--max-tokens", "5", "--temperature", "0", *KV)
+    assert result.exit_code == 0, result.output
+    text = engine.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Hi there"}])
+    (ref,) = _greedy(engine, [text])
+    obj = json.loads(result.stdout)
+    assert obj["prompt_tokens"] == len(engine.tokenizer.encode(text))
+    assert obj["token_ids"] == ref.token_ids and obj["text"] == ref.text
+    # Without --chat the same prompt is sent as is.
+    plain = json.loads(_run(engine_dir, "--prompt", "Hi there", "--json", "--max-tokens", "5",
+                            "--temperature", "0", *KV).stdout)
+    assert plain["prompt_tokens"] == len(engine.tokenizer.encode("Hi there"))
+
+
+def test_bad_input_is_one_line_and_exit_2(engine_dir, tmp_path):
+    ok = ["--prompt", "hi", "--max-tokens", "2", *KV]
+    _one_line_error(_run(tmp_path / "nope", *ok), "nope", "engine build")
+    _one_line_error(_run(engine_dir, *ok, "--temperature", "-1"), "temperature")
+    _one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "lots"),
+                    "'lots'", "512MiB")
+    _one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "1"),
+                    "--kv-cache-memory")  # 1 byte holds no KV block
+    _one_line_error(_run(engine_dir, "--prompts-file", tmp_path / "missing.txt", *KV),
+                    "--prompts-file", "missing.txt")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "no prompt key"}\n')
+    _one_line_error(_run(engine_dir, "--prompts-file", bad_jsonl, *KV), "bad.jsonl:1")
+    _one_line_error(_run(engine_dir, *KV, input="piped text\n"), "no prompt")
