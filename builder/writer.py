@@ -41,7 +41,9 @@ def write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple[int, ..
                         "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    # Pad the header so tensor data starts 64-byte aligned in the (page-aligned) memory map:
+    # GEMMs on 8-byte-aligned weights measured ~10% slower.
+    blob += b" " * (-(8 + len(blob)) % 64)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(blob)), blob):
