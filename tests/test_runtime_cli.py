@@ -118,3 +118,23 @@ def test_bad_input_is_one_line_and_exit_2(engine_dir, tmp_path):
     bad_jsonl.write_text('{"text": "no prompt key"}\n')
     _one_line_error(_run(engine_dir, "--prompts-file", bad_jsonl, *KV), "bad.jsonl:1")
     _one_line_error(_run(engine_dir, *KV, input="piped text\n"), "no prompt")
+
+
+def test_interactive_chat_on_a_tty(engine_dir, engine):
+    """No prompt on a terminal: a chat loop that keeps the conversation and streams replies."""
+    import shutil
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    exe = shutil.which("engine") or f"{sys.executable} -m builder.cli"
+    child = pexpect.spawn(f"{exe} run {engine_dir} --temperature 0 --max-tokens 5",
+                          encoding="utf-8", timeout=120)
+    child.expect(">>> ")
+    child.sendline("hello there")
+    child.expect(">>> ")
+    messages = [{"role": "user", "content": "hello there"}]
+    want = _greedy(engine, [engine.apply_chat_template(messages)])[0].text
+    assert want.strip() in child.before
+    child.sendline("")
+    child.expect(pexpect.EOF)
+    assert child.wait() == 0

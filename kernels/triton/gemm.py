@@ -1,0 +1,216 @@
+"""GEMM kernels (`templates/gemm.py.j2`) for the IR ops `linear` and `matmul`.
+
+Calling convention of a rendered module's `launch` = the reference op's:
+
+* `linear`: `launch(x, w, b=None)` with x [..., K], w [N, K] (torch layout) -> [..., N];
+  the leading dims of x are flattened to M rows (M is a runtime argument, never a constexpr).
+* `matmul`: `launch(a, b)`; b is [K, N] with a [..., K] (flattened to M rows), or both are
+  batched with equal batch dims, a [*B, M, K] @ b [*B, K, N] (one grid axis per batch).
+
+Node attributes understood (any other attribute -> `params` returns None, the builder keeps
+the reference op):
+
+* `"epilogue": {"act": A, "residual": R}` - fused epilogue, applied in fp32 to the accumulator
+  before the single rounding to the output dtype:
+  `out = act(x @ W^T + bias) + residual`. A is one of `ACTIVATIONS` ("none" by default; the
+  torch meaning of each is `kernels.ops._ACTS`: silu, gelu (erf), gelu_tanh, relu). R (bool,
+  default False) adds one more input, shaped and typed like the output, as the LAST input.
+  The bias is not an attribute: a `linear` node has one iff its inputs include it. So the
+  inputs of a `linear` node are `x, <B operands>, [bias], [residual]`, of a `matmul` node
+  `a, b, [residual]`. Plain `linear`/`matmul` nodes have no `epilogue` attribute.
+* `"b_format": F` - how the weight is stored (`linear` only; default "dense"). `FORMATS` maps
+  each format to the operands it takes in place of `w`, in input order:
+    - "dense":        w [N, K] in the activation dtype
+    - "int8_channel": w int8 [N, K], w_scale float32 [N]; W = w.float() * w_scale[:, None]
+  A format is one macro `b_<format>` in the template (loads/dequantizes the B tile and may
+  fix up the accumulator after the K loop) plus an entry here that checks its operands.
+
+Parameters (`params` returns them; `source` renders them): op, N, K, a_dtype, out_dtype,
+b_format, bias, act, residual, batched, input_precision, and the tiling BLOCK_M, BLOCK_N,
+BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes from `configs(M_hint, N, K, device)`:
+`params` takes its first entry; a builder that times kernels on a GPU may replace the tiling
+keys with any other entry (`{**p, **cfg}`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels import codegen
+
+TEMPLATE = "gemm"
+
+FLOATS = ("float32", "float16", "bfloat16")
+ACTIVATIONS: dict[str, Callable] = {
+    "none": lambda y: y,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "relu": F.relu,
+}
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def _check_dense(shapes, dtypes, N, K, a_dtype) -> bool:
+    (w,), (wd,) = shapes, dtypes
+    return tuple(w) == (N, K) and wd == a_dtype
+
+
+def _check_int8_channel(shapes, dtypes, N, K, a_dtype) -> bool:
+    (w, s), (wd, sd) = shapes, dtypes
+    return tuple(w) == (N, K) and wd == "int8" and tuple(s) == (N,) and sd == "float32"
+
+
+def _dequant_dense(w):
+    return w
+
+
+def _dequant_int8_channel(w, scale):
+    return w.float() * scale.float()[:, None]
+
+
+# format -> (number of operands, operand checker, torch dequantization to the [N, K] weight)
+FORMATS: dict[str, tuple[int, Callable, Callable]] = {
+    "dense": (1, _check_dense, _dequant_dense),
+    "int8_channel": (2, _check_int8_channel, _dequant_int8_channel),
+}
+
+
+def _is_int(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+def _static_rows(shape) -> int | None:
+    return math.prod(shape) if all(_is_int(d) for d in shape) else None
+
+
+def _epilogue(attrs: dict) -> tuple[str, bool] | None:
+    epi = attrs.get("epilogue") or {}
+    if not isinstance(epi, dict) or set(epi) - {"act", "residual"}:
+        return None
+    act, residual = epi.get("act", "none"), epi.get("residual", False)
+    if act not in ACTIVATIONS or not isinstance(residual, bool):
+        return None
+    return act, residual
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
+           out_dtype: str) -> dict | None:
+    """The template parameters for a `linear`/`matmul` node, or None if this family cannot
+    implement it (the builder then keeps the reference op)."""
+    if op not in ("linear", "matmul") or set(attrs) - {"epilogue", "b_format"}:
+        return None
+    epi = _epilogue(attrs)
+    b_format = attrs.get("b_format", "dense")
+    if epi is None or b_format not in FORMATS or (op == "matmul" and b_format != "dense"):
+        return None
+    act, residual = epi
+    shapes = [tuple(s) for s in in_shapes]
+    n_b = FORMATS[b_format][0]
+    n_bias = len(shapes) - 1 - n_b - residual
+    if len(in_dtypes) != len(shapes) or n_bias not in ((0, 1) if op == "linear" else (0,)):
+        return None
+    a_shape, a_dtype = shapes[0], in_dtypes[0]
+    if a_dtype not in FLOATS or out_dtype != a_dtype or not a_shape:
+        return None
+    b_shapes, b_dtypes = shapes[1:1 + n_b], in_dtypes[1:1 + n_b]
+    batched = False
+    if op == "linear":
+        K = a_shape[-1]
+        N = b_shapes[0][0] if len(b_shapes[0]) == 2 else None
+        lead = a_shape[:-1]
+        out_shape = (*lead, N)
+    else:
+        b = b_shapes[0]
+        if len(b) == 2:
+            K, N = b
+            lead = a_shape[:-1]
+            out_shape = (*lead, N)
+            if a_shape[-1] != K:
+                return None
+        elif len(b) >= 3 and len(a_shape) == len(b) and a_shape[:-2] == b[:-2] \
+                and a_shape[-1] == b[-2]:
+            batched = True
+            K, N = b[-2:]
+            lead = a_shape[:-1]
+            out_shape = (*lead, N)
+        else:
+            return None
+    if not (_is_int(K) and _is_int(N) and K > 0 and N > 0):
+        return None
+    if not FORMATS[b_format][1](b_shapes, b_dtypes, N, K, a_dtype):
+        return None
+    if n_bias and (shapes[1 + n_b] != (N,) or in_dtypes[1 + n_b] != a_dtype):
+        return None
+    if residual and (shapes[-1] != out_shape or in_dtypes[-1] != out_dtype):
+        return None
+    p: dict[str, Any] = {
+        "op": op, "N": N, "K": K, "a_dtype": a_dtype, "out_dtype": out_dtype,
+        "b_format": b_format, "bias": bool(n_bias), "act": act, "residual": residual,
+        "batched": batched, "input_precision": "ieee",
+    }
+    m_hint = _static_rows(a_shape[-2:-1] if batched else lead)
+    p.update(configs(m_hint, N, K, default_device())[0])
+    return p
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu") -> list[dict]:
+    """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
+    unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
+    mean fewer, cheaper numpy steps) the first is used."""
+    dev = torch.device(device).type
+    n_cap, k_cap = _pow2_at_least(N), _pow2_at_least(K)
+    if dev != "cuda":
+        bm = min(_pow2_at_least(M_hint or 64), 64)
+        cands = [(bm, 64, 64, 8, 4, 1), (16, 32, 32, 4, 4, 1)]
+    elif M_hint is not None and M_hint <= 16:  # decode: skinny A, stream B
+        cands = [(16, 64, 128, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 256, 1, 4, 3),
+                 (16, 32, 128, 1, 2, 5), (16, 128, 128, 1, 8, 3)]
+    elif M_hint is not None and M_hint <= 64:
+        cands = [(32, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (32, 128, 64, 8, 4, 4),
+                 (64, 128, 64, 8, 4, 3), (32, 64, 128, 8, 4, 3)]
+    else:  # prefill / unknown
+        cands = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4),
+                 (128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)]
+    out: list[dict] = []
+    for bm, bn, bk, gm, nw, ns in cands:
+        cfg = dict(zip(TILE_KEYS, (bm, min(bn, n_cap), min(bk, k_cap), gm, nw, ns)))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def source(p: dict, nodes: list[str] | None = None) -> str:
+    return codegen.render(TEMPLATE, p, nodes=nodes)
+
+
+def reference(p: dict, *inputs: torch.Tensor) -> torch.Tensor:
+    """What a kernel rendered from `p` computes, in torch (fp32 epilogue, like the kernel):
+    the oracle of the tests and a CPU fallback for fused nodes."""
+    n_b = FORMATS[p["b_format"]][0]
+    a, b_ops = inputs[0], inputs[1:1 + n_b]
+    rest = list(inputs[1 + n_b:])
+    bias = rest.pop(0) if p["bias"] else None
+    residual = rest.pop(0) if p["residual"] else None
+    w = FORMATS[p["b_format"]][2](*b_ops).float()
+    if p["op"] == "linear":
+        y = F.linear(a.float(), w, None if bias is None else bias.float())
+    else:
+        y = torch.matmul(a.float(), w)
+    y = ACTIVATIONS[p["act"]](y)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(getattr(torch, p["out_dtype"]))
