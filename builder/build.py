@@ -25,7 +25,8 @@ from builder.passes.report import PassReport
 from builder.plan import to_plan
 from builder.verify import VerifyError, verify
 from builder.weights import make_weight
-from builder.writer import EngineWriter, sha256_file, write_safetensors_streaming
+from builder.writer import EngineWriter, write_safetensors_streaming
+from runtime.engine_dir import sha256_file
 
 BUILDER_VERSION = "0.1.0"
 FORMAT_VERSION = 1

@@ -62,14 +62,6 @@ def write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple[int, ..
     return digest.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class EngineWriter:
     """Context manager: files go to a temp dir; on success it replaces `target`."""
 

@@ -39,7 +39,7 @@ class EngineFiles:
     _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -152,7 +152,7 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
         if not f.is_file():
             raise EngineLoadError(f"{f} is missing; the engine is incomplete, rebuild it")
         if f.stat().st_size != info["bytes"] or (verify_checksums and
-                                                  _sha256(f) != info["sha256"]):
+                                                  sha256_file(f) != info["sha256"]):
             raise EngineLoadError(f"{f} does not match its checksum in engine.json; the file "
                                   "is corrupt or was modified, rebuild the engine")
     check_device(meta, device)
