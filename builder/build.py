@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from builder.codegen import codegen
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
@@ -38,6 +39,7 @@ PASSES = [
     ("select_logits", select_logits, False),
     ("fuse", fuse, True),
     ("plan_memory", plan_memory, True),
+    ("codegen", codegen, True),
 ]
 
 
@@ -203,6 +205,9 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         else:
             ui.note("no tokenizer in the checkpoint: the engine takes token ids only")
         lap("tokenizer")
+        sources = graph.meta.get("codegen", {}).get("sources", {})
+        for name, text in sorted(sources.items()):
+            out.path(f"kernels/{name}.py").write_text(text)
         out.write_json("plan.rank0.json", plan)
         report = {
             "passes": [r.to_json() for r in reports],

@@ -102,11 +102,23 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, force) 
 @click.option("--layers", type=int, default=1, show_default=True,
               help="With --graph: how many decoder layers to draw (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(engine_dir, graph_out, layers, as_json) -> None:
+@click.option("--kernels", "list_kernels", is_flag=True,
+              help="List the rendered Triton kernels with the nodes each implements.")
+def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
     """Summarise ENGINE_DIR: model, ops, fusions, weights, size."""
-    from builder.inspect import InspectError, draw_graph, print_summary, summarize
+    from builder.inspect import (
+        InspectError,
+        draw_graph,
+        kernel_table,
+        print_kernels,
+        print_summary,
+        summarize,
+    )
 
     try:
+        if list_kernels:
+            print_kernels(kernel_table(engine_dir), as_json=as_json)
+            return
         summary = summarize(engine_dir)
         print_summary(summary, as_json=as_json)
         if graph_out is not None:

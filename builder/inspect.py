@@ -424,3 +424,45 @@ def draw_graph(engine_dir: Path | str, out_path: Path | str, layers: int = 1) ->
         why = (result.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[0]
         raise InspectError(f"graphviz dot failed on the plan graph ({why}); try --graph out.dot")
     return out
+
+
+def kernel_table(engine_dir: Path | str) -> dict[str, Any]:
+    """The engine's rendered kernels (name, template, nodes) and the kernel-worthy nodes that
+    kept their torch reference op."""
+    path = _engine_dir(engine_dir)
+    plan = _read_json(path / "plan.rank0.json", required=True) or {}
+    kernels = plan.get("kernels", {})
+    users: dict[str, list[str]] = {}
+    fallback: dict[str, int] = {}
+    for node in plan.get("nodes", []):
+        for name in node.get("kernel", []):
+            users.setdefault(name, []).append(node["name"])
+        if not node.get("kernel") and op_kind(node.get("op", "")) not in ("source", "view"):
+            fallback[node["op"]] = fallback.get(node["op"], 0) + 1
+    rows = [{"kernel": name, "template": info["template"], "family": info["family"],
+             "bytes": (path / "kernels" / f"{name}.py").stat().st_size
+             if (path / "kernels" / f"{name}.py").is_file() else None,
+             "nodes": users.get(name, [])} for name, info in sorted(
+                 kernels.items(), key=lambda kv: (kv[1]["template"], kv[0]))]
+    return {"kernels": rows, "reference_fallback": dict(sorted(fallback.items()))}
+
+
+def print_kernels(table: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(table, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{len(table['kernels'])} rendered kernels")
+    for col in ("kernel", "template", "nodes"):
+        t.add_column(col)
+    for row in table["kernels"]:
+        nodes = row["nodes"]
+        shown = ", ".join(nodes[:4]) + (f" (+{len(nodes) - 4})" if len(nodes) > 4 else "")
+        t.add_row(row["kernel"], row["template"], f"{len(nodes)}: {shown}")
+    console = Console()
+    console.print(t)
+    if table["reference_fallback"]:
+        console.print("torch reference (no template): " + ", ".join(
+            f"{op}×{n}" for op, n in table["reference_fallback"].items()))

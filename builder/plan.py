@@ -27,6 +27,8 @@ def to_plan(graph: Graph) -> dict[str, Any]:
     order = [n.name for n in graph.nodes()]
     frees = last_uses(order, graph)
     buffers = graph.meta.get("memory", {}).get("assignment", {})
+    codegen = graph.meta.get("codegen", {})
+    node_kernels = codegen.get("node_kernels", {})
     nodes = []
     for name in order:
         n = graph.node(name)
@@ -36,6 +38,8 @@ def to_plan(graph: Graph) -> dict[str, Any]:
             entry["buffer"] = buffers[name]
         if name in frees:
             entry["free"] = sorted(frees[name])
+        if name in node_kernels:  # kept apart from attrs: attrs are the op's arguments
+            entry["kernel"] = node_kernels[name]
         entry["origin"] = n.origin
         nodes.append(entry)
     return {
@@ -47,5 +51,6 @@ def to_plan(graph: Graph) -> dict[str, Any]:
                     sorted(graph.weights.items())},
         "kv_cache": graph.meta.get("kv_cache"),
         "memory": {k: v for k, v in graph.meta.get("memory", {}).items() if k != "assignment"},
+        "kernels": codegen.get("kernels", {}),
         "nodes": nodes,
     }

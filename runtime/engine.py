@@ -20,6 +20,7 @@ import torch
 from runtime.block_manager import BlockManager
 from runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
 from runtime.executor import Executor, KVCache, KVCacheSpec
+from runtime.kernels import bind_kernels, choose_backend, verify_kernels
 from runtime.plan import PlanRunner
 from runtime.request import Request
 from runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
@@ -61,6 +62,7 @@ class EngineConfig:
     max_batch_tokens: int | None = None  # default: what the engine's memory plan was built for
     prefix_caching: bool = True
     verify_checksums: bool = True
+    kernels: str = "auto"  # auto (triton on CUDA, else reference) | reference | triton
 
 
 def available_memory() -> int:
@@ -105,7 +107,12 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
                             max_seq_len=self.max_seq_len), self.blocks)
-        self.executor = Executor(PlanRunner(files.plan, files.weights), self.cache)
+        self.kernel_backend = choose_backend(config.kernels, device)
+        sources = verify_kernels(files.path, files.plan)
+        bound = {}
+        if self.kernel_backend == "triton":
+            bound = bind_kernels(files.plan, sources, config.block_size)
+        self.executor = Executor(PlanRunner(files.plan, files.weights, bound), self.cache)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 

@@ -33,7 +33,10 @@ class _Step:
 
 
 class PlanRunner:
-    def __init__(self, plan: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, plan: dict[str, Any], weights: dict[str, torch.Tensor],
+                 kernels: dict[str, Any] | None = None) -> None:
+        """`kernels` maps node names to compiled kernels used instead of the reference op."""
+        kernels = kernels or {}
         self.plan = plan
         self.outputs: list[str] = plan["outputs"]
         self.steps: list[_Step] = []
@@ -47,7 +50,8 @@ class PlanRunner:
                 if attrs["name"] not in weights:
                     raise PlanError(f"weight {attrs['name']!r} missing from the weight file")
                 attrs = {**attrs, "value": weights[attrs["name"]]}
-            self.steps.append(_Step(node["name"], node["op"], op.fn, node["inputs"], attrs,
+            fn = kernels.get(node["name"], op.fn)
+            self.steps.append(_Step(node["name"], node["op"], fn, node["inputs"], attrs,
                                     has_sym(attrs), op.needs_ctx, node.get("free", [])))
         self.input_names = {i["node"]: i["name"] for i in plan["inputs"]}
 

@@ -1,0 +1,135 @@
+"""Codegen: give every kernel node of the final graph a Triton kernel rendered from a template.
+
+For each node, the family registered for its op checks the node (dtypes, shapes, attributes)
+and returns template parameters, or declines and the node keeps its torch reference op (the
+report lists each declined op, so a fallback is never silent). Nodes with equal (family,
+params) share one rendering, whose header lists them all; each rendered source is named by
+its hash, so identical kernels are written once.
+
+Renderings are cached on disk keyed by (template sources, params, nodes, triton version), so
+rebuilding an engine whose shapes did not change skips rendering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from builder.ir import Graph
+from builder.passes.report import PassReport
+from kernels.codegen import kernel_name
+from kernels.triton import registry
+
+# Ops that move no data worth a kernel: inputs, weights, views the runtime does for free.
+_NOT_KERNELS = {"input", "weight", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
+                "expand", "slice", "select", "getitem"}
+MAX_LISTED_NODES = 6
+
+
+def _shapes(graph: Graph, node) -> tuple[list[tuple], list[str]]:
+    shapes, dtypes = [], []
+    for name in node.inputs:
+        producer = graph.node(name)
+        shapes.append(tuple(producer.shape))
+        dtypes.append(producer.dtype)
+    return shapes, dtypes
+
+
+def _kv_dtype(graph: Graph, node) -> str | None:
+    layers = (graph.meta.get("kv_cache") or {}).get("layers", [])
+    layer = node.attrs.get("layer")
+    return layers[layer]["dtype"] if isinstance(layer, int) and layer < len(layers) else None
+
+
+def codegen(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
+    report = PassReport("codegen")
+    groups: dict[str, dict[str, Any]] = {}
+    declined: dict[str, int] = {}
+    for node in graph.nodes():
+        if node.op in _NOT_KERNELS or (isinstance(node.shape, list) and node.op == "cat"):
+            continue
+        shapes, dtypes = _shapes(graph, node)
+        choice = registry.choose(node.op, node.attrs, shapes, dtypes, node.dtype,
+                                 kv_cache_dtype=_kv_dtype(graph, node))
+        if choice is None:
+            declined[node.op] = declined.get(node.op, 0) + 1
+            continue
+        family, params = choice
+        key = json.dumps([family, params], sort_keys=True)
+        groups.setdefault(key, {"family": family, "params": params, "nodes": []})
+        groups[key]["nodes"].append(node.name)
+
+    kernels: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    node_kernels: dict[str, list[str]] = {}
+    cache_hits = 0
+    for group in groups.values():
+        listed = _listed(group["nodes"])
+        rendered, hit = _render_cached(group["family"], group["params"], listed)
+        cache_hits += hit
+        names = []
+        for template, source in rendered.items():
+            name = kernel_name(source)
+            sources[name] = source
+            kernels[name] = {"family": group["family"], "template": template,
+                             "params": group["params"], "nodes": listed}
+            names.append(name)
+        for n in group["nodes"]:
+            node_kernels[n] = names
+    graph.meta["codegen"] = {"kernels": kernels, "node_kernels": node_kernels,
+                             "sources": sources}
+    covered = len(node_kernels)
+    report.stats.update({"kernel_nodes": covered, "kernels": len(kernels),
+                         "renderings": len(groups), "cache_hits": cache_hits,
+                         "reference_fallback": sum(declined.values())})
+    by_family: dict[str, int] = {}
+    for info in kernels.values():
+        by_family[info["template"]] = by_family.get(info["template"], 0) + 1
+    report.stats.update({f"template.{k}": v for k, v in sorted(by_family.items())})
+    for op, count in sorted(declined.items()):
+        report.notes.append(f"{count} {op} node(s) keep the torch reference (no template "
+                            "accepts them)")
+    return graph, report
+
+
+def _listed(nodes: list[str]) -> list[str]:
+    if len(nodes) <= MAX_LISTED_NODES:
+        return list(nodes)
+    return [*nodes[:MAX_LISTED_NODES], f"... {len(nodes) - MAX_LISTED_NODES} more"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LLM_ENGINE_CACHE") or Path.home() / ".cache" / "llm-engine"
+    return Path(root) / "rendered"
+
+
+def _render_cached(family: str, params: dict[str, Any], nodes: list[str]
+                   ) -> tuple[dict[str, str], int]:
+    import templates
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    template_text = "".join(p.read_text() for p in sorted(templates.DIR.glob("*.py.j2")))
+    key = hashlib.sha256(json.dumps([family, params, nodes, triton_version, template_text],
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    path = _cache_dir() / f"{key}.json"
+    try:
+        return json.loads(path.read_text()), 1
+    except (OSError, ValueError):
+        pass
+    rendered = registry.render(family, params, nodes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rendered))
+        tmp.replace(path)
+    except OSError:  # a read-only home is no reason to fail a build
+        pass
+    return rendered, 0

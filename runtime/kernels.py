@@ -1,0 +1,81 @@
+"""The engine's rendered kernels: check them against their templates, then bind them.
+
+An engine directory must never be a way to run arbitrary code, so the runtime does not trust
+`kernels/*.py`: it re-renders every kernel from the template, parameters and node list the
+plan records and refuses the engine unless the stored file is byte-identical (and named by
+the hash of that source). Only then are the modules imported. Rendering needs jinja2 only;
+triton is imported when kernels are bound (the Triton backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime.engine_dir import EngineLoadError
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
+    """kernel name -> verified source, for every kernel the plan lists."""
+    from kernels.codegen import TemplateError, kernel_name
+    from kernels.triton import registry
+
+    verified: dict[str, str] = {}
+    rendered: dict[str, dict[str, str]] = {}
+    for name, info in plan.get("kernels", {}).items():
+        path = engine_dir / "kernels" / f"{name}.py"
+        try:
+            stored = path.read_text()
+        except OSError:
+            raise EngineLoadError(f"{path} is missing; the engine is incomplete, rebuild it") \
+                from None
+        key = repr((info["family"], sorted(info["params"].items()), info["nodes"]))
+        try:
+            if key not in rendered:
+                rendered[key] = registry.render(info["family"], info["params"], info["nodes"])
+            want = rendered[key][info["template"]]
+        except (TemplateError, KeyError, ValueError) as e:
+            raise EngineLoadError(f"kernel {name}: cannot re-render it from its template "
+                                  f"({e}); rebuild the engine with this llm-engine") from e
+        if stored != want or kernel_name(stored) != name:
+            raise EngineLoadError(
+                f"{path} is not what templates/{info['template']}.py.j2 renders for its "
+                "recorded parameters; refusing to run modified kernel code. Rebuild the engine")
+        verified[name] = stored
+    return verified
+
+
+def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int
+                 ) -> dict[str, Callable[..., Any]]:
+    """node name -> kernel callable (the reference op's calling convention)."""
+    from kernels.triton import registry
+
+    by_group: dict[tuple[str, ...], Callable[..., Any]] = {}
+    bound: dict[str, Callable[..., Any]] = {}
+    for node in plan["nodes"]:
+        names = tuple(node.get("kernel", ()))
+        if not names:
+            continue
+        if names not in by_group:
+            info = plan["kernels"][names[0]]
+            family, params = info["family"], dict(info["params"])
+            group_sources = {plan["kernels"][n]["template"]: sources[n] for n in names}
+            if family == "attention" and params.get("block_size") != block_size:
+                # The cache's block size is a runtime choice: render for it from the trusted
+                # templates rather than use the engine's files.
+                params["block_size"] = block_size
+                group_sources = registry.render(family, params, info["nodes"])
+            by_group[names] = registry.bind(family, params, group_sources)
+        bound[node["name"]] = by_group[names]
+    return bound
+
+
+def choose_backend(requested: str, device: str) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"kernels={requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return "triton" if device.startswith("cuda") else "reference"
+    return requested
