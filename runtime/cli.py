@@ -34,6 +34,10 @@ def engine_options(fn):
         click.option("--max-batch-tokens", type=int, default=None,
                      help="Most tokens in one batch (default: the engine's build setting)."),
         click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching."),
+        click.option("--kernels", type=click.Choice(["auto", "reference", "triton"]),
+                     default="auto", show_default=True,
+                     help="Op implementations: the engine's Triton kernels (default on CUDA) "
+                          "or the torch reference ops (default on CPU)."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for torch ops (default: torch's choice, one per core)."),
     ]
@@ -66,7 +70,7 @@ def parse_memory(text: str) -> dict[str, Any]:
 
 
 def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
-                no_prefix_caching, threads=None, quiet: bool = False):
+                no_prefix_caching, kernels="auto", threads=None, quiet: bool = False):
     import torch
 
     from runtime.engine import Engine
@@ -78,7 +82,7 @@ def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max
 
     options: dict[str, Any] = {"block_size": block_size, "max_num_seqs": max_num_seqs,
                                "max_batch_tokens": max_batch_tokens,
-                               "prefix_caching": not no_prefix_caching}
+                               "prefix_caching": not no_prefix_caching, "kernels": kernels}
     if kv_cache_memory is not None:
         try:
             options.update(parse_memory(kv_cache_memory))

@@ -71,7 +71,7 @@ def _dequant_dense(w):
 
 
 def _dequant_int8_channel(w, scale):
-    return w.float() * scale.float()[:, None]
+    return w.to(scale.dtype) * scale[:, None]
 
 
 # format -> (number of operands, operand checker, torch dequantization to the [N, K] weight)
@@ -147,7 +147,9 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
             return None
     if not (_is_int(K) and _is_int(N) and K > 0 and N > 0):
         return None
-    if not FORMATS[b_format][1](b_shapes, b_dtypes, N, K, a_dtype):
+    if op == "linear" and not FORMATS[b_format][1](b_shapes, b_dtypes, N, K, a_dtype):
+        return None
+    if op == "matmul" and b_dtypes[0] != a_dtype:  # dense; its shape was checked above
         return None
     if n_bias and (shapes[1 + n_b] != (N,) or in_dtypes[1 + n_b] != a_dtype):
         return None
@@ -197,20 +199,19 @@ def source(p: dict, nodes: list[str] | None = None) -> str:
     return codegen.render(TEMPLATE, p, nodes=nodes)
 
 
-def reference(p: dict, *inputs: torch.Tensor) -> torch.Tensor:
-    """What a kernel rendered from `p` computes, in torch (fp32 epilogue, like the kernel):
-    the oracle of the tests and a CPU fallback for fused nodes."""
+def reference(p: dict, *inputs: torch.Tensor, compute_dtype: torch.dtype = torch.float32,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What a kernel rendered from `p` computes, in torch: every step in `compute_dtype`
+    (float32, like the kernel's accumulator and epilogue), one rounding to the output dtype
+    at the end. The oracle of the tests (with float64) and a CPU fallback for fused nodes."""
     n_b = FORMATS[p["b_format"]][0]
-    a, b_ops = inputs[0], inputs[1:1 + n_b]
-    rest = list(inputs[1 + n_b:])
+    cast = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
+    a, b_ops, rest = cast[0], cast[1:1 + n_b], cast[1 + n_b:]
     bias = rest.pop(0) if p["bias"] else None
     residual = rest.pop(0) if p["residual"] else None
-    w = FORMATS[p["b_format"]][2](*b_ops).float()
-    if p["op"] == "linear":
-        y = F.linear(a.float(), w, None if bias is None else bias.float())
-    else:
-        y = torch.matmul(a.float(), w)
+    w = FORMATS[p["b_format"]][2](*b_ops).to(compute_dtype)
+    y = F.linear(a, w, bias) if p["op"] == "linear" else torch.matmul(a, w)
     y = ACTIVATIONS[p["act"]](y)
     if residual is not None:
-        y = y + residual.float()
-    return y.to(getattr(torch, p["out_dtype"]))
+        y = y + residual
+    return y.to(out_dtype or getattr(torch, p["out_dtype"]))

@@ -286,8 +286,8 @@ def test_single_kind_batches(poisoned, kinds):
 def test_long_chunk_spans_tiles(poisoned):
     """A chunk longer than one query tile (block_q = 21 tokens for a group of 3) after a
     cached prefix, with a window shorter than the tile so later tiles start mid-context."""
-    launcher = poisoned(make_launcher(6, 2, 12, 4, "float32", "float32", split=False))
-    assert launcher.params["block_q"] == 21
+    launcher = poisoned(make_launcher(6, 2, 12, 4, "float32", "float32"))
+    assert launcher.params["block_q"] == 21 and launcher.params["block_n"] == 16
     b = make_batch(6, 2, 12, 4, "float32", "float32", rope=True, window=7,
                    kinds=("decode_long", "chunked_long", "prefill"), pad_tokens=1, seed=3)
     check_case(launcher, b, "float32", "float32")
