@@ -22,7 +22,14 @@ the other's sequences in-kernel. Grids are sized from tensor shapes only (T, S, 
 table's width), so a call never reads device values on the host.
 
 `scale` and `window` are launch arguments, not template parameters, so one rendering serves
-every layer of a model (sliding and full-attention layers alike).
+every layer of a model (sliding and full-attention layers alike). The output is
+`torch.empty_like(q)`, as in the reference; rows of tokens that belong to no sequence
+(padding after query_start_loc[-1]) are left unwritten, as there.
+
+Unsupported (`params` returns None): head_dim > 256, num_heads not a multiple of
+num_kv_heads or groups over 128 heads, dtypes other than float32/float16/bfloat16 (no fp8
+cache). RoPE needs an even head_dim (the call raises otherwise), cos/sin in q's dtype and
+shared by all heads (broadcastable to [1, 1, T, D]).
 """
 
 from __future__ import annotations
@@ -123,6 +130,10 @@ def launch(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc, c
     key_cache, value_cache = ctx.kv_caches[layer]
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # the kernels index the metadata with unit inner strides
+    slot_mapping, block_tables, context_lens, query_start_loc = (
+        x if x.stride(-1) == 1 else x.contiguous()
+        for x in (slot_mapping, block_tables, context_lens, query_start_loc))
     queries = modules["rope_kv"].launch(q, k, v, slot_mapping, cos, sin, key_cache,
                                         value_cache)
     out = torch.empty_like(q)  # like the reference: q's layout when q is dense

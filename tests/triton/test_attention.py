@@ -10,90 +10,42 @@ padding tokens with slot -1 that belong to no sequence. Checked: the output rows
 sequence tokens, the whole K and V caches (written slots and untouched ones), with every
 buffer the launch allocates filled with NaN first.
 
-Tolerances (relative to the largest magnitude, `util.rel_error`), by the lower precision of
-the query and cache dtypes:
-- output vs the reference op: 2 * RTOL (fp32 1e-5 is met: both compute in fp32; half types
-  differ by where they round: the kernel keeps scores and the softmax in fp32)
-- output vs dense fp64 attention: 4 * RTOL (adds the rounding of rotated q/k to q's dtype)
-- K cache vs reference: exact without RoPE; with RoPE, RTOL of the cache dtype (the kernel
-  rotates in fp32, the reference in q's dtype; one rounding step apart). V cache: exact.
+Tolerances (relative to the largest magnitude, `util.rel_error`): RTOL of the coarser of the
+query and cache dtypes (fp32 1e-5, fp16 2e-3, bf16 1.6e-2) for the output against both the
+reference op and the dense fp64 attention; observed over the sweep at most 0.03x (fp32),
+0.4x (fp16) and 0.55x (bf16) of it. The kernel keeps scores and the softmax in fp32, so it
+is closer to the dense result than the reference, which rounds each step to q's dtype.
+K cache: exact without RoPE; with RoPE, RTOL of the cache dtype (the kernel rotates in fp32,
+the reference in q's dtype: one rounding apart), and untouched slots exact. V cache: exact.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from kernels.attention import paged_attention, rope_half
 from kernels.codegen import load_kernel
 from kernels.triton import attention as tri
-from tests.triton.util import RTOL, poison, rel_error
+from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_bf16():
-    """Make the Triton 3.9 interpreter's bfloat16 behave as on the GPU. It stores bf16 as
-    uint16 bit patterns and (1) tl.dot multiplies those integers, (2) fp32 -> bf16 casts
-    truncate (the GPU's cvt.rn rounds to nearest even). Both are interpreter bugs, not
-    kernel behaviour, so the kernels' GPU code runs unchanged."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
-
-    def to_f32(h):
-        if h.dtype.scalar != tl.bfloat16:
-            return h
-        return TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    dot, cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return dot(self, to_f32(a), to_f32(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            x = torch.from_numpy(np.array(src.data, dtype=np.float32))
-            bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return TensorHandle(bits.reshape(np.shape(src.data)), tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InterpreterBuilder, "create_dot", create_dot)
-        mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
-        yield
 
 
-class _PoisonTorch:
-    """Stands in for `torch` in the launch code: every buffer it allocates starts as NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        return poison(torch.empty(*args, **kwargs))
-
-    @staticmethod
-    def empty_like(*args, **kwargs):
-        return poison(torch.empty_like(*args, **kwargs))
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Make the launcher and the rendered modules allocate NaN-filled buffers."""
     def apply(launcher):
-        monkeypatch.setattr(tri, "torch", _PoisonTorch())
+        monkeypatch.setattr(tri, "torch", PoisonedTorch())
         for mod in launcher.modules.values():
-            monkeypatch.setattr(mod, "torch", _PoisonTorch())
+            monkeypatch.setattr(mod, "torch", PoisonedTorch())
         return launcher
     return apply
 
@@ -239,8 +191,8 @@ def check_case(launcher, b, q_dtype, kv_dtype):
     tol = tolerance(q_dtype, kv_dtype)
     err_ref = rel_error(got[0, :, real], want[0, :, real])
     err_dense = rel_error(got[0, :, real], dense(b))
-    assert err_ref <= 2 * tol, f"vs reference: {err_ref:.3g} > {2 * tol:.3g}"
-    assert err_dense <= 4 * tol, f"vs dense: {err_dense:.3g} > {4 * tol:.3g}"
+    assert err_ref <= tol, f"vs reference: {err_ref:.3g} > {tol:.3g}"
+    assert err_dense <= tol, f"vs dense: {err_dense:.3g} > {tol:.3g}"
     if b.cos is None:
         assert torch.equal(got_k, ref_k)
     else:

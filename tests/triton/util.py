@@ -17,3 +17,19 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|: one number per comparison, robust to tiny entries."""
     got, want = got.double(), want.double()
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+class PoisonedTorch:
+    """Stands in for `torch` inside a rendered module: every buffer it allocates starts as
+    NaN, so an element the kernel fails to write fails the test."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return poison(torch.empty(*args, **kwargs))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return poison(torch.empty_like(*args, **kwargs))
