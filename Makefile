@@ -4,7 +4,7 @@ ENGINE ?= engines/smollm2
 PROMPT ?= What is the capital of France? Answer in one sentence.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-test demo test test-fast lint bench
+.PHONY: install install-test demo test test-all test-fast lint bench
 
 # torch goes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 install:
@@ -20,6 +20,9 @@ demo: install
 	engine run $(ENGINE) --chat --max-tokens 64 --temperature 0 --prompt "$(PROMPT)"
 
 test: install-test
+	$(PY) -m pytest -m "not sweep" -q
+
+test-all: install-test
 	$(PY) -m pytest -m "" -q
 
 test-fast:

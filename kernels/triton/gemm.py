@@ -27,9 +27,10 @@ the reference op):
 
 Parameters (`params` returns them; `source` renders them): op, N, K, a_dtype, out_dtype,
 b_format, bias, act, residual, batched, input_precision, and the tiling BLOCK_M, BLOCK_N,
-BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes from `configs(M_hint, N, K, device)`:
-`params` takes its first entry; a builder that times kernels on a GPU may replace the tiling
-keys with any other entry (`{**p, **cfg}`).
+BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes from
+`configs(M_hint, N, K, device, dtype=a_dtype)`: `params` takes its first entry for this
+machine's device (cuda if torch sees one, else cpu); a builder that times kernels on a GPU
+may replace the tiling keys with any other entry (`{**p, **cfg}`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "batched": batched, "input_precision": "ieee",
     }
     m_hint = _static_rows(a_shape[-2:-1] if batched else lead)
-    p.update(configs(m_hint, N, K, default_device())[0])
+    p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype)[0])
     return p
 
 
@@ -169,13 +170,22 @@ def _pow2_at_least(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu") -> list[dict]:
+def _smem_limit(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return 160 * 1024  # building for a GPU elsewhere: fits A100 (164 KiB) and H100 (227 KiB)
+
+
+def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu", *,
+            dtype: str = "float16") -> list[dict]:
     """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
     unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
-    mean fewer, cheaper numpy steps) the first is used."""
-    dev = torch.device(device).type
+    mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
+    the pipelined A and B tiles of `dtype` would not fit in shared memory."""
+    dev = torch.device(device)
     n_cap, k_cap = _pow2_at_least(N), _pow2_at_least(K)
-    if dev != "cuda":
+    if dev.type != "cuda":
         bm = min(_pow2_at_least(M_hint or 64), 64)
         cands = [(bm, 64, 64, 8, 4, 1), (16, 32, 32, 4, 4, 1)]
     elif M_hint is not None and M_hint <= 16:  # decode: skinny A, stream B
@@ -187,9 +197,14 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     else:  # prefill / unknown
         cands = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4),
                  (128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)]
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
+    limit = _smem_limit(dev) if dev.type == "cuda" else None
     out: list[dict] = []
     for bm, bn, bk, gm, nw, ns in cands:
-        cfg = dict(zip(TILE_KEYS, (bm, min(bn, n_cap), min(bk, k_cap), gm, nw, ns)))
+        bn, bk = min(bn, n_cap), min(bk, k_cap)
+        while limit and ns > 1 and ns * (bm * bk + bk * bn) * itemsize > limit:
+            ns -= 1
+        cfg = dict(zip(TILE_KEYS, (bm, bn, bk, gm, nw, ns)))
         if cfg not in out:
             out.append(cfg)
     return out

@@ -5,16 +5,17 @@ chunks (so any V fits, and a row is read once):
 
 * `argmax`: greedy decoding. `launch(logits)` == `torch.argmax(logits, dim=-1)` (int64 ids;
   the first index on ties and a NaN ranks above everything, like torch).
-* `softmax_topk`: `launch(logits, temperature, k=k)` == `argmax_reference`'s sibling
-  `softmax_topk_reference`: `torch.softmax(logits.float() / temperature, -1).topk(k)`, i.e.
-  (probs float32 [..., k], ids int64 [..., k]), largest first, from an online (running max /
-  running sum) softmax fused with a running top-k. `temperature` > 0 is a float or one value
-  per row; ties between equal logits go to the lower index.
+* `softmax_topk`: `launch(logits, temperature=1.0, k=k)` == `softmax_topk_reference`:
+  `torch.softmax(logits.float() / temperature, -1).topk(k)`, i.e. (probs float32 [..., k],
+  ids int64 [..., k]), largest first, from an online (running max / running sum) softmax
+  fused with a running top-k. `temperature` > 0 is a float or a tensor with one value per
+  row; ties between equal logits go to the lower index.
 
 `params(op, attrs, in_shapes, in_dtypes, out_dtype)` accepts these node forms (they are not
 IR ops of `kernels.ops`; a sampling stage may emit them):
   op "argmax",       attrs {} or {"dim": -1}, inputs [logits],              out int64
   op "softmax_topk", attrs {"k": k},          inputs [logits(, temperature)], out float32
+                                                (outputs: probs float32, ids int64)
 `argmax(logits)` and `softmax_topk(logits, temperature, k)` render, load (cached) and launch.
 """
 

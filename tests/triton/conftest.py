@@ -50,3 +50,13 @@ def interpreter_bf16():
         mp.setattr(InterpreterBuilder, "create_dot", create_dot)
         mp.setattr(InterpreterBuilder, "cast_impl", cast_impl)
         yield
+
+
+def pytest_collection_modifyitems(items):
+    """The slow kernel tests are shape/dtype sweeps (about 12 minutes in the interpreter): mark
+    them `sweep` so `make test` can leave them to `make test-all`."""
+    for item in items:
+        # The hook sees the whole session's items, not only this directory's.
+        in_here = "triton/" in item.nodeid.replace("\\", "/")
+        if in_here and item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.sweep)

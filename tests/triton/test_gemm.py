@@ -1,0 +1,434 @@
+"""GEMM kernels rendered from templates/gemm.py.j2, run under the Triton interpreter (or on a
+GPU when there is one) against a float64 reference.
+
+Tolerance: relative error (max |got - want| / max |want|) <= RTOL[dtype] from util for fp16
+and bf16 (the output rounding dominates); for fp32, where the fp32 accumulation over K terms
+dominates, max(RTOL[fp32], K * 2**-24).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import codegen, ops
+from kernels.dtypes import dtype_name
+from kernels.triton import gemm
+from tests.triton.util import RTOL, poison, rel_error
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTS = ("none", "silu", "gelu", "gelu_tanh", "relu")
+
+
+def tol(dtype: torch.dtype, K: int) -> float:
+    return max(RTOL[dtype], K * 2.0**-24) if dtype == torch.float32 else RTOL[dtype]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer launch() allocates starts as NaN (-12345 for ints): an element a kernel
+    fails to write fails the comparison."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        return poison(empty(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+
+def shapes_of(*ts):
+    return [tuple(t.shape) for t in ts]
+
+
+def dtypes_of(*ts):
+    return [dtype_name(t.dtype) for t in ts]
+
+
+def kernel(op, attrs, inputs, out_dtype, **override):
+    p = gemm.params(op, attrs, shapes_of(*inputs), dtypes_of(*inputs), out_dtype)
+    assert p is not None, (op, attrs, shapes_of(*inputs), dtypes_of(*inputs))
+    p.update(override)
+    return p, codegen.load_kernel(gemm.source(p, nodes=["n0"]))
+
+
+def ref64(p, *inputs):
+    """The float64 oracle: dequantized weight, linear/matmul, bias, activation, residual."""
+    return gemm.reference(p, *inputs, compute_dtype=torch.float64, out_dtype=torch.float64)
+
+
+def check(p, mod, inputs):
+    got = mod.launch(*inputs)
+    want = ref64(p, *inputs)
+    assert got.shape == want.shape and got.dtype == getattr(torch, p["out_dtype"])
+    assert not got.isnan().any()
+    err = rel_error(got, want)
+    assert err <= tol(got.dtype, p["K"]), f"rel error {err:.3g} for {p}"
+    return got
+
+
+# ----------------------------------------------------------------------------- linear
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 72, 100), (3, 130, 200), (37, 100, 72), (37, 130, 130)])
+def test_linear(M, N, K, dtype, device):
+    torch.manual_seed(M * 1000 + N + K)
+    x, w = rand(M, K, dtype=dtype, device=device), rand(N, K, dtype=dtype, device=device)
+    p, mod = kernel("linear", {}, [x, w], dtype_name(dtype))
+    assert (p["bias"], p["act"], p["residual"], p["b_format"]) == (False, "none", False, "dense")
+    got = check(p, mod, [x, w])
+    # and against the IR reference op itself (computed in the same dtype)
+    assert rel_error(got, ops.linear(x.float(), w.float())) <= 2 * tol(dtype, K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_bias_leading_dims_and_strides(dtype, device):
+    torch.manual_seed(1)
+    x = rand(2, 3, 5, 100, dtype=dtype, device=device)[:, :, 1:4]  # 18 rows, leading dims
+    w = rand(100, 72, dtype=dtype, device=device).t()  # [72, 100], not contiguous
+    b = rand(72, dtype=dtype, device=device)
+    p, mod = kernel("linear", {}, [x, w, b], dtype_name(dtype))
+    assert p["bias"]
+    got = check(p, mod, [x, w, b])
+    assert got.shape == (2, 3, 3, 72)
+
+
+def test_linear_no_bias_kernel_takes_b_none(device):
+    x, w = rand(3, 72, device=device), rand(100, 72, device=device)
+    _, mod = kernel("linear", {}, [x, w], "float32")
+    torch.testing.assert_close(mod.launch(x, w, None), mod.launch(x, w))
+    with pytest.raises(ValueError, match="without a bias"):
+        mod.launch(x, w, torch.zeros(100, device=device))
+    with pytest.raises(ValueError):
+        mod.launch(x.half(), w.half())
+
+
+def test_zero_rows(device):
+    x, w = rand(0, 72, device=device), rand(100, 72, device=device)
+    _, mod = kernel("linear", {}, [x, w], "float32")
+    assert mod.launch(x, w).shape == (0, 100)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_epilogue(act, dtype, device):
+    torch.manual_seed(len(act))
+    M, N, K = 37, 72, 100
+    x, w = rand(M, K, dtype=dtype, device=device), rand(N, K, dtype=dtype, device=device)
+    b, r = rand(N, dtype=dtype, device=device), rand(M, N, dtype=dtype, device=device)
+    attrs = {"epilogue": {"act": act, "residual": True}}
+    p, mod = kernel("linear", attrs, [x, w, b, r], dtype_name(dtype))
+    assert (p["bias"], p["act"], p["residual"]) == (True, act, True)
+    check(p, mod, [x, w, b, r])
+    # residual without bias: inputs x, w, residual
+    p, mod = kernel("linear", attrs, [x, w, r], dtype_name(dtype))
+    assert (p["bias"], p["residual"]) == (False, True)
+    check(p, mod, [x, w, r])
+    # activation only, against the torch activation the op set uses
+    p, mod = kernel("linear", {"epilogue": {"act": act}}, [x, w, b], dtype_name(dtype))
+    got = mod.launch(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double())
+    want = want if act == "none" else ops._ACTS[act](want)
+    assert rel_error(got, want) <= tol(dtype, K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_epilogue_fp16_variants(dtype, device):
+    """Every activation once more in each dtype, on a decode-sized M."""
+    torch.manual_seed(7)
+    x, w = rand(3, 130, dtype=dtype, device=device), rand(100, 130, dtype=dtype, device=device)
+    r = rand(3, 100, dtype=dtype, device=device)
+    for act in ("silu", "gelu_tanh"):
+        p, mod = kernel("linear", {"epilogue": {"act": act, "residual": True}}, [x, w, r],
+                        dtype_name(dtype))
+        check(p, mod, [x, w, r])
+
+
+# ----------------------------------------------------------------------------- tilings
+
+@pytest.mark.parametrize("device_kind", ["cpu", "cuda"])
+def test_configs(device_kind, device):
+    """Every candidate tiling (CPU and CUDA lists) computes the same thing; includes tiles
+    larger than the problem, several GROUP_M groups and BLOCK_K > K."""
+    torch.manual_seed(3)
+    M, N, K = 37, 130, 100
+    x, w = rand(M, K, dtype=torch.float16, device=device), rand(N, K, dtype=torch.float16,
+                                                                 device=device)
+    b = rand(N, dtype=torch.float16, device=device)
+    cfgs = gemm.configs(M, N, K, device_kind) + gemm.configs(1, N, K, device_kind)
+    for cfg in cfgs:
+        assert set(cfg) == set(gemm.TILE_KEYS)
+        assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
+        p, mod = kernel("linear", {"epilogue": {"act": "relu"}}, [x, w, b], "float16", **cfg)
+        check(p, mod, [x, w, b])
+
+
+def test_small_tiles_many_groups(device):
+    """16x16x16 tiles, GROUP_M=2: 3 row tiles x 9 column tiles, ragged at every edge."""
+    torch.manual_seed(4)
+    x, w = rand(37, 72, device=device), rand(130, 72, device=device)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+    p, mod = kernel("linear", {}, [x, w], "float32", **cfg)
+    check(p, mod, [x, w])
+
+
+# ----------------------------------------------------------------------------- matmul
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matmul(dtype, device):
+    torch.manual_seed(5)
+    a, b = rand(2, 3, 100, dtype=dtype, device=device), rand(100, 72, dtype=dtype, device=device)
+    p, mod = kernel("matmul", {}, [a, b], dtype_name(dtype))
+    assert not p["batched"]
+    got = check(p, mod, [a, b])
+    assert rel_error(got, ops.matmul(a.double(), b.double())) <= tol(dtype, 100)
+    # batched, with a transposed (non-contiguous) b as in q @ k^T
+    a = rand(2, 3, 37, 72, dtype=dtype, device=device)
+    b = rand(2, 3, 100, 72, dtype=dtype, device=device).transpose(-1, -2)
+    p, mod = kernel("matmul", {}, [a, b], dtype_name(dtype))
+    assert p["batched"]
+    got = check(p, mod, [a, b])
+    assert got.shape == (2, 3, 37, 100)
+
+
+def test_matmul_vector_and_residual(device):
+    torch.manual_seed(6)
+    a, b = rand(100, device=device), rand(100, 72, device=device)
+    p, mod = kernel("matmul", {}, [a, b], "float32")
+    assert check(p, mod, [a, b]).shape == (72,)
+    a = rand(4, 9, 130, device=device)
+    b, r = rand(4, 130, 72, device=device), rand(4, 9, 72, device=device)
+    p, mod = kernel("matmul", {"epilogue": {"act": "gelu", "residual": True}}, [a, b, r],
+                    "float32")
+    check(p, mod, [a, b, r])
+
+
+# ----------------------------------------------------------------------------- int8 prologue
+
+def quantize_int8_channel(w: torch.Tensor):
+    scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 72, 100), (37, 130, 72)])
+def test_int8_channel(M, N, K, dtype, device):
+    torch.manual_seed(M + N + K)
+    x = rand(M, K, dtype=dtype, device=device)
+    q, scale = quantize_int8_channel(rand(N, K, device=device, scale=0.05))
+    b = rand(N, dtype=dtype, device=device)
+    attrs = {"b_format": "int8_channel", "epilogue": {"act": "silu"}}
+    p, mod = kernel("linear", attrs, [x, q, scale, b], dtype_name(dtype))
+    assert p["b_format"] == "int8_channel"
+    got = mod.launch(x, q, scale, b)
+    want = F.silu(F.linear(x.double(), (q.double() * scale.double()[:, None]), b.double()))
+    assert got.dtype == dtype and not got.isnan().any()
+    assert rel_error(got, want) <= tol(dtype, K)
+    # and the plain (no-epilogue) int8 linear
+    p, mod = kernel("linear", {"b_format": "int8_channel"}, [x, q, scale], dtype_name(dtype))
+    want = F.linear(x.double(), q.double() * scale.double()[:, None])
+    assert rel_error(mod.launch(x, q, scale), want) <= tol(dtype, K)
+
+
+# ----------------------------------------------------------------------------- the checker
+
+def test_params_checker():
+    P = gemm.params
+    f16 = "float16"
+    ok = P("linear", {}, [("T", 64), (96, 64)], [f16, f16], f16)
+    assert ok is not None and (ok["N"], ok["K"], ok["op"]) == (96, 64, "linear")
+    assert set(gemm.TILE_KEYS) <= set(ok)
+    assert P("linear", {}, [(2, "T", 64), (96, 64), (96,)], [f16] * 3, f16)["bias"]
+    # what it refuses: the builder keeps the reference op
+    assert P("linear", {}, [(4, 64), (96, 64)], [f16, "float32"], f16) is None  # mixed
+    assert P("linear", {}, [(4, 64), (96, 64)], [f16, f16], "float32") is None
+    assert P("linear", {}, [(4, "T"), (96, "T")], [f16, f16], f16) is None  # symbolic K
+    assert P("linear", {}, [(4, 64), (96, 32)], [f16, f16], f16) is None  # K mismatch
+    assert P("linear", {}, [(4, 64), (96, 64), (95,)], [f16] * 3, f16) is None
+    assert P("linear", {"foo": 1}, [(4, 64), (96, 64)], [f16, f16], f16) is None
+    assert P("linear", {"epilogue": {"act": "tanh"}}, [(4, 64), (96, 64)], [f16] * 2,
+             f16) is None
+    assert P("linear", {"epilogue": {"act": "silu", "scale": 2}}, [(4, 64), (96, 64)],
+             [f16] * 2, f16) is None
+    assert P("linear", {"epilogue": {"residual": True}}, [(4, 64), (96, 64)], [f16] * 2,
+             f16) is None  # the residual input is missing
+    assert P("linear", {"epilogue": {"residual": True}}, [(4, 64), (96, 64), (4, 95)],
+             [f16] * 3, f16) is None  # residual shape
+    assert P("linear", {}, [(4, 64), (96, 64)], ["int8", "int8"], "int8") is None
+    assert P("linear", {"b_format": "int4_group"}, [(4, 64), (96, 64)], [f16] * 2, f16) is None
+    assert P("linear", {"b_format": "int8_channel"}, [(4, 64), (96, 64)], [f16, "int8"],
+             f16) is None  # no scale
+    assert P("linear", {"b_format": "int8_channel"}, [(4, 64), (96, 64), (96,)],
+             [f16, "int8", "float32"], f16)["b_format"] == "int8_channel"
+    assert P("matmul", {}, [(4, 64), (64, 96)], [f16] * 2, f16)["op"] == "matmul"
+    assert P("matmul", {}, [(4, 64), (64, 96), (96,)], [f16] * 3, f16) is None  # no bias
+    assert P("matmul", {}, [(2, 4, 64), (3, 64, 96)], [f16] * 2, f16) is None  # broadcast
+    assert P("matmul", {}, [(2, "T", 64), (2, 64, "T")], [f16] * 2, f16) is None
+    assert P("embedding", {}, [(96, 64), (4,)], [f16, "int64"], f16) is None
+
+
+def test_render_is_deterministic_and_named():
+    p = gemm.params("linear", {"epilogue": {"act": "gelu", "residual": True}},
+                    [(8, 64), (96, 64), (96,), (8, 96)], ["bfloat16"] * 4, "bfloat16")
+    src = gemm.source(p, nodes=["mlp.fc1"])
+    assert src == gemm.source(dict(reversed(list(p.items()))), nodes=["mlp.fc1"])
+    assert src.startswith("# Generated by llm-engine from templates/gemm.py.j2")
+    assert "# implements: mlp.fc1" in src and "def launch(x, w, b, residual, **attrs)" in src
+    with pytest.raises(codegen.TemplateError):
+        codegen.render("gemm", {**p, "b_format": "int4_group"})
+
+
+# ----------------------------------------------------------------------------- GPU compile
+
+_AOT = r"""
+import importlib.util, json, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+out = []
+for job in json.loads(sys.stdin.read()):
+    spec = importlib.util.spec_from_file_location("aot_" + job["kernel"], job["path"])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fn = getattr(mod, job["kernel"])
+    types = iter(job["types"])
+    sig = {n: "constexpr" if n in job["constexprs"] else next(types) for n in fn.arg_names}
+    for arch in job["archs"]:
+        k = compile(ASTSource(fn, sig, job["constexprs"]), target=GPUTarget("cuda", arch, 32),
+                    options=job["options"])
+        out.append({"arch": arch, "ptx": k.asm["ptx"]})
+print(json.dumps(out))
+"""
+
+
+def gpu_job(src: str, *inputs, archs=(90,)) -> dict:
+    """Run launch() for `inputs` with the kernel replaced by a recorder: the argument types,
+    constexprs and launch options the real launch would compile the kernel with."""
+    mod = codegen.load_kernel(src)
+    names = [n for n in vars(mod) if n.endswith("_kernel")]
+    assert len(names) == 1, names
+    real, calls = getattr(mod, names[0]), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((args, kwargs))
+
+    setattr(mod, names[0], Recorder())
+    try:
+        mod.launch(*inputs)
+    finally:
+        setattr(mod, names[0], real)
+    args, kwargs = calls[0]
+    tensor_types = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+                    torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64"}
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
+    if "UPCAST" in kwargs:
+        kwargs["UPCAST"] = False  # as on a GPU
+    types = [tensor_types[v.dtype] if torch.is_tensor(v) else "i1" if isinstance(v, bool)
+             else "i32" if isinstance(v, int) else "fp32" for v in args]
+    return {"path": str(codegen._cache_dir() / f"{codegen.kernel_name(src)}.py"),
+            "kernel": names[0], "types": types, "constexprs": kwargs, "options": options,
+            "archs": list(archs)}
+
+
+def compile_for_gpu(jobs: list[dict]) -> list[str]:
+    """Compile kernels for NVIDIA GPUs without one (Triton ships ptxas), in a fresh process:
+    here the interpreter is on, and it replaced triton.language's own jit functions. Catches
+    what the interpreter lets through (loop-carried types, constexpr misuse, layouts).
+    Returns the PTX of each (job, arch)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _AOT], input=json.dumps(jobs), env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [r["ptx"] for r in json.loads(out.stdout)]
+
+
+def test_compiles_for_gpu():
+    """The fused bf16 kernel with the int8 prologue compiles for sm_90."""
+    x = rand(5, 100, dtype=torch.bfloat16)
+    q, scale = quantize_int8_channel(rand(72, 100))
+    b, r = rand(72, dtype=torch.bfloat16), rand(5, 72, dtype=torch.bfloat16)
+    attrs = {"b_format": "int8_channel", "epilogue": {"act": "gelu_tanh", "residual": True}}
+    p = gemm.params("linear", attrs, shapes_of(x, q, scale, b, r), dtypes_of(x, q, scale, b, r),
+                    "bfloat16")
+    p.update(gemm.configs(5, 72, 100, "cuda")[0])
+    (ptx,) = compile_for_gpu([gpu_job(gemm.source(p), x, q, scale, b, r)])
+    assert "mma.sync" in ptx or "wgmma" in ptx
+
+
+# ----------------------------------------------------------------------------- slow sweeps
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 16, 37, 100])
+@pytest.mark.parametrize("N,K", [(72, 100), (100, 72), (130, 200), (64, 128), (200, 130)])
+def test_linear_sweep(M, N, K, dtype, device):
+    torch.manual_seed(M + N * K)
+    x, w = rand(M, K, dtype=dtype, device=device), rand(N, K, dtype=dtype, device=device)
+    b, r = rand(N, dtype=dtype, device=device), rand(M, N, dtype=dtype, device=device)
+    for attrs, inputs in (({}, [x, w]), ({}, [x, w, b]),
+                          ({"epilogue": {"act": "silu", "residual": True}}, [x, w, b, r])):
+        for cfg in gemm.configs(M, N, K, device)[:2]:
+            p, mod = kernel("linear", attrs, inputs, dtype_name(dtype), **cfg)
+            check(p, mod, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("b_format", ["dense", "int8_channel"])
+def test_epilogue_format_sweep(act, b_format, dtype, device):
+    torch.manual_seed(11)
+    M, N, K = 37, 130, 200
+    x = rand(M, K, dtype=dtype, device=device)
+    if b_format == "dense":
+        ws = [rand(N, K, dtype=dtype, device=device)]
+    else:
+        ws = list(quantize_int8_channel(rand(N, K, device=device, scale=0.05)))
+    b, r = rand(N, dtype=dtype, device=device), rand(M, N, dtype=dtype, device=device)
+    for residual in (False, True):
+        for bias in (False, True):
+            inputs = [x, *ws] + ([b] if bias else []) + ([r] if residual else [])
+            attrs = {"b_format": b_format, "epilogue": {"act": act, "residual": residual}}
+            p, mod = kernel("linear", attrs, inputs, dtype_name(dtype))
+            check(p, mod, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
+@pytest.mark.parametrize("M_hint", [1, 37, None])
+def test_compile_sweep(M_hint):
+    """Every CUDA candidate tiling compiles for sm_90 (bf16 fused epilogue and the int8
+    prologue); the first tiling of each dtype also for sm_80."""
+    N, K = 130, 200
+    jobs = []
+    for dtype in DTYPES:
+        x, w = rand(5, K, dtype=dtype), rand(N, K, dtype=dtype)
+        q, scale = quantize_int8_channel(rand(N, K))
+        b, r = rand(N, dtype=dtype), rand(5, N, dtype=dtype)
+        for inputs, attrs in (([x, w, b, r], {"epilogue": {"act": "gelu", "residual": True}}),
+                              ([x, q, scale], {"b_format": "int8_channel"})):
+            base = gemm.params("linear", attrs, shapes_of(*inputs), dtypes_of(*inputs),
+                               dtype_name(dtype))
+            for i, cfg in enumerate(gemm.configs(M_hint, N, K, "cuda")):
+                if dtype == torch.bfloat16 or i == 0:
+                    archs = (80, 90) if i == 0 else (90,)
+                    jobs.append(gpu_job(gemm.source({**base, **cfg}), *inputs, archs=archs))
+    a, bm = rand(2, 3, 37, 64), rand(2, 3, 64, 100)
+    p = gemm.params("matmul", {}, shapes_of(a, bm), dtypes_of(a, bm), "float32")
+    jobs.append(gpu_job(gemm.source(p), a, bm, archs=(80, 90)))
+    assert len(compile_for_gpu(jobs)) == sum(len(j["archs"]) for j in jobs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
