@@ -35,10 +35,6 @@ from tests.triton.util import RTOL, PoisonedTorch, rel_error
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-
-
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """Make the launcher and the rendered modules allocate NaN-filled buffers."""

@@ -13,21 +13,16 @@ import pytest
 import torch
 
 from kernels import codegen, ops
+from kernels.dtypes import dtype_name
 from kernels.triton import embedding
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _module(weight, ids, monkeypatch, *, ids_shape=None):
     p = embedding.params("embedding", {}, [tuple(weight.shape), ids_shape or tuple(ids.shape)],
-                         [_name(weight.dtype), _name(ids.dtype)], _name(weight.dtype))
+                         [dtype_name(weight.dtype), dtype_name(ids.dtype)], dtype_name(weight.dtype))
     assert p is not None
     module = codegen.load_kernel(embedding.source(p, nodes=["embed"]))
     monkeypatch.setattr(module, "torch", PoisonedTorch())
@@ -46,7 +41,7 @@ def _weight(vocab, dim, dtype, device):
     return (torch.randn(vocab, dim, device=device) + 4.0).to(dtype)  # no zero entries
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("dim", [72, 100, 576])
 @pytest.mark.parametrize("ids_shape", [(1,), (3,), (37,), (2, 5)])
 def test_embedding_matches_reference(dtype, dim, ids_shape, device, monkeypatch):
@@ -55,7 +50,7 @@ def test_embedding_matches_reference(dtype, dim, ids_shape, device, monkeypatch)
     _check(weight, torch.randint(0, 100, ids_shape, device=device), monkeypatch)
 
 
-@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=_name)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=dtype_name)
 def test_int32_ids_wide_rows_and_edges(id_dtype, device, monkeypatch):
     """Rows wider than one column block (1100 > 1024), the first and last ids, repeats."""
     torch.manual_seed(5)
@@ -117,7 +112,7 @@ def test_render_is_deterministic():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("dim", [1, 64, 72, 100, 576, 1000, 2048, 4096])
 @pytest.mark.parametrize("tokens", [1, 3, 37, 130])
 def test_embedding_sweep(dtype, dim, tokens, device, monkeypatch):

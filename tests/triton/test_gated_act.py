@@ -6,7 +6,7 @@ reference's two torch ops do, so 16-bit results agree to within an ulp. Outputs 
 NaN-poisoned.
 
 The Triton interpreter casts float32 -> bfloat16 by truncation, where compiled Triton (and
-torch) round to nearest even; the autouse fixture makes the interpreter round like the hardware,
+torch) round to nearest even; tests/triton/conftest.py makes the interpreter round like the hardware,
 so bfloat16 results measure the kernel rather than the simulator.
 """
 
@@ -18,22 +18,15 @@ import pytest
 import torch
 
 from kernels import codegen, ops
+from kernels.dtypes import dtype_name
 from kernels.triton import gated_act
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-
-
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _check(act, x, monkeypatch, *, shape=None):
-    dtype = _name(x.dtype)
+    dtype = dtype_name(x.dtype)
     p = gated_act.params("gated_act", {"act": act}, [shape or tuple(x.shape)], [dtype], dtype)
     assert p is not None
     module = codegen.load_kernel(gated_act.source(p, nodes=["gated"]))
@@ -51,7 +44,7 @@ def _x(shape, dtype, device):
 
 
 @pytest.mark.parametrize("act", gated_act.ACTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("rows,width", [(1, 72), (3, 200), (37, 576)])
 def test_gated_act_matches_reference(act, dtype, rows, width, device, monkeypatch):
     torch.manual_seed(rows * 1000 + width)
@@ -110,7 +103,7 @@ def test_render_is_deterministic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("act", gated_act.ACTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("rows", [1, 3, 37, 130])
 @pytest.mark.parametrize("width", [2, 72, 100, 576, 1000, 2200, 5000])
 def test_gated_act_sweep(act, dtype, rows, width, device, monkeypatch):

@@ -8,7 +8,7 @@ that dtype, since one ulp of it is where a kernel and torch may differ. The fuse
 the kernel skips fails.
 
 The Triton interpreter casts float32 -> bfloat16 by truncation, where compiled Triton (and
-torch) round to nearest even; the autouse fixture makes the interpreter round like the hardware,
+torch) round to nearest even; tests/triton/conftest.py makes the interpreter round like the hardware,
 so bfloat16 results measure the kernel rather than the simulator.
 """
 
@@ -20,18 +20,11 @@ import pytest
 import torch
 
 from kernels import codegen, ops
+from kernels.dtypes import dtype_name
 from kernels.triton import norm
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-
-
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _inputs(op: str, shape: tuple, dtype, w_dtype, device, *, bias=True) -> list[torch.Tensor]:
@@ -50,9 +43,9 @@ def _check(op, xs, eps, monkeypatch, *, shapes=None):
     """Render for these inputs, run, compare every output with the reference."""
     want = ops.OPS[op].fn(*xs, eps=eps)
     wants = list(want) if isinstance(want, tuple) else [want]
-    out_dtype = [_name(w.dtype) for w in wants]
+    out_dtype = [dtype_name(w.dtype) for w in wants]
     p = norm.params(op, {"eps": eps}, shapes or [tuple(x.shape) for x in xs],
-                    [_name(x.dtype) for x in xs], out_dtype if len(wants) > 1 else out_dtype[0])
+                    [dtype_name(x.dtype) for x in xs], out_dtype if len(wants) > 1 else out_dtype[0])
     assert p is not None
     module = codegen.load_kernel(norm.source(p, nodes=[f"{op}_node"]))
     monkeypatch.setattr(module, "torch", PoisonedTorch())
@@ -71,7 +64,7 @@ def _check(op, xs, eps, monkeypatch, *, shapes=None):
 
 
 @pytest.mark.parametrize("op", norm.OPS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("rows,hidden", [(1, 72), (3, 100), (37, 576)])
 def test_norm_matches_reference(op, dtype, rows, hidden, device, monkeypatch):
     torch.manual_seed(rows * 1000 + hidden)
@@ -89,7 +82,7 @@ def test_norm_matches_reference(op, dtype, rows, hidden, device, monkeypatch):
 def test_mixed_dtypes(op, x_dtype, w_dtype, device, monkeypatch):
     torch.manual_seed(0)
     p = _check(op, _inputs(op, (5, 100), x_dtype, w_dtype, device), 1e-6, monkeypatch)
-    assert p["w_dtype"] == _name(w_dtype)
+    assert p["w_dtype"] == dtype_name(w_dtype)
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
@@ -174,7 +167,7 @@ def test_render_is_deterministic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", norm.OPS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("rows", [1, 3, 37, 130])
 @pytest.mark.parametrize("hidden", [1, 64, 72, 100, 576, 1000, 2048, 4096])
 def test_norm_sweep(op, dtype, rows, hidden, device, monkeypatch):

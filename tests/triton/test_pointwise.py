@@ -9,7 +9,7 @@ the two differ by the reference's accumulated rounding, a few ulps of that dtype
 allocated NaN-poisoned, so an element the kernel skips fails.
 
 The Triton interpreter casts float32 -> bfloat16 by truncation, where compiled Triton (and
-torch) round to nearest even; the autouse fixture makes the interpreter round like the hardware,
+torch) round to nearest even; tests/triton/conftest.py makes the interpreter round like the hardware,
 so bfloat16 results measure the kernel rather than the simulator.
 """
 
@@ -22,18 +22,11 @@ import pytest
 import torch
 
 from kernels import codegen, ops
+from kernels.dtypes import dtype_name
 from kernels.triton import pointwise as pw
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-
-
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---- expression trees ----------------------------------------------------------------------
@@ -58,7 +51,7 @@ def _cast_targets(e: dict) -> set[str]:
 
 def _module(op, attrs, xs, monkeypatch, *, shapes=None, out_dtype=None):
     p = pw.params(op, attrs, shapes or [tuple(x.shape) for x in xs],
-                  [_name(x.dtype) for x in xs], out_dtype)
+                  [dtype_name(x.dtype) for x in xs], out_dtype)
     assert p is not None, f"params() refused {op} {attrs}"
     module = codegen.load_kernel(pw.source(p, nodes=[f"{op}_node"]))
     monkeypatch.setattr(module, "torch", PoisonedTorch())
@@ -68,10 +61,10 @@ def _module(op, attrs, xs, monkeypatch, *, shapes=None, out_dtype=None):
 def _check(op, attrs, xs, monkeypatch, *, shapes=None):
     """Render for these inputs, run, compare with the reference; returns the params."""
     want = ops.OPS[op].fn(*xs, **attrs)
-    p, module = _module(op, attrs, xs, monkeypatch, shapes=shapes, out_dtype=_name(want.dtype))
+    p, module = _module(op, attrs, xs, monkeypatch, shapes=shapes, out_dtype=dtype_name(want.dtype))
     got = module.launch(*xs, **attrs)
     assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device
-    floats = {_name(want.dtype)} | {_name(x.dtype) for x in xs if x.is_floating_point()}
+    floats = {dtype_name(want.dtype)} | {dtype_name(x.dtype) for x in xs if x.is_floating_point()}
     if op == "pointwise":
         floats |= _cast_targets(attrs["expr"])
     tol = max(RTOL[getattr(torch, d)] for d in floats)
@@ -93,7 +86,7 @@ POSITIVE_DOMAIN = {"rsqrt", "sqrt", "log", "reciprocal"}
 
 # ---- lone elementwise ops ------------------------------------------------------------------
 @pytest.mark.parametrize("op", sorted(ops.UNARY))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_unary_op(op, dtype, device, monkeypatch):
     torch.manual_seed(len(op))
     make = _positive if op in POSITIVE_DOMAIN else _randn
@@ -140,19 +133,19 @@ GELU_NEW = node("mul", node("mul", const(0.5), inp(0)), node("add", const(1.0), 
         "add", inp(0), node("mul", const(0.044715), node("pow", inp(0), const(3.0))))))))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", [(1,), (3, 72), (37, 100), (5, 576)])
 def test_gelu_new_chain(dtype, shape, device, monkeypatch):
     """GPT-2's decomposed gelu: one kernel for nine ops, one input used three times."""
     torch.manual_seed(sum(shape))
     x = _randn(shape, dtype, device)
-    p = _check("pointwise", {"expr": GELU_NEW, "dtype": _name(dtype)}, [x], monkeypatch)
+    p = _check("pointwise", {"expr": GELU_NEW, "dtype": dtype_name(dtype)}, [x], monkeypatch)
     src = pw.source(p)
     assert src.count("@triton.jit") == 3  # _tanh, _cube and the kernel
     assert "y = ((0.5 * x0) * (1.0 + _tanh(" in src
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_broadcast_layouts(dtype, device, monkeypatch):
     """full [T, H, D], inner [D] and [H, D], outer [T, 1, 1], scalar [] and strided [T, 1, D]."""
     torch.manual_seed(9)
@@ -162,7 +155,7 @@ def test_broadcast_layouts(dtype, device, monkeypatch):
           _randn((), dtype, device), _randn((t, 1, d), dtype, device)]
     expr = node("add", node("mul", node("silu", inp(0)), inp(1)), node(
         "sub", node("mul", inp(2), node("rsqrt", inp(3))), node("mul", inp(4), inp(5))))
-    p = _check("pointwise", {"expr": expr, "dtype": _name(dtype)}, xs, monkeypatch,
+    p = _check("pointwise", {"expr": expr, "dtype": dtype_name(dtype)}, xs, monkeypatch,
                shapes=[("T", h, d), (d,), (h, d), ("T", 1, 1), (), ("T", 1, d)])
     assert p["inputs"] == [{"kind": "full"}, {"kind": "inner", "size": d},
                            {"kind": "inner", "size": h * d}, {"kind": "outer", "size": h * d},
@@ -190,14 +183,14 @@ def test_rope_angles_from_positions(device, monkeypatch):
     assert [i["kind"] for i in p["inputs"]] == ["outer", "inner"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_name)
 def test_explicit_casts_round_inside_the_tree(dtype, device, monkeypatch):
     """HF style: up-cast, compute, round to the model dtype, continue; the inner cast rounds."""
     torch.manual_seed(11)
     x = _randn((3, 100), dtype, device)
     w = _positive((100,), torch.float32, device)
     inner = node("to_dtype", node("mul", node("to_dtype", inp(0), dtype="float32"), inp(1)),
-                 dtype=_name(dtype))
+                 dtype=dtype_name(dtype))
     expr = node("mul", inner, const(3.0))
     _check("pointwise", {"expr": expr, "dtype": "float32"}, [x, w], monkeypatch)
 
@@ -365,7 +358,7 @@ def test_constants_render_as_float32_literals(device, monkeypatch):
 # ---- larger sweep --------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("op", sorted(ops.UNARY))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", [(1,), (3, 72), (37, 576), (2, 3, 1000)])
 def test_unary_sweep(op, dtype, shape, device, monkeypatch):
     torch.manual_seed(sum(shape))
@@ -375,7 +368,7 @@ def test_unary_sweep(op, dtype, shape, device, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", sorted(ops.BINARY))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shapes", [[(37, 100), (37, 100)], [(37, 100), (100,)],
                                     [(37, 100), (37, 1)], [(1,), (3, 576)],
                                     [(4, 1, 72), (1, 3, 72)], [(2, 3, 5), ()]])
@@ -386,7 +379,7 @@ def test_binary_sweep(op, dtype, shapes, device, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", [(1, 72), (3, 100), (37, 576), (130, 1000)])
 def test_chain_sweep(dtype, shape, device, monkeypatch):
     torch.manual_seed(sum(shape))
@@ -395,6 +388,6 @@ def test_chain_sweep(dtype, shape, device, monkeypatch):
           _positive((shape[0], 1), torch.float32, device)]
     expr = node("to_dtype", node("mul", node("gelu", node("add", inp(0), const(0.1)),
                                              approximate="tanh"),
-                                 node("div", inp(1), node("sqrt", inp(2)))), dtype=_name(dtype))
-    _check("pointwise", {"expr": expr, "dtype": _name(dtype)}, xs, monkeypatch)
-    _check("pointwise", {"expr": GELU_NEW, "dtype": _name(dtype)}, xs[:1], monkeypatch)
+                                 node("div", inp(1), node("sqrt", inp(2)))), dtype=dtype_name(dtype))
+    _check("pointwise", {"expr": expr, "dtype": dtype_name(dtype)}, xs, monkeypatch)
+    _check("pointwise", {"expr": GELU_NEW, "dtype": dtype_name(dtype)}, xs[:1], monkeypatch)
