@@ -63,6 +63,7 @@ class EngineConfig:
     prefix_caching: bool = True
     verify_checksums: bool = True
     kernels: str = "auto"  # auto (triton on CUDA, else reference) | reference | triton
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton kernels)
 
 
 def available_memory() -> int:
@@ -112,7 +113,18 @@ class Engine:
         bound = {}
         if self.kernel_backend == "triton":
             bound = bind_kernels(files.plan, sources, config.block_size)
-        self.executor = Executor(PlanRunner(files.plan, files.weights, bound), self.cache)
+        weights = files.weights
+        if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
+            weights = {k: v.to(device) for k, v in weights.items()}
+        runner = PlanRunner(files.plan, weights, bound)
+        graphs = None
+        if config.cuda_graphs and device.startswith("cuda") and self.kernel_backend == "triton":
+            from runtime.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(runner, self.cache, max_batch=config.max_num_seqs,
+                                  max_blocks=-(-self.max_seq_len // config.block_size),
+                                  device=device)
+        self.executor = Executor(runner, self.cache, device, graphs)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 

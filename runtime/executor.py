@@ -50,8 +50,9 @@ class KVCache:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies])
-        dst = torch.tensor([d for _, d in copies])
+        device = self.kv_caches[0][0].device
+        src = torch.tensor([s for s, _ in copies], device=device)
+        dst = torch.tensor([d for _, d in copies], device=device)
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
@@ -66,9 +67,12 @@ class StepLogits:
 
 
 class Executor:
-    def __init__(self, runner: PlanRunner, cache: KVCache) -> None:
+    def __init__(self, runner: PlanRunner, cache: KVCache, device: str = "cpu",
+                 graphs: Any = None) -> None:
         self.runner = runner
         self.cache = cache
+        self.device = torch.device(device)
+        self.graphs = graphs  # DecodeGraphs: decode steps replayed from CUDA graphs
         self.block_size = cache.spec.block_size
 
     def build_feeds(self, chunks: list[Chunk], block_tables: list[list[int]]
@@ -117,9 +121,14 @@ class Executor:
             copies: list[tuple[int, int]]) -> StepLogits:
         self.cache.copy_blocks(copies)
         feeds, row_slices = self.build_feeds(chunks, block_tables)
+        if self.device.type != "cpu":
+            feeds = {k: v.to(self.device, non_blocking=True) for k, v in feeds.items()}
+        if self.graphs is not None and self.graphs.handles(feeds):
+            logits = self.graphs.run(feeds)
+            return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)
         if feeds["logits_indices"].numel() == 0:
             # The plan still has to run to write KV; ask for one row and drop it.
-            feeds["logits_indices"] = torch.tensor([0])
+            feeds["logits_indices"] = torch.tensor([0], device=self.device)
             self.runner.run(feeds, self.cache)
             return StepLogits(torch.empty(0, 0), row_slices)
         logits = self.runner.run(feeds, self.cache)[0]
