@@ -60,6 +60,8 @@ class BuildOptions:
             raise BuildError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_batch_tokens < 1:
             raise BuildError("--max-batch-tokens must be at least 1")
+        if self.device not in ("cpu", "cuda"):
+            raise BuildError(f"--device {self.device!r} is not one of cpu, cuda")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise BuildError("--max-seq-len must be at least 1")
         valid = {name for name, _, optional in PASSES if optional}

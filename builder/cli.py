@@ -74,8 +74,10 @@ def main() -> None:
               help="Tokens per step the engine's memory plan is sized for.")
 @click.option("--disable-pass", "disabled", multiple=True,
               help="Skip a pass (fuse, plan_memory) or fusion rule (fuse.rope, ...); repeatable.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Target device; with cuda on a GPU host, GEMM tilings are autotuned.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
-def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, force) -> None:
+def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, force) -> None:
     """Compile MODEL into an engine directory."""
     from builder.build import BuildOptions, build_engine
 
@@ -84,7 +86,7 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, force) 
     try:
         options = BuildOptions(model=model, output=output, dtype=dtype, max_seq_len=max_seq_len,
                                max_batch_tokens=max_batch_tokens,
-                               disabled_passes=tuple(disabled), force=force)
+                               disabled_passes=tuple(disabled), device=device, force=force)
         start = time.perf_counter()
         path = build_engine(options, _RichUI())
     except BuildError as e:

@@ -62,6 +62,8 @@ def codegen(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
         groups.setdefault(key, {"family": family, "params": params, "nodes": []})
         groups[key]["nodes"].append(node.name)
 
+    tuned = _autotune(groups, options, report)
+
     kernels: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
     node_kernels: dict[str, list[str]] = {}
@@ -84,7 +86,8 @@ def codegen(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
     covered = len(node_kernels)
     report.stats.update({"kernel_nodes": covered, "kernels": len(kernels),
                          "renderings": len(groups), "cache_hits": cache_hits,
-                         "reference_fallback": sum(declined.values())})
+                         "reference_fallback": sum(declined.values()),
+                         "autotuned_gemms": tuned})
     by_family: dict[str, int] = {}
     for info in kernels.values():
         by_family[info["template"]] = by_family.get(info["template"], 0) + 1
@@ -93,6 +96,35 @@ def codegen(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
         report.notes.append(f"{count} {op} node(s) keep the torch reference (no template "
                             "accepts them)")
     return graph, report
+
+
+def _autotune(groups: dict[str, dict[str, Any]], options: Any, report: PassReport) -> int:
+    """Time GEMM tilings on the build GPU when building for CUDA; returns groups tuned."""
+    if getattr(options, "device", "cpu") != "cuda":
+        return 0
+    import torch
+
+    from kernels.triton import gemm
+
+    for group in groups.values():  # the family chose tilings for this host; target the GPU's
+        if group["family"] == "gemm":
+            p = group["params"]
+            group["params"] = {**p, **gemm.configs(None, p["N"], p["K"], "cuda",
+                                                   dtype=p["a_dtype"])[0]}
+
+    if not torch.cuda.is_available():
+        report.notes.append("autotune skipped: no CUDA device on the build host; GEMMs use "
+                            "the template's default tiling")
+        return 0
+    from builder import autotune
+
+    count = 0
+    for group in groups.values():
+        if group["family"] == "gemm":
+            group["params"], table = autotune.tune(group["params"], autotune.gpu_time)
+            report.stats.setdefault("autotune", {})[group["nodes"][0]] = table
+            count += 1
+    return count
 
 
 def _listed(nodes: list[str]) -> list[str]:

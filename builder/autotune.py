@@ -1,0 +1,73 @@
+"""Pick each GEMM kernel's tiling by timing the candidates on the build machine's GPU.
+
+The GEMM template's tiling (block sizes, warps, pipeline stages) is a template parameter with
+a small candidate list (`kernels.triton.gemm.configs`). On a CUDA build host, each candidate is
+rendered, compiled and timed at the row counts an engine meets (decode, small and large
+prefill), and the one with the lowest total time is recorded in the plan. Without a GPU the
+template's first candidate stands and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kernels.triton import gemm
+
+ROWS = (1, 64, 512)  # decode, a small batch, a prefill chunk
+
+
+def candidates(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """Unique tilings across the decode, batch and prefill candidate lists."""
+    seen, out = set(), []
+    for m in (*ROWS, None):
+        for cfg in gemm.configs(m, p["N"], p["K"], "cuda", dtype=p["a_dtype"]):
+            key = tuple(sorted(cfg.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+    return out
+
+
+def tune(p: dict[str, Any], time_fn: Callable[[dict[str, Any], int], float]
+         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Best tiling for params `p` by `time_fn(params, rows) -> seconds`, summed over ROWS.
+    Returns the chosen params and the measurements (for the build report)."""
+    table = []
+    for cfg in candidates(p):
+        trial = {**p, **cfg}
+        try:
+            total = sum(time_fn(trial, m) for m in ROWS)
+        except Exception as e:  # a tiling that fails to compile (e.g. out of shared memory)
+            table.append({**cfg, "error": str(e).splitlines()[0][:200]})
+            continue
+        table.append({**cfg, "us": round(total * 1e6, 2)})
+    timed = [row for row in table if "us" in row]
+    if not timed:
+        return p, table
+    best = min(timed, key=lambda row: row["us"])
+    return {**p, **{k: best[k] for k in gemm.TILE_KEYS}}, table
+
+
+def gpu_time(p: dict[str, Any], rows: int) -> float:
+    """Median seconds of one launch of the rendered kernel on random inputs, on this GPU."""
+    import torch
+    from triton.testing import do_bench
+
+    from kernels.codegen import load_kernel
+
+    module = load_kernel(gemm.source(p))
+    dtype = getattr(torch, p["a_dtype"])
+    x = torch.randn(rows, p["K"], device="cuda", dtype=dtype)
+    operands: list[Any] = [x]
+    if p["b_format"] == "dense":
+        operands.append(torch.randn(p["N"], p["K"], device="cuda", dtype=dtype))
+    else:
+        operands += [torch.randint(-127, 128, (p["N"], p["K"]), device="cuda",
+                                   dtype=torch.int8),
+                     torch.rand(p["N"], device="cuda", dtype=torch.float32)]
+    if p["bias"]:
+        operands.append(torch.randn(p["N"], device="cuda", dtype=dtype))
+    if p["residual"]:
+        operands.append(torch.randn(rows, p["N"], device="cuda", dtype=dtype))
+    return do_bench(lambda: module.launch(*operands), return_mode="median") / 1e3
