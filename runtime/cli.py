@@ -229,4 +229,75 @@ def _interactive(engine, params, system: str | None) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
-COMMANDS = [run]
+def _read_eval_text(text: str) -> str:
+    """--text FILE, or 'builtin' for the standard library's English prose (no network)."""
+    if text == "builtin":
+        from runtime.evaluate import builtin_text
+
+        return builtin_text()
+    path = Path(text)
+    try:
+        content = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        _fail(f"--text {path}: no such file")
+    except IsADirectoryError:
+        _fail(f"--text {path} is a directory")
+    except UnicodeDecodeError as e:
+        _fail(f"--text {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:
+        _fail(f"cannot read --text {path}: {e.strerror}")
+    if not content.strip():
+        _fail(f"--text {path} is empty")
+    return content
+
+
+@click.command(name="eval")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--text", default="builtin", show_default=True,
+              help="UTF-8 text file to score, or 'builtin' (English prose from the Python "
+                   "standard library's pydoc topics; the same on every machine).")
+@click.option("--window", type=int, default=256, show_default=True,
+              help="Tokens per window; windows do not overlap and each starts fresh.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Score only the first N tokens of the text (default: all of a file, the "
+                   "first 8192 of the builtin text).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Engine dir to compare against: mean KL(ref || eval) and greedy agreement.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (perplexity, tokens, window, ... kl, agreement).")
+@engine_options
+def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw) -> None:
+    """Perplexity of ENGINE_DIR on a text (and its divergence from --reference)."""
+    from runtime.evaluate import evaluate
+
+    if window < 2:
+        _fail(f"--window must be >= 2, got {window}")
+    if max_tokens is not None and max_tokens < 2:
+        _fail(f"--max-tokens must be >= 2, got {max_tokens}")
+    content = _read_eval_text(text)
+    if engine_kw["kv_cache_memory"] is None:
+        # eval runs its windows in a private cache; the engine's own one only has to exist.
+        engine_kw["kv_cache_memory"] = "64MiB"
+    engine = load_engine(engine_dir, **engine_kw, quiet=True)
+    ref = load_engine(reference, **engine_kw, quiet=True) if reference is not None else None
+    if engine.tokenizer is None:
+        _fail(f"{engine_dir} has no tokenizer; eval needs one to tokenize the text")
+    ids = engine.tokenizer.encode(content, add_special_tokens=False)
+    if max_tokens is None and text == "builtin":
+        max_tokens = 8192  # the whole builtin text is ~100k tokens: minutes on a CPU
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        _fail(f"the text is {len(ids)} token(s); perplexity needs at least 2")
+    window = min(window, len(ids))  # a short text is one window; report what was used
+    try:
+        result = evaluate(engine, ids, window, reference=ref)
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        click.echo(result.summary())
+
+
+COMMANDS = [run, eval_]
