@@ -22,10 +22,12 @@ from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
 from builder.passes.lower_aten import lower_aten
 from builder.passes.plan_memory import plan_memory
+from builder.passes.quantize import MODES as QUANT_MODES
+from builder.passes.quantize import quantize
 from builder.passes.report import PassReport
 from builder.plan import to_plan
 from builder.verify import VerifyError, verify
-from builder.weights import make_weight
+from builder.weights import QUANT_ERRORS, make_weight
 from builder.writer import EngineWriter, write_safetensors_streaming
 from runtime.engine_dir import sha256_file
 
@@ -38,6 +40,7 @@ PASSES = [
     ("kv_cache", kv_cache, False),
     ("select_logits", select_logits, False),
     ("fuse", fuse, True),
+    ("quantize", quantize, True),
     ("plan_memory", plan_memory, True),
     ("codegen", codegen, True),
 ]
@@ -53,9 +56,13 @@ class BuildOptions:
     disabled_passes: tuple[str, ...] = ()
     force: bool = False
     device: str = "cpu"
+    quant: str | None = None
+    quant_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
+        if self.quant is not None and self.quant not in QUANT_MODES:
+            raise BuildError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_MODES)}")
         if self.dtype not in DTYPES:
             raise BuildError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_batch_tokens < 1:
@@ -156,6 +163,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         t0 = time.perf_counter()
 
     dtype = DTYPES[options.dtype]
+    QUANT_ERRORS.clear()
     # Refuse an existing output before any slow work.
     EngineWriter(options.output, options.force)
     with ui.stage("open model"):
@@ -218,6 +226,11 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "weights": {"count": len(specs), "bytes_by_dtype": weight_bytes,
                         "bytes": sum(weight_bytes.values())},
             "memory": plan["memory"],
+            **({"quantization": {
+                "mode": options.quant,
+                "weight_rel_error": dict(sorted(QUANT_ERRORS.items())),
+                "worst": sorted(QUANT_ERRORS.items(), key=lambda kv: -kv[1])[:5],
+            }} if options.quant else {}),
             "timings_s": timings,
             "peak_rss_mb": _peak_rss_mb(),
         }

@@ -76,8 +76,14 @@ def main() -> None:
               help="Skip a pass (fuse, plan_memory) or fusion rule (fuse.rope, ...); repeatable.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target device; with cuda on a GPU host, GEMM tilings are autotuned.")
+@click.option("--quant", type=click.Choice(["int8-wo"]), default=None,
+              help="Quantize GEMM weights: int8-wo = int8 weights, one scale per channel.")
+@click.option("--quant-exclude", multiple=True,
+              help="Keep weights matching this pattern (fnmatch on weight name or HF module, "
+                   "e.g. 'lm_head*') in full precision; repeatable.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
-def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, force) -> None:
+def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, quant,
+          quant_exclude, force) -> None:
     """Compile MODEL into an engine directory."""
     from builder.build import BuildOptions, build_engine
 
@@ -86,7 +92,8 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
     try:
         options = BuildOptions(model=model, output=output, dtype=dtype, max_seq_len=max_seq_len,
                                max_batch_tokens=max_batch_tokens,
-                               disabled_passes=tuple(disabled), device=device, force=force)
+                               disabled_passes=tuple(disabled), device=device, quant=quant,
+                               quant_exclude=tuple(quant_exclude), force=force)
         start = time.perf_counter()
         path = build_engine(options, _RichUI())
     except BuildError as e:

@@ -129,8 +129,17 @@ def embedding(weight, ids):
     return F.embedding(ids, weight)
 
 
-def linear(x, w, b=None):
-    return F.linear(x, w, b)
+def linear(x, w, *rest, b_format="dense"):
+    """x @ w.T (+ b). With b_format="int8_channel", w is int8 [N, K] followed by its fp32
+    per-row scale: W = w * scale[:, None] (the quantize pass's weight-only int8)."""
+    if b_format == "dense":
+        return F.linear(x, w, rest[0] if rest else None)
+    if b_format == "int8_channel":
+        from kernels.quant import int8_linear
+
+        scale, *bias = rest
+        return int8_linear(x, w, scale, bias[0] if bias else None)
+    raise ValueError(f"linear: unknown b_format {b_format!r}")
 
 
 def matmul(a, b):
@@ -234,7 +243,7 @@ def _build() -> dict[str, OpDef]:
         OpDef("cat", cat, "copy", (1, 64)),
         OpDef("index_select", index_select, "copy", (2, 2)),
         OpDef("embedding", embedding, "gemm", (2, 2)),
-        OpDef("linear", linear, "gemm", (2, 3)),
+        OpDef("linear", linear, "gemm", (2, 4)),
         OpDef("matmul", matmul, "gemm", (2, 2)),
         OpDef("rms_norm", rms_norm, "norm", (2, 2)),
         OpDef("layer_norm", layer_norm, "norm", (2, 3)),
