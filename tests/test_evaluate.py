@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from builder.cli import main
 from runtime import Engine
 from runtime.evaluate import builtin_text, evaluate, perplexity, token_logprobs, windows
+from tests.cli_util import one_line_error
 
 KV = ["--kv-cache-memory", "4MiB"]
 WINDOW = 128
@@ -52,13 +53,7 @@ def _eval(*args) -> object:
     return CliRunner().invoke(main, ["eval", *map(str, args)])
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert result.stdout == ""
+_one_line_error = one_line_error
 
 
 # ---- library ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from builder.cli import main
 from runtime import Engine, SamplingParams
+from tests.cli_util import one_line_error
 
 KV = ["--kv-cache-memory", "4MiB"]  # the default would reserve up to 2 GiB
 
@@ -32,13 +33,7 @@ def _greedy(engine: Engine, prompts, max_tokens: int = 5):
     return engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert result.stdout == ""
+_one_line_error = one_line_error
 
 
 def test_single_prompt_streams_the_greedy_text(engine_dir, engine):

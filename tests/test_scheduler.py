@@ -444,10 +444,7 @@ def test_prompt_logprobs_survive_preemption_mid_prompt() -> None:
     r1 = _request("r1", [7], max_tokens=3)
     sched.add(r0)
     sched.add(r1)
-    for _ in range(50):
-        if not sched.has_unfinished():
-            break
-        _step(sched)
+    _drain(sched)
     assert r0.num_preemptions >= 1
     assert r0.finish_reason == r1.finish_reason == "length"
     assert len(r0.prompt_logprobs) == r0.num_prompt  # one row per prompt position
@@ -462,10 +459,7 @@ def test_preempted_request_at_the_cache_size_resumes() -> None:
     r1 = _request("r1", [7], max_tokens=2)
     sched.add(r0)
     sched.add(r1)
-    for _ in range(50):
-        if not sched.has_unfinished():
-            break
-        _step(sched)
+    _drain(sched)
     assert r0.num_preemptions == 1
     assert (r0.finish_reason, r0.error, r0.num_output) == ("length", None, 2)
 
@@ -516,3 +510,11 @@ def test_invalid_budgets() -> None:
         Scheduler(SchedulerConfig(max_batch_tokens=0), BlockManager(4, 4))
     with pytest.raises(ValueError):
         Scheduler(SchedulerConfig(max_num_seqs=0), BlockManager(4, 4))
+
+
+def _drain(sched, max_steps: int = 50) -> None:
+    """Step until every request has finished (at most max_steps)."""
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        _step(sched)
