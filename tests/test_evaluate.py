@@ -53,8 +53,6 @@ def _eval(*args) -> object:
     return CliRunner().invoke(main, ["eval", *map(str, args)])
 
 
-_one_line_error = one_line_error
-
 
 # ---- library ------------------------------------------------------------------------------
 
@@ -168,27 +166,27 @@ def test_cli_short_text_is_one_window(engine_dir, tmp_path):
 
 def test_cli_errors(engine_dir, tmp_path):
     missing = tmp_path / "missing.txt"
-    _one_line_error(_eval(engine_dir, "--text", missing), "no such file")
+    one_line_error(_eval(engine_dir, "--text", missing), "no such file")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    _one_line_error(_eval(engine_dir, "--text", empty), "empty")
+    one_line_error(_eval(engine_dir, "--text", empty), "empty")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    _one_line_error(_eval(engine_dir, "--text", binary), "not UTF-8")
-    _one_line_error(_eval(engine_dir, "--text", tmp_path), "directory")
+    one_line_error(_eval(engine_dir, "--text", binary), "not UTF-8")
+    one_line_error(_eval(engine_dir, "--text", tmp_path), "directory")
     one = tmp_path / "one.txt"
     one.write_text("a")
-    _one_line_error(_eval(engine_dir, "--text", one, *KV), "1 token(s)")
-    _one_line_error(_eval(engine_dir, "--window", 1), "--window")
-    _one_line_error(_eval(engine_dir, "--max-tokens", 1), "--max-tokens")
-    _one_line_error(_eval(engine_dir, "--window", 600, *KV), "max_seq_len")
-    _one_line_error(_eval(tmp_path / "nope", *KV))
+    one_line_error(_eval(engine_dir, "--text", one, *KV), "1 token(s)")
+    one_line_error(_eval(engine_dir, "--window", 1), "--window")
+    one_line_error(_eval(engine_dir, "--max-tokens", 1), "--max-tokens")
+    one_line_error(_eval(engine_dir, "--window", 600, *KV), "max_seq_len")
+    one_line_error(_eval(tmp_path / "nope", *KV))
 
 
 def test_cli_engine_without_tokenizer_or_other_vocab(engine_dir, tmp_path):
     no_tok = _edited_copy(engine_dir, tmp_path / "no-tok", lambda m: m.pop("tokenizer"))
-    _one_line_error(_eval(no_tok, "--max-tokens", 50, *KV), "no tokenizer")
+    one_line_error(_eval(no_tok, "--max-tokens", 50, *KV), "no tokenizer")
     other = _edited_copy(engine_dir, tmp_path / "other-vocab",
                          lambda m: m["generation"].update(vocab_size=321))
-    _one_line_error(_eval(engine_dir, "--max-tokens", 50, "--reference", other, *KV),
+    one_line_error(_eval(engine_dir, "--max-tokens", 50, "--reference", other, *KV),
                     "vocab mismatch")

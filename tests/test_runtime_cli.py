@@ -33,8 +33,6 @@ def _greedy(engine: Engine, prompts, max_tokens: int = 5):
     return engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
 
 
-_one_line_error = one_line_error
-
 
 def test_single_prompt_streams_the_greedy_text(engine_dir, engine):
     result = _run(engine_dir, "--prompt", "Hello, world!", "--max-tokens", "5",
@@ -101,18 +99,18 @@ def test_chat_wraps_the_prompt_in_the_template(engine_dir, engine):
 
 def test_bad_input_is_one_line_and_exit_2(engine_dir, tmp_path):
     ok = ["--prompt", "hi", "--max-tokens", "2", *KV]
-    _one_line_error(_run(tmp_path / "nope", *ok), "nope", "engine build")
-    _one_line_error(_run(engine_dir, *ok, "--temperature", "-1"), "temperature")
-    _one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "lots"),
+    one_line_error(_run(tmp_path / "nope", *ok), "nope", "engine build")
+    one_line_error(_run(engine_dir, *ok, "--temperature", "-1"), "temperature")
+    one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "lots"),
                     "'lots'", "512MiB")
-    _one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "1"),
+    one_line_error(_run(engine_dir, "--prompt", "hi", "--kv-cache-memory", "1"),
                     "--kv-cache-memory")  # 1 byte holds no KV block
-    _one_line_error(_run(engine_dir, "--prompts-file", tmp_path / "missing.txt", *KV),
+    one_line_error(_run(engine_dir, "--prompts-file", tmp_path / "missing.txt", *KV),
                     "--prompts-file", "missing.txt")
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"text": "no prompt key"}\n')
-    _one_line_error(_run(engine_dir, "--prompts-file", bad_jsonl, *KV), "bad.jsonl:1")
-    _one_line_error(_run(engine_dir, *KV, input="piped text\n"), "no prompt")
+    one_line_error(_run(engine_dir, "--prompts-file", bad_jsonl, *KV), "bad.jsonl:1")
+    one_line_error(_run(engine_dir, *KV, input="piped text\n"), "no prompt")
 
 
 def test_interactive_chat_on_a_tty(engine_dir, engine):
