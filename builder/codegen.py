@@ -68,9 +68,10 @@ def codegen(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
     sources: dict[str, str] = {}
     node_kernels: dict[str, list[str]] = {}
     cache_hits = 0
+    templates_key = _templates_key()
     for group in groups.values():
         listed = _listed(group["nodes"])
-        rendered, hit = _render_cached(group["family"], group["params"], listed)
+        rendered, hit = _render_cached(group["family"], group["params"], listed, templates_key)
         cache_hits += hit
         names = []
         for template, source in rendered.items():
@@ -138,8 +139,9 @@ def _cache_dir() -> Path:
     return Path(root) / "rendered"
 
 
-def _render_cached(family: str, params: dict[str, Any], nodes: list[str]
-                   ) -> tuple[dict[str, str], int]:
+def _templates_key() -> str:
+    """What a rendering depends on besides its parameters: the template sources and the
+    triton version (read once per build, not once per kernel)."""
     import templates
 
     try:
@@ -148,8 +150,15 @@ def _render_cached(family: str, params: dict[str, Any], nodes: list[str]
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    template_text = "".join(p.read_text() for p in sorted(templates.DIR.glob("*.py.j2")))
-    key = hashlib.sha256(json.dumps([family, params, nodes, triton_version, template_text],
+    digest = hashlib.sha256(triton_version.encode())
+    for path in sorted(templates.DIR.glob("*.py.j2")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _render_cached(family: str, params: dict[str, Any], nodes: list[str], templates_key: str
+                   ) -> tuple[dict[str, str], int]:
+    key = hashlib.sha256(json.dumps([family, params, nodes, templates_key],
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = _cache_dir() / f"{key}.json"
     try:

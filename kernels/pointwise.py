@@ -13,13 +13,18 @@ import torch
 
 
 def eval_expr(expr: dict, inputs: Sequence[torch.Tensor]):
-    from kernels.ops import OPS  # the op table imports this module
-
     if "in" in expr:
         return inputs[expr["in"]]
     if "const" in expr:
         return expr["const"]
-    args = [eval_expr(a, inputs) for a in expr["args"]]
+    return apply_node(expr, [eval_expr(a, inputs) for a in expr["args"]])
+
+
+def apply_node(expr: dict, args: list):
+    """Run one op node of an expression tree on its evaluated arguments (tensors, or a
+    scalar constant as one operand of a binary op)."""
+    from kernels.ops import OPS  # the op table imports this module
+
     attrs = {k: v for k, v in expr.items() if k not in ("op", "args")}
     tensors = [a for a in args if torch.is_tensor(a)]
     if len(tensors) < len(args):  # binary op with a scalar operand

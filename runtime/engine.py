@@ -230,8 +230,8 @@ class Engine:
         sched = self.scheduler.schedule()
         changed: dict[str, Request] = {r.id: r for r in sched.finished}
         for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
-            if req.detok is not None and req.finish_reason == "length":
-                req.text += req.detok.flush()
+            if req.finish_reason == "length":
+                self._flush(req)
         if sched.chunks:
             self._run(sched, changed)
         self.stats["steps"] += 1
@@ -278,12 +278,13 @@ class Engine:
             req.num_output >= params.min_tokens
             and (token in params.stop_token_ids
                  or (not params.ignore_eos and token in self.eos_token_ids)))
-        if (req.detok is not None and not stopped_by_token) or (req.detok is not None and token in params.stop_token_ids \
-                and not params.skip_special_tokens):
+        # A stopping token adds no text, except a stop_token_id shown with special tokens kept.
+        shown = not stopped_by_token or (token in params.stop_token_ids
+                                         and not params.skip_special_tokens)
+        if req.detok is not None and shown:
             req.text += req.detok.step(token)
         if stopped_by_token:
-            if req.detok is not None:  # hand out what the detokenizer still holds, as "length"
-                req.text += req.detok.flush()
+            self._flush(req)  # hand out what the detokenizer still holds, as "length" does
             self._finish(req, "stop")
             return
         if params.stop and req.num_output >= params.min_tokens and self._check_stop_strings(req):
@@ -310,9 +311,15 @@ class Engine:
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
-        if req.detok is not None and reason == "length":
-            req.text += req.detok.flush()
+        if reason == "length":
+            self._flush(req)
         self.scheduler.finish(req, reason)
+
+    @staticmethod
+    def _flush(req: Request) -> None:
+        """Append text the detokenizer holds back (an incomplete character at the end)."""
+        if req.detok is not None:
+            req.text += req.detok.flush()
 
     def _output(self, req: Request) -> Output:
         text = req.text

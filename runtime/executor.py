@@ -102,9 +102,9 @@ class Executor:
                 rows.append(row0 + n - 1)
             row_slices.append(slice(before, len(rows)))
         width = max(len(t) for t in block_tables)
-        table = torch.zeros((len(block_tables), width), dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        # One tensor from padded lists: a tensor per sequence costs more than the copy.
+        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                             dtype=torch.int32)
         feeds = {
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.tensor([pos]),

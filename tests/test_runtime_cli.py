@@ -111,6 +111,7 @@ def test_bad_input_is_one_line_and_exit_2(engine_dir, tmp_path):
     bad_jsonl.write_text('{"text": "no prompt key"}\n')
     one_line_error(_run(engine_dir, "--prompts-file", bad_jsonl, *KV), "bad.jsonl:1")
     one_line_error(_run(engine_dir, *KV, input="piped text\n"), "no prompt")
+    one_line_error(_run(engine_dir, *ok, "--threads", "0"), "--threads must be >= 1")
 
 
 def test_interactive_chat_on_a_tty(engine_dir, engine):

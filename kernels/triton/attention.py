@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from kernels.codegen import load_kernel, render
+from kernels.triton import next_pow2
 
 TEMPLATES = ("rope_kv", "paged_attention_decode", "paged_attention_prefill")
 
@@ -46,9 +47,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
 MAX_GROUP = 128
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: int
@@ -72,18 +70,18 @@ def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: 
     if not isinstance(block_size, int) or block_size < 1:
         return None
     group = heads // kv_heads
-    d_pad = max(16, _pow2(head_dim))
+    d_pad = max(16, next_pow2(head_dim))
     block_n = 64 if d_pad <= 128 else 32
-    prefill_m = max(64 if d_pad <= 128 else 32, _pow2(group))
+    prefill_m = max(64 if d_pad <= 128 else 32, next_pow2(group))
     return {
         "num_heads": heads,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
         "head_dim_pad": d_pad,
-        "heads_pad": _pow2(heads),
-        "kv_heads_pad": _pow2(kv_heads),
+        "heads_pad": next_pow2(heads),
+        "kv_heads_pad": next_pow2(kv_heads),
         "group": group,
-        "block_g": max(16, _pow2(group)),
+        "block_g": max(16, next_pow2(group)),
         "block_size": block_size,
         "q_dtype": q_dtype,
         "kv_dtype": kv_cache_dtype,
@@ -148,9 +146,14 @@ class Launcher:
     """The three rendered modules of one parameter set, callable as the `paged_attention`
     op. Head counts and head_dim given at call time must match the rendering."""
 
-    def __init__(self, p: dict[str, Any], nodes: list[str] | None = None) -> None:
+    def __init__(self, p: dict[str, Any], nodes: list[str] | None = None, *,
+                 modules: dict[str, Any] | None = None) -> None:
+        """Renders and loads the templates, or takes `modules` already loaded (the runtime
+        loads them from an engine's verified sources)."""
         self.params = p
-        self.modules = {name: load_kernel(src) for name, src in sources(p, nodes).items()}
+        if modules is None:
+            modules = {name: load_kernel(src) for name, src in sources(p, nodes).items()}
+        self.modules = modules
 
     def __call__(self, q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                  cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,

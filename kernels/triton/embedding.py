@@ -8,6 +8,7 @@ and the tokenizer never produces them).
 from __future__ import annotations
 
 from kernels import codegen
+from kernels.triton import next_pow2, row_num_warps
 
 TEMPLATE = "embedding"
 
@@ -15,9 +16,6 @@ WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 ID_DTYPES = ("int64", "int32")
 MAX_BLOCK = 1024  # columns per program; wider rows use a second grid dimension
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _is_size(d) -> bool:
@@ -36,7 +34,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
     if len(w_shape) != 2 or not all(_is_size(d) for d in w_shape):
         return None
     vocab, dim = w_shape
-    block = min(_next_pow2(dim), MAX_BLOCK)
+    block = min(next_pow2(dim), MAX_BLOCK)
     return {
         "op": op,
         "dtype": w_dtype,
@@ -44,7 +42,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "vocab": vocab,
         "dim": dim,
         "BLOCK": block,
-        "num_warps": 4 if block >= 1024 else 2 if block >= 512 else 1,
+        "num_warps": row_num_warps(block),
     }
 
 

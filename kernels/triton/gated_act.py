@@ -8,6 +8,7 @@ input dtype before it multiplies `up`, as two torch ops would.
 from __future__ import annotations
 
 from kernels import codegen
+from kernels.triton import next_pow2, row_num_warps
 
 TEMPLATE = "gated_act"
 
@@ -15,9 +16,6 @@ ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 MAX_BLOCK = 1024  # columns per program; wider rows use a second grid dimension
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
@@ -35,14 +33,14 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
     if not isinstance(width, int) or isinstance(width, bool) or width < 2 or width % 2:
         return None
     inter = width // 2
-    block = min(_next_pow2(inter), MAX_BLOCK)
+    block = min(next_pow2(inter), MAX_BLOCK)
     return {
         "op": op,
         "act": attrs["act"],
         "dtype": dtype,
         "inter": inter,
         "BLOCK": block,
-        "num_warps": 4 if block >= 1024 else 2 if block >= 512 else 1,
+        "num_warps": row_num_warps(block),
     }
 
 

@@ -35,7 +35,6 @@ may replace the tiling keys with any other entry (`{**p, **cfg}`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import codegen
+from kernels.triton import is_int, next_pow2, static_numel
 
 TEMPLATE = "gemm"
 
@@ -82,12 +82,6 @@ FORMATS: dict[str, tuple[int, Callable, Callable]] = {
 }
 
 
-def _is_int(d) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool)
-
-
-def _static_rows(shape) -> int | None:
-    return math.prod(shape) if all(_is_int(d) for d in shape) else None
 
 
 def _epilogue(attrs: dict) -> tuple[str, bool] | None:
@@ -146,7 +140,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
             out_shape = (*lead, N)
         else:
             return None
-    if not (_is_int(K) and _is_int(N) and K > 0 and N > 0):
+    if not (is_int(K) and is_int(N) and K > 0 and N > 0):
         return None
     if op == "linear" and not FORMATS[b_format][1](b_shapes, b_dtypes, N, K, a_dtype):
         return None
@@ -161,13 +155,10 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "b_format": b_format, "bias": bool(n_bias), "act": act, "residual": residual,
         "batched": batched, "input_precision": "ieee",
     }
-    m_hint = _static_rows(a_shape[-2:-1] if batched else lead)
+    m_hint = static_numel(a_shape[-2:-1] if batched else lead)
     p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype)[0])
     return p
 
-
-def _pow2_at_least(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -184,9 +175,9 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
     the pipelined A and B tiles of `dtype` would not fit in shared memory."""
     dev = torch.device(device)
-    n_cap, k_cap = _pow2_at_least(N), _pow2_at_least(K)
+    n_cap, k_cap = max(16, next_pow2(N)), max(16, next_pow2(K))
     if dev.type != "cuda":
-        bm = min(_pow2_at_least(M_hint or 64), 64)
+        bm = min(max(16, next_pow2(M_hint or 64)), 64)
         cands = [(bm, 64, 64, 8, 4, 1), (16, 32, 32, 4, 4, 1)]
     elif M_hint is not None and M_hint <= 16:  # decode: skinny A, stream B
         cands = [(16, 64, 128, 1, 4, 4), (16, 128, 64, 1, 4, 4), (16, 64, 256, 1, 4, 3),

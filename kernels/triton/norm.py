@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import codegen
+from kernels.triton import next_pow2
 
 TEMPLATE = "norm"
 
@@ -22,9 +23,6 @@ MAX_BLOCK = 65536  # a row larger than this does not fit one program's registers
 def _promote(a: str, b: str) -> str:
     return str(torch.promote_types(getattr(torch, a), getattr(torch, b))).removeprefix("torch.")
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _num_warps(block: int) -> int:
@@ -55,7 +53,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         return None
     if any(s != (hidden,) for s in shapes[n_fixed - 1:]):  # w (and b) are hidden-vectors
         return None
-    block = _next_pow2(hidden)
+    block = next_pow2(hidden)
     if block > MAX_BLOCK:
         return None
 

@@ -19,14 +19,14 @@ symbolic) shapes, so the kernel reads it in the cheapest way that is right for e
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from kernels import codegen, ops
 from kernels.dtypes import to_torch_dtype
-from kernels.pointwise import expr_inputs
+from kernels.pointwise import apply_node, expr_inputs
+from kernels.triton import static_numel
 
 TEMPLATE = "pointwise"
 
@@ -90,13 +90,8 @@ def _infer(e: dict, dummies: list[torch.Tensor]):
     if "const" in e:
         return e["const"]
     args = [_infer(a, dummies) for a in e["args"]]
-    attrs = {k: v for k, v in e.items() if k not in ("op", "args")}
-    tensors = [a for a in args if torch.is_tensor(a)]
-    if len(tensors) < len(args):
-        scalar = next(a for a in args if not torch.is_tensor(a))
-        attrs.update(scalar=scalar, scalar_first=not torch.is_tensor(args[0]))
     try:
-        out = ops.OPS[e["op"]].fn(*tensors, **attrs)
+        out = apply_node(e, args)
     except (RuntimeError, TypeError, ValueError) as err:
         raise _Unsupported(f"{e['op']}: {err}") from None
     name = str(out.dtype).removeprefix("torch.")
@@ -134,11 +129,6 @@ def _broadcast(shapes: list[tuple]) -> tuple[tuple, list[tuple]] | None:
     return tuple(out), padded
 
 
-def _static(dims: tuple) -> int | None:
-    if all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        return math.prod(dims)
-    return None
-
 
 def _layout(p: tuple, out: tuple) -> dict:
     if p == out:
@@ -149,14 +139,14 @@ def _layout(p: tuple, out: tuple) -> dict:
     for k in range(1, rank):
         # the input is the output's trailing k dims, repeated over the leading ones
         if p[rank - k:] == out[rank - k:] and all(d == 1 for d in p[:rank - k]):
-            size = _static(out[rank - k:])
+            size = static_numel(out[rank - k:])
             if size is not None:
                 return {"kind": "inner", "size": size}
             break
     for k in range(1, rank):
         # the input is the output's leading dims, each element repeated over the trailing k
         if p[:rank - k] == out[:rank - k] and all(d == 1 for d in p[rank - k:]):
-            size = _static(out[rank - k:])
+            size = static_numel(out[rank - k:])
             if size is not None and size > 1:
                 return {"kind": "outer", "size": size}
             break

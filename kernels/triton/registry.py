@@ -70,9 +70,7 @@ def bind(family: str, p: dict[str, Any], sources: dict[str, str]) -> Callable[..
     """A callable with the reference op's convention, from already verified sources."""
     modules = {name: load_kernel(src) for name, src in sources.items()}
     if _module(family) is attention:
-        launcher = attention.Launcher.__new__(attention.Launcher)
-        launcher.params, launcher.modules = p, modules
-        return launcher
+        return attention.Launcher(p, modules=modules)
     (module,) = modules.values()
     return module.launch
 

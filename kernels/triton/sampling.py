@@ -27,6 +27,7 @@ import torch
 
 from kernels import codegen
 from kernels.dtypes import dtype_name
+from kernels.triton import next_pow2
 
 TEMPLATE = "sampling"
 
@@ -34,15 +35,12 @@ FLOATS = ("float32", "float16", "bfloat16")
 MAX_K = 1024  # the running top-k lives in registers
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
 
 def block_v(V: int, k: int = 1, device: str = "cpu") -> int:
     """Chunk size: 4096 on a GPU (2048 with a top-k merge), 16384 under the interpreter
     (fewer, larger numpy steps), never much past V and never below the padded k."""
     cap = 16384 if device != "cuda" else (2048 if k > 1 else 4096)
-    return max(min(cap, _pow2_at_least(V)), _pow2_at_least(k), 16)
+    return max(min(cap, next_pow2(V)), next_pow2(k), 16)
 
 
 def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
