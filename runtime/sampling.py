@@ -312,8 +312,10 @@ def _filter(y: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
         y.masked_fill_(y < kth, -math.inf)
     if any(p.min_p > 0.0 for p in ps):
         # p_i >= min_p * p_max  <=>  l_i >= l_max + log(min_p): no softmax needed, and
-        # log(0) = -inf leaves rows without min_p untouched.
-        log_min_p = torch.tensor([p.min_p for p in ps], device=dev).log()[:, None]
+        # log(0) = -inf leaves rows without min_p untouched. The log is taken in float64:
+        # a min_p below float32's range (e.g. 1e-57) would round to 0 and disable the filter.
+        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf
+                                  for p in ps], device=dev)[:, None]
         y.masked_fill_(y < y.max(dim=-1, keepdim=True).values + log_min_p, -math.inf)
     return y
 

@@ -232,6 +232,15 @@ def test_filters_never_leave_allowed_set(case):
         assert out[i].token_id in allowed, (p, out[i].token_id, allowed)
 
 
+def test_min_p_below_float32_range_still_filters():
+    # Found by the property test above: min_p=1e-57 rounded to 0 in float32 and kept a token
+    # 274 nats below the best one.
+    logits = torch.tensor([[-21.7879, 5.6843]])
+    params = [SamplingParams(temperature=0.1, min_p=1.0843176091171514e-57)]
+    processed = process_logits(logits, states_for(params))
+    assert torch.isfinite(processed[0]).tolist() == [False, True]
+
+
 # ---------------------------------------------------------------- draws
 
 
