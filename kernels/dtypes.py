@@ -16,6 +16,10 @@ _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+# fp8 only where this torch has it (every supported version does; the check keeps the error
+# readable on an old one).
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES["float8_e4m3fn"] = torch.float8_e4m3fn
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})

@@ -125,21 +125,46 @@ def getitem(x, *, index):
     return x[index]
 
 
-def embedding(weight, ids):
-    return F.embedding(ids, weight)
+def embedding(weight, ids, scale=None, *, b_format="dense"):
+    """Rows of the table for `ids`. With b_format="int8_channel" the table is int8 [V, D]
+    with one fp32 scale per row (the layout a tied LM head shares): row = q[id] * scale[id]."""
+    if b_format == "dense":
+        return F.embedding(ids, weight)
+    if b_format == "int8_channel":
+        from kernels.quant import int8_embedding
+
+        return int8_embedding(weight, scale, ids)
+    raise ValueError(f"embedding: unknown b_format {b_format!r}")
 
 
-def linear(x, w, *rest, b_format="dense"):
-    """x @ w.T (+ b). With b_format="int8_channel", w is int8 [N, K] followed by its fp32
-    per-row scale: W = w * scale[:, None] (the quantize pass's weight-only int8)."""
+def linear(x, w, *rest, b_format="dense", group_size=None):
+    """x @ W^T (+ bias), W stored as `b_format` (formats in `kernels.quant`, operands in order):
+
+    - "dense":           w [N, K] in x's dtype
+    - "int8_channel":    q int8 [N, K], scale fp32 [N]                  (weight-only)
+    - "int4_group":      packed uint8 [N, K/2], scales fp32 [N, K/G], zeros uint8 [N, K/G];
+                         attr group_size = G                             (weight-only)
+    - "int8_channel_a8": q int8 [N, K], scale fp32 [N]; x quantized to int8 per token
+                         (dynamic, symmetric) and multiplied in integers (SmoothQuant W8A8)
+    - "fp8_channel_a8":  q float8_e4m3fn [N, K], scale fp32 [N], x_scale fp32 [1]; x
+                         quantized to e4m3 with the static per-tensor x_scale (FP8 W8A8)
+
+    followed by the optional bias [N]."""
     if b_format == "dense":
         return F.linear(x, w, rest[0] if rest else None)
-    if b_format == "int8_channel":
-        from kernels.quant import int8_linear
+    from kernels import quant
 
-        scale, *bias = rest
-        return int8_linear(x, w, scale, bias[0] if bias else None)
-    raise ValueError(f"linear: unknown b_format {b_format!r}")
+    n = quant.FORMAT_OPERANDS.get(b_format)
+    if n is None:
+        raise ValueError(f"linear: unknown b_format {b_format!r}")
+    ops, bias = (w, *rest[: n - 1]), (rest[n - 1] if len(rest) >= n else None)
+    if b_format == "int8_channel":
+        return quant.int8_linear(x, *ops, bias)
+    if b_format == "int4_group":
+        return quant.int4_linear(x, *ops, group_size, bias)
+    if b_format == "int8_channel_a8":
+        return quant.int8_a8_linear(x, *ops, bias)
+    return quant.fp8_a8_linear(x, *ops, bias)
 
 
 def matmul(a, b):
@@ -242,8 +267,8 @@ def _build() -> dict[str, OpDef]:
         OpDef("getitem", getitem, "shape", (1, 1)),
         OpDef("cat", cat, "copy", (1, 64)),
         OpDef("index_select", index_select, "copy", (2, 2)),
-        OpDef("embedding", embedding, "gemm", (2, 2)),
-        OpDef("linear", linear, "gemm", (2, 4)),
+        OpDef("embedding", embedding, "gemm", (2, 3)),
+        OpDef("linear", linear, "gemm", (2, 5)),
         OpDef("matmul", matmul, "gemm", (2, 2)),
         OpDef("rms_norm", rms_norm, "norm", (2, 2)),
         OpDef("layer_norm", layer_norm, "norm", (2, 3)),

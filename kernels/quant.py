@@ -12,6 +12,14 @@ layout, w [N, K] (N output channels, K input features), and every format dequant
   column 2j + 1 in its HIGH nibble.
 * fp8 per channel: q float8_e4m3fn [N, K], scale float32 [N]; W = q.float() * scale[:, None].
 
+Two formats also quantize the activations (W8A8), computing the product in low precision:
+
+* int8_channel_a8: the int8 per-channel weight; x is quantized per token (row), dynamically:
+  a = amax|x_row| / 127, xq = round(x / a) in -127..127; y = (xq @ q^T) * a[:, None] * scale.
+* fp8_channel_a8: the fp8 per-channel weight; x is quantized with one static fp32 scale
+  x_scale (from calibration): xq = e4m3(clamp(x / x_scale, ±448));
+  y = (xq.float() @ q.float()^T) * x_scale * scale.
+
 `int8_linear` / `int4_linear` compute x @ W^T (+ bias) on CPU with torch's packed-weight kernels
 where they exist and agree with the reference (checked once, on a tiny case, at first use), and
 by dequantize + F.linear otherwise. `PATHS` records which path each one uses.
@@ -35,6 +43,10 @@ PATHS: dict[str, str] = {}
 _INT4PACK_GROUPS = (32, 64, 128, 256)
 _INT4PACK_N_MULTIPLE = 16
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# linear b_format -> number of weight operands (bias, if any, follows them); see kernels.ops.
+FORMAT_OPERANDS = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
+                   "fp8_channel_a8": 3}
 
 
 def _check_2d(w: torch.Tensor, name: str = "w") -> None:
@@ -317,8 +329,84 @@ def int4_linear(
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def int8_embedding(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of an int8 per-row table (q int8 [V, D], scale fp32 [V]) as fp32 [..., D]."""
+    return q[ids].float() * scale[ids].unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8: activations quantized too
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_int8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (xq int8 [M, K], a fp32 [M]): symmetric per row, dynamic.
+    An all-zero row gets a = 1 (no 0/0)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    a = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    xq = torch.round(xf / a[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return xq, a
+
+
+def int8_a8_linear_reference(x, q, scale, bias=None):
+    """The definition of int8_channel_a8 (module doc), exact integer products in float64."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, a = quantize_int8_token(x2)
+    acc = xq.double() @ q.double().t()
+    y = (acc * a.double()[:, None] * scale.double()[None, :]).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _probe_int_mm() -> str:
+    if "int8_a8_linear" not in PATHS:
+        path = "float64 reference"
+        if hasattr(torch, "_int_mm"):
+            try:
+                gen = torch.Generator().manual_seed(0)
+                a = torch.randint(-127, 128, (3, 24), generator=gen, dtype=torch.int8)
+                b = torch.randint(-127, 128, (24, 5), generator=gen, dtype=torch.int8)
+                if torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()):
+                    path = "torch._int_mm"
+            except RuntimeError:
+                pass
+        PATHS["int8_a8_linear"] = path
+    return PATHS["int8_a8_linear"]
+
+
+def int8_a8_linear(x, q, scale, bias=None):
+    """x [..., K] @ W^T with int8 activations per token and int8 weights per channel (int32
+    accumulation; torch._int_mm where it was verified at first use)."""
+    if x.device.type != "cpu" or x.numel() == 0 or _probe_int_mm() != "torch._int_mm":
+        return int8_a8_linear_reference(x, q, scale, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, a = quantize_int8_token(x2)
+    acc = torch._int_mm(xq, q.t())
+    y = (acc.float() * a[:, None] * scale[None, :]).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def quantize_fp8_tensor(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """x float -> e4m3fn with one static scale: clamp(x / x_scale, ±448) (saturating)."""
+    return (x.float() / x_scale.float()).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_fp8_dtype())
+
+
+def fp8_a8_linear(x, q, scale, x_scale, bias=None):
+    """The definition of fp8_channel_a8 (module doc): fp8 activations (static scale) times fp8
+    weights, accumulated in fp32. Dequantizing both operands is exact (every e4m3 value is an
+    fp32), so F.linear on them is the reference up to summation order."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq = quantize_fp8_tensor(x2, x_scale)
+    y = F.linear(xq.float(), q.float()) * (x_scale.float() * scale.float())[None, :]
+    y = y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def cpu_paths() -> dict[str, str]:
     """Runs the first-use checks now and returns a copy of `PATHS` (for reports)."""
     _probe_int8()
     _probe_int4()
+    _probe_int_mm()
     return dict(PATHS)
