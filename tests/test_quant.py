@@ -227,7 +227,8 @@ def linear_tolerance(x: torch.Tensor, w: torch.Tensor, rel: float) -> torch.Tens
 
 def test_cpu_paths_reported():
     paths = Q.cpu_paths()
-    assert set(paths) == {"int8_linear", "int4_linear"}
+    assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear"}
+    assert paths["int8_a8_linear"] in {"torch._int_mm", "float64 reference"}
     assert paths["int8_linear"] in {"torch._weight_int8pack_mm", "dequantize+linear"}
     assert paths["int4_linear"] in {"torch._weight_int4pack_mm_for_cpu", "dequantize+linear"}
 
