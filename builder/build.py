@@ -8,7 +8,7 @@ import json
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,12 +22,11 @@ from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
 from builder.passes.lower_aten import lower_aten
 from builder.passes.plan_memory import plan_memory
-from builder.passes.quantize import MODES as QUANT_MODES
-from builder.passes.quantize import quantize
+from builder.passes.quantize import QuantEnv, check_options, quantize
 from builder.passes.report import PassReport
 from builder.plan import to_plan
 from builder.verify import VerifyError, verify
-from builder.weights import QUANT_ERRORS, make_weight
+from builder.weights import make_weight
 from builder.writer import EngineWriter, write_safetensors_streaming
 from runtime.engine_dir import sha256_file
 
@@ -46,6 +45,12 @@ PASSES = [
 ]
 
 
+def _cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("LLM_ENGINE_CACHE") or Path.home() / ".cache" / "llm-engine")
+
+
 @dataclass
 class BuildOptions:
     model: str
@@ -58,11 +63,19 @@ class BuildOptions:
     device: str = "cpu"
     quant: str | None = None
     quant_exclude: tuple[str, ...] = ()
+    group_size: int | None = None  # None: 128, falling back silently where it does not fit
+    kv_cache_dtype: str | None = None
+    smoothquant_alpha: float | str = 0.5
+    calib_data: Path | None = None
+    calib_samples: int = 8
+    calib_seq_len: int = 512
+    calib_cache: Path | None = field(default_factory=lambda: _cache_root() / "calib")
+    max_ppl_increase: float | None = None
+    min_greedy_agreement: float | None = None
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
-        if self.quant is not None and self.quant not in QUANT_MODES:
-            raise BuildError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_MODES)}")
+        check_options(self)
         if self.dtype not in DTYPES:
             raise BuildError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_batch_tokens < 1:
@@ -94,7 +107,8 @@ class BuildUI:
         pass
 
 
-def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI) -> list[PassReport]:
+def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI,
+               quant_env: QuantEnv | None = None) -> list[PassReport]:
     reports = []
     for name, fn, _ in PASSES:
         if name in options.disabled_passes:
@@ -106,6 +120,8 @@ def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI) -> list[PassRep
                 disabled = frozenset(p.removeprefix("fuse.") for p in options.disabled_passes
                                      if p.startswith("fuse."))
                 graph, report = fn(graph, options, disabled=disabled)
+            elif fn is quantize:
+                graph, report = fn(graph, options, quant_env)
             else:
                 graph, report = fn(graph, options)
             try:
@@ -163,7 +179,6 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         t0 = time.perf_counter()
 
     dtype = DTYPES[options.dtype]
-    QUANT_ERRORS.clear()
     # Refuse an existing output before any slow work.
     EngineWriter(options.output, options.force)
     with ui.stage("open model"):
@@ -183,7 +198,10 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         lower_report.op_counts_after = graph.op_counts()
         ui.note(lower_report.summary())
     lowered_counts = graph.op_counts()
-    reports = [lower_report, *run_passes(graph, options, ui)]
+    quant_env = QuantEnv(source.weights, traced.buffers,
+                         source.load_tokenizer if source.has_tokenizer() else None,
+                         int(source.config.vocab_size), max_seq_len, ui)
+    reports = [lower_report, *run_passes(graph, options, ui, quant_env)]
     lap("passes")
 
     plan = to_plan(graph)
@@ -226,11 +244,8 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "weights": {"count": len(specs), "bytes_by_dtype": weight_bytes,
                         "bytes": sum(weight_bytes.values())},
             "memory": plan["memory"],
-            **({"quantization": {
-                "mode": options.quant,
-                "weight_rel_error": dict(sorted(QUANT_ERRORS.items())),
-                "worst": sorted(QUANT_ERRORS.items(), key=lambda kv: -kv[1])[:5],
-            }} if options.quant else {}),
+            **({"quantization": graph.meta["quantization"]}
+               if "quantization" in graph.meta else {}),
             "timings_s": timings,
             "peak_rss_mb": _peak_rss_mb(),
         }
@@ -249,8 +264,9 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "model": {"architecture": traced.architecture, "source": str(source.path),
                       "source_kind": source.kind, "config": config},
-            "build": {**{k: v for k, v in asdict(options).items()
-                         if k not in ("output", "force", "model")},
+            "build": {**{k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in asdict(options).items()
+                         if k not in ("output", "force", "model", "calib_cache")},
                       "disabled_passes": list(options.disabled_passes),
                       "max_seq_len": max_seq_len},
             "target": {"device": options.device, "dtype": options.dtype},

@@ -76,24 +76,57 @@ def main() -> None:
               help="Skip a pass (fuse, plan_memory) or fusion rule (fuse.rope, ...); repeatable.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target device; with cuda on a GPU host, GEMM tilings are autotuned.")
-@click.option("--quant", type=click.Choice(["int8-wo"]), default=None,
-              help="Quantize GEMM weights: int8-wo = int8 weights, one scale per channel.")
+@click.option("--quant", default=None, metavar="MODE",
+              help="Quantize GEMMs: int8-wo (int8 weights), int8-sq (SmoothQuant W8A8), fp8 "
+                   "(e4m3 W8A8, static activation scales), int4-awq, int4-gptq (4-bit groups).")
 @click.option("--quant-exclude", multiple=True,
               help="Keep weights matching this pattern (fnmatch on weight name or HF module, "
                    "e.g. 'lm_head*') in full precision; repeatable.")
+@click.option("--group-size", type=int, default=None,
+              help="int4 group size (input channels per scale; default 128); a layer it does "
+                   "not divide falls back to the largest size that does.")
+@click.option("--kv-cache-dtype", default=None, metavar="DTYPE",
+              help="Store the KV cache as int8 or fp8 with per-head scales from calibration.")
+@click.option("--smoothquant-alpha", default="0.5", show_default=True,
+              help="int8-sq: how much of the activation range moves into the weights, in "
+                   "[0, 1], or 'auto' to search it per layer on the calibration activations.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (.txt) or JSONL ({\"text\"} or {\"input_ids\"} lines); "
+                   "default: English text that ships with Python.")
+@click.option("--calib-samples", type=int, default=8, show_default=True,
+              help="Calibration windows.")
+@click.option("--calib-seq-len", type=int, default=512, show_default=True,
+              help="Tokens per calibration window.")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="PCT",
+              help="Fail the build if held-out perplexity rises by more than PCT percent.")
+@click.option("--min-greedy-agreement", type=float, default=None, metavar="FRAC",
+              help="Fail the build if fewer than FRAC of held-out greedy tokens agree with the "
+                   "unquantized model.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
 def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, quant,
-          quant_exclude, force) -> None:
+          quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, calib_data,
+          calib_samples, calib_seq_len, max_ppl_increase, min_greedy_agreement, force) -> None:
     """Compile MODEL into an engine directory."""
     from builder.build import BuildOptions, build_engine
 
     if output is None:
         output = Path("engines") / Path(model).name.removesuffix(".gguf")
+    if smoothquant_alpha != "auto":
+        try:
+            smoothquant_alpha = float(smoothquant_alpha)
+        except ValueError:
+            _fail(f"--smoothquant-alpha {smoothquant_alpha!r} is not a number; pass a value "
+                  "in [0, 1] or 'auto'")
     try:
         options = BuildOptions(model=model, output=output, dtype=dtype, max_seq_len=max_seq_len,
                                max_batch_tokens=max_batch_tokens,
                                disabled_passes=tuple(disabled), device=device, quant=quant,
-                               quant_exclude=tuple(quant_exclude), force=force)
+                               quant_exclude=tuple(quant_exclude), group_size=group_size,
+                               kv_cache_dtype=kv_cache_dtype,
+                               smoothquant_alpha=smoothquant_alpha, calib_data=calib_data,
+                               calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                               max_ppl_increase=max_ppl_increase,
+                               min_greedy_agreement=min_greedy_agreement, force=force)
         start = time.perf_counter()
         path = build_engine(options, _RichUI())
     except BuildError as e:

@@ -24,7 +24,7 @@ from kernels.dtypes import itemsize
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
               "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-              "bool": "BOOL"}
+              "bool": "BOOL", "float8_e4m3fn": "F8_E4M3"}
 
 
 def write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple[int, ...], str]],

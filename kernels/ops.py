@@ -125,15 +125,17 @@ def getitem(x, *, index):
     return x[index]
 
 
-def embedding(weight, ids, scale=None, *, b_format="dense"):
+def embedding(weight, ids, scale=None, *, b_format="dense", dtype=None):
     """Rows of the table for `ids`. With b_format="int8_channel" the table is int8 [V, D]
-    with one fp32 scale per row (the layout a tied LM head shares): row = q[id] * scale[id]."""
+    with one fp32 scale per row (the layout a tied LM head shares): row = q[id] * scale[id],
+    returned in `dtype` (the model's activation dtype)."""
     if b_format == "dense":
         return F.embedding(ids, weight)
     if b_format == "int8_channel":
         from kernels.quant import int8_embedding
 
-        return int8_embedding(weight, scale, ids)
+        rows = int8_embedding(weight, scale, ids)
+        return rows if dtype is None else rows.to(to_torch_dtype(dtype))
     raise ValueError(f"embedding: unknown b_format {b_format!r}")
 
 

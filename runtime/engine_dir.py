@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+if hasattr(torch, "float8_e4m3fn"):
+    _ST_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
 
 
 class EngineLoadError(Exception):

@@ -54,8 +54,16 @@ class KVCache:
         src = torch.tensor([s for s, _ in copies], device=device)
         dst = torch.tensor([d for _, d in copies], device=device)
         for k, v in self.kv_caches:
+            k, v = _raw(k), _raw(v)
             k[dst] = k[src]
             v[dst] = v[src]
+
+
+def _raw(cache: torch.Tensor) -> torch.Tensor:
+    """Block copies are bitwise: an fp8 cache is copied as bytes, as not every device's
+    indexing kernels take float8 dtypes."""
+    return cache.view(torch.uint8) if cache.is_floating_point() and cache.element_size() == 1 \
+        else cache
 
 
 @dataclass

@@ -1,78 +1,259 @@
-"""`engine build --quant int8-wo`: the graph computes with int8 weights, the quality loss is
-measured and recorded, and the rendered GEMM kernels dequantize in the kernel."""
+"""`engine build --quant MODE [--kv-cache-dtype D]` on tiny models: each mode builds, generates,
+records its quality, and keeps quality close to the unquantized engine; the build gates and
+every bad input fail before work with one line."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from builder.build import BuildOptions
 from builder.cli import main
+from builder.errors import BuildError
 from runtime import Engine, SamplingParams
 from runtime.evaluate import builtin_text, evaluate
+from tests.cli_util import one_line_error
 from tests.models import build_tiny_engine
+
+# Small calibration so a tiny build stays around a second; the defaults are 8 x 512.
+FAST = {"calib_samples": 4, "calib_seq_len": 128, "calib_cache": None}
+MODES = ["int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq"]
+FORMATS = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
+           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
+
+
+def _plan(path):
+    return json.loads((path / "plan.rank0.json").read_text())
+
+
+def _quant_report(path):
+    return json.loads((path / "report.json").read_text())["quantization"]
+
+
+def _ids_file(path, vocab=320, lines=8, length=200):
+    gen = torch.Generator().manual_seed(0)
+    path.write_text("\n".join(json.dumps({"input_ids": torch.randint(0, vocab, (length,),
+                                                                     generator=gen).tolist()})
+                              for _ in range(lines)))
+    return path
 
 
 @pytest.fixture(scope="module")
-def int8_engine(checkpoints, tmp_path_factory):
-    ckpt, _ = checkpoints("llama")
-    return build_tiny_engine(ckpt, tmp_path_factory.mktemp("q") / "int8", quant="int8-wo")
+def quant_engines(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    ids = _ids_file(root / "ids.jsonl")  # for the archs that ship no tokenizer
+    cache: dict = {}
+
+    def get(mode: str, arch: str = "llama", **options):
+        key = (mode, arch, tuple(sorted(options.items())))
+        if key not in cache:
+            ckpt, _ = checkpoints(arch)
+            extra = {} if arch in ("llama", "qwen2") else {"calib_data": ids}
+            cache[key] = build_tiny_engine(ckpt, root / f"{arch}-{mode}-{len(cache)}",
+                                           quant=mode, **{**FAST, **extra, **options})
+        return cache[key]
+
+    return get
 
 
-def test_linears_use_int8_weights(int8_engine, engines):
-    plan = json.loads((int8_engine / "plan.rank0.json").read_text())
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_builds_and_generates(mode, quant_engines, engines):
+    path = quant_engines(mode)
+    plan = _plan(path)
     linears = [n for n in plan["nodes"] if n["op"] == "linear"]
-    assert linears and all(n["attrs"].get("b_format") == "int8_channel" for n in linears)
-    dtypes = {w["dtype"] for name, w in plan["weights"].items() if name.endswith(".int8")}
-    assert dtypes == {"int8"}
-    gemms = [k for k in plan["kernels"].values() if k["family"] == "gemm"]
-    assert gemms and all(k["params"]["b_format"] == "int8_channel" for k in gemms)
-    fp32 = json.loads((engines("llama") / "report.json").read_text())["weights"]["bytes"]
-    int8 = json.loads((int8_engine / "report.json").read_text())["weights"]["bytes"]
-    assert int8 < 0.5 * fp32  # embeddings and norms stay fp32 in this tiny model
-
-
-def test_report_records_per_layer_error(int8_engine):
-    report = json.loads((int8_engine / "report.json").read_text())["quantization"]
-    assert report["mode"] == "int8-wo"
-    errors = report["weight_rel_error"]
-    assert len(errors) == 9  # 2 layers x (qkv, o, gate_up, down) + lm_head
-    # Symmetric per-channel int8 on Gaussian-like weights: ~0.5-1% relative Frobenius error.
-    assert all(0 < e < 0.02 for e in errors.values())
-    assert report["worst"][0][1] == max(errors.values())
-
-
-def test_quality_close_to_fp32(int8_engine, engines):
+    # Every decoder GEMM takes the mode's format; the LM head is the int8 per-row table.
+    body = [n for n in linears if not any("lm_head" in o for o in n["origin"])]
+    assert body and all(n["attrs"]["b_format"] == FORMATS[mode] for n in body)
+    head = [n for n in linears if any("lm_head" in o for o in n["origin"])]
+    assert [n["attrs"]["b_format"] for n in head] == ["int8_channel"]
+    report = _quant_report(path)
+    # 2 layers x (qkv, o, gate_up, down) + lm_head + the (untied) embedding table
+    assert report["mode"] == mode and len(report["weight_rel_error"]) == 10
+    q = report["quality"]
+    assert q["tokens"] > 100 and q["window"] == 128
+    assert {"ppl_ref", "ppl_quant", "ppl_increase_pct", "kl", "greedy_agreement"} <= set(q)
+    layer = report["layers"]["model.layers.0.mlp.down_proj.weight"]
+    assert {"weight_rel_error", "output_rel_error", "act_absmax", "weight_scale"} <= set(layer)
     ref = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
-    q = Engine.load(int8_engine, kv_cache_memory=1 << 20)
+    eng = Engine.load(path, kv_cache_memory=1 << 20)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
+    got = [o.token_ids for o in eng.generate(prompts, params)]
+    want = [o.token_ids for o in ref.generate(prompts, params)]
+    assert all(len(g) == 8 for g in got)
+    if mode in ("int8-wo", "int8-sq"):  # the random model's top-2 margins are tiny: first token
+        assert [g[:1] for g in got] == [w[:1] for w in want]
+
+
+# Perplexity increase allowed per mode on the tiny llama (fp32 reference, 512 held-out tokens).
+# The int4 bounds sit well under plain round-to-nearest's, measured on the same model below.
+PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.0, "fp8": 3.0, "int4-awq": 10.0, "int4-gptq": 10.0}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_perplexity_close_to_fp32(mode, quant_engines, engines):
+    ref = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
+    q = Engine.load(quant_engines(mode), kv_cache_memory=1 << 20)
     ids = ref.tokenizer.encode(builtin_text(20_000), add_special_tokens=False)[:512]
-    result = evaluate(q, ids, 128, reference=ref)
     base = evaluate(ref, ids, 128)
-    assert result.kl < 1e-3 and result.agreement > 0.9
-    assert abs(result.perplexity / base.perplexity - 1) < 0.01
+    result = evaluate(q, ids, 128, reference=ref)
+    increase = 100 * (result.perplexity / base.perplexity - 1)
+    assert increase < PPL_BOUND[mode], (mode, increase)
+    assert result.agreement > 0.8
 
 
-def test_exclude_keeps_matching_weights(checkpoints, tmp_path):
-    ckpt, _ = checkpoints("llama")
-    path = build_tiny_engine(ckpt, tmp_path / "e", quant="int8-wo",
-                             quant_exclude=("lm_head*",))
-    plan = json.loads((path / "plan.rank0.json").read_text())
-    assert "lm_head.weight" in plan["weights"]
-    assert "lm_head.weight.int8" not in plan["weights"]
+def test_int4_algorithms_beat_round_to_nearest(quant_engines):
+    """AWQ and GPTQ must do better than plain RTN on the layers' calibration outputs: a mode
+    that silently fell back to RTN fails here."""
+    for mode in ("int4-awq", "int4-gptq"):
+        report = _quant_report(quant_engines(mode))
+        int4 = [e for e in report["layers"].values() if e["format"] == "int4_group"]
+        better = sum(e["output_rel_error"] < e["rtn_output_rel_error"] for e in int4)
+        assert better >= 6, (mode, better)  # of 8 decoder GEMMs
+
+
+def test_tied_embedding_shares_one_int8_table(quant_engines):
+    path = quant_engines("int4-gptq", arch="llama_tied")
+    plan = _plan(path)
+    emb = next(n for n in plan["nodes"] if n["op"] == "embedding")
+    head = next(n for n in plan["nodes"] if n["op"] == "linear"
+                and any("lm_head" in o for o in n["origin"]))
+    assert emb["attrs"]["b_format"] == "int8_channel"
+    assert emb["inputs"][0] == head["inputs"][1] and emb["inputs"][2] == head["inputs"][2]
+    table = next(n for n in plan["nodes"] if n["name"] == emb["inputs"][0])["attrs"]["name"]
+    assert plan["weights"][table]["dtype"] == "int8"
     out = Engine.load(path, kv_cache_memory=1 << 20).generate(
-        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
-    assert len(out[0].token_ids) == 3
+        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].token_ids) == 4
 
 
-def test_unknown_mode_is_one_line_error(checkpoints, tmp_path):
-    from builder.build import BuildOptions
-    from builder.errors import BuildError
+def test_smoothing_is_folded_into_the_norms(quant_engines, engines):
+    """int8-sq moves 1/s into the RMSNorm weights (and the up rows before down) instead of
+    adding ops: the graph has as many nodes as the int8-wo one."""
+    sq, wo = _plan(quant_engines("int8-sq")), _plan(quant_engines("int8-wo"))
+    assert len(sq["nodes"]) == len(wo["nodes"])
+    layers = _quant_report(quant_engines("int8-sq"))["layers"]
+    smoothed = [n for n, e in layers.items() if "smoothing" in e]
+    assert any("q_proj" in n for n in smoothed) and any("down_proj" in n for n in smoothed)
+    assert not any("o_proj" in n for n in smoothed)  # behind attention: nothing to fold into
 
+
+def test_kv_cache_int8(quant_engines, engines):
+    path = quant_engines("int8-wo", kv_cache_dtype="int8")
+    plan = _plan(path)
+    assert {layer["dtype"] for layer in plan["kv_cache"]["layers"]} == {"int8"}
+    attn = [n for n in plan["nodes"] if n["op"] == "paged_attention"]
+    assert all(len(n["attrs"]["k_scale"]) == n["attrs"]["num_kv_heads"] for n in attn)
+    report = _quant_report(path)
+    assert report["kv_cache"]["dtype"] == "int8"
+    assert report["quality"]["greedy_agreement"] > 0.9
+    out = Engine.load(path, kv_cache_memory=1 << 20).generate(
+        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].token_ids) == 4
+
+
+def test_kv_cache_only(quant_engines):
+    path = quant_engines(None, kv_cache_dtype="fp8")
+    plan = _plan(path)
+    assert {layer["dtype"] for layer in plan["kv_cache"]["layers"]} == {"float8_e4m3fn"}
+    assert all(n["attrs"].get("b_format", "dense") == "dense"
+               for n in plan["nodes"] if n["op"] == "linear")
+
+
+def test_exclude_keeps_matching_weights(quant_engines):
+    path = quant_engines("int8-wo", quant_exclude=("lm_head*", "*down_proj*"))
+    plan = _plan(path)
+    assert "lm_head.weight" in plan["weights"] and "lm_head.weight.int8" not in plan["weights"]
+    downs = [n for n in plan["nodes"] if n["op"] == "linear"
+             and any("down_proj" in o for o in n["origin"])]
+    assert downs and all(n["attrs"].get("b_format", "dense") == "dense" for n in downs)
+    assert _quant_report(path)["excluded"] == 2
+
+
+def test_calibration_cache_and_jsonl_ids(checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")
-    with pytest.raises(BuildError, match="--quant 'int3' is not one of"):
-        BuildOptions(model=str(ckpt), output=tmp_path / "e", quant="int3")
-    result = CliRunner().invoke(main, ["build", "--model", str(ckpt), "--output",
-                                       str(tmp_path / "e"), "--quant", "int3"])
-    assert result.exit_code != 0 and not (tmp_path / "e").exists()
+    data = _ids_file(tmp_path / "calib.jsonl")
+    opts = {**FAST, "calib_cache": tmp_path / "cache", "calib_data": data}
+    first = build_tiny_engine(ckpt, tmp_path / "a", quant="int8-sq", **opts)
+    second = build_tiny_engine(ckpt, tmp_path / "b", quant="fp8", **opts)
+    a, b = _quant_report(first)["calibration"], _quant_report(second)["calibration"]
+    assert not a["cached"] and b["cached"] and a["tokens"] == b["tokens"] == 4 * 128
+    assert a["source"] == str(data)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
+
+def test_accuracy_gate_fails_build_with_report(checkpoints, tmp_path):
+    ckpt, _ = checkpoints("llama")
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, [
+        "build", "--model", str(ckpt), "--output", str(out), "--quant", "fp8",
+        "--calib-samples", "4", "--calib-seq-len", "128", "--max-batch-tokens", "64",
+        "--min-greedy-agreement", "0.999"])
+    # The build had started (its progress lines come first); the failure is the last line.
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: quantized engine fails the accuracy gate: greedy agreement")
+    assert "largest output error: model.layers." in last
+    assert not out.exists()
+    report = json.loads((tmp_path / "e.quant-report.json").read_text())
+    assert report["gates"]["failed"] and report["worst"]
+
+
+def test_accuracy_gate_passes(quant_engines):
+    report = _quant_report(quant_engines("int8-wo", max_ppl_increase=2.0))
+    assert report["gates"]["failed"] == [] and report["gates"]["max_ppl_increase"] == 2.0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--quant", "int3"], ["--quant 'int3' is not one of"]),
+    (["--quant", "int4-awq", "--group-size", "4"], ["--group-size 4", "at least 8"]),
+    (["--kv-cache-dtype", "int2"], ["--kv-cache-dtype 'int2'"]),
+    (["--quant", "int8-sq", "--smoothquant-alpha", "1.5"], ["outside [0, 1]"]),
+    (["--max-ppl-increase", "1"], ["need --quant"]),
+    (["--quant", "int8-wo", "--calib-data", "missing.txt"], ["no such file"]),
+])
+def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
+    ckpt, _ = checkpoints("llama")
+    result = CliRunner().invoke(main, ["build", "--model", str(ckpt), "--output",
+                                       str(tmp_path / "e"), *args])
+    one_line_error(result, *fragments)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "is empty"),
+    ("   \n", "is empty"),
+    (b"\xff\xfe\x00bad", "cannot read"),
+    ('{"foo": 1}\n', "each JSONL line needs"),
+])
+def test_bad_calibration_file(content, fragment, checkpoints, tmp_path):
+    ckpt, _ = checkpoints("llama")
+    suffix = ".jsonl" if "foo" in str(content) else ".txt"
+    data = tmp_path / f"calib{suffix}"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(BuildError, match=fragment):
+        build_tiny_engine(ckpt, tmp_path / "e", quant="int8-wo", calib_data=data, **{
+            k: v for k, v in FAST.items() if k != "calib_data"})
+    assert not (tmp_path / "e").exists()
+
+
+def test_fp8_without_float8_support(monkeypatch, tmp_path):
+    import builder.passes.quantize as quantize
+
+    monkeypatch.setattr(quantize, "has_fp8", lambda: False)
+    with pytest.raises(BuildError, match=r"fp8 needs torch\.float8_e4m3fn"):
+        BuildOptions(model="x", output=tmp_path / "e", quant="fp8")
+
+
+def test_group_size_that_divides_nothing(monkeypatch, checkpoints, tmp_path):
+    """A group size >= 8 with no usable divisor in some layer (tiny K) fails before calibrating."""
+    import builder.passes.quantize as quantize
+
+    monkeypatch.setattr(quantize, "load_calib_data",
+                        lambda *a, **k: pytest.fail("calibration started"))
+    ckpt, _ = checkpoints("llama")
+    with pytest.raises(BuildError, match="--group-size 100 divides none"):
+        build_tiny_engine(ckpt, tmp_path / "e", quant="int4-gptq", group_size=100, **FAST)

@@ -48,12 +48,20 @@ class ModelSource:
         return any((self.path / n).is_file() for n in names)
 
     def load_tokenizer(self):
+        """The HF tokenizer, loaded once per source (calibration and the engine's copy share
+        it; reading a GGUF's vocabulary takes tens of seconds)."""
         from transformers import AutoTokenizer
 
+        cached = self.__dict__.get("_tokenizer")
+        if cached is not None:
+            return cached
         try:
             if self.kind == "gguf":
-                return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-            return AutoTokenizer.from_pretrained(self.path)
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            else:
+                tok = AutoTokenizer.from_pretrained(self.path)
+            self.__dict__["_tokenizer"] = tok
+            return tok
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BuildError(f"{self.path}: cannot load the tokenizer ({first})") from e

@@ -1,60 +1,573 @@
-"""Quantize GEMM weights (`engine build --quant MODE`).
+"""Quantize GEMM weights and the KV cache (`engine build --quant MODE --kv-cache-dtype D`).
 
-`int8-wo`: every `linear` whose weight is a weight tensor gets an int8 weight with one fp32
-scale per output channel (symmetric, scale = max|row| / 127) and computes with it directly:
-the node's `b_format` becomes `int8_channel` and its inputs `x, q, scale[, bias]`. Weights
-named by `--quant-exclude` patterns (fnmatch on the weight name or the HF module path) keep
-full precision. The values are made when the weights are written (`builder.weights`), so the
-pass itself only rewrites the graph; the writer records each tensor's quantization error.
+Modes (the `linear` b_formats they produce are defined in `kernels.quant`):
+
+- `int8-wo`   int8 weights, one scale per output channel, round to nearest ("int8_channel").
+- `int8-sq`   SmoothQuant W8A8: per-input-channel factors s = max|x|^a / max|w|^(1-a) move
+              activation outliers into the weights (W * s, x / s), then int8 weights per
+              channel and int8 activations per token, dynamic ("int8_channel_a8").
+- `fp8`       e4m3 weights per channel and e4m3 activations with one static scale per GEMM
+              input from calibration (max|x| / 448) ("fp8_channel_a8").
+- `int4-awq`  4-bit asymmetric groups; AWQ searches per-input-channel scales and per-group
+              clipping on calibration activations ("int4_group").
+- `int4-gptq` 4-bit asymmetric groups; GPTQ quantizes column by column, correcting the
+              remaining columns with the calibration Hessian ("int4_group").
+
+The 1/s of SmoothQuant and AWQ is folded into whatever produces the GEMM's input where that is
+exact: the weight (and bias) of the RMS/Layer norm before q/k/v and gate/up, and the `up` rows
+of the gate/up GEMM before down (act(gate) * up / s). A GEMM whose input has no such producer
+(o_proj, behind attention) gets s = 1. The embedding table and the LM head (one shared table
+when tied) are int8 per row in every mode: the head is the most sensitive GEMM and 4-bit there
+costs more quality than it saves.
+
+Everything is computed here, from the calibration run (`builder.quant.calibrate`); the values go
+to the writer as buffers. Afterwards the quantized graph is scored against the unquantized one on
+held-out windows, which fills the report and the optional build gates.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from builder.errors import BuildError
-from builder.ir import Graph, WeightSpec
+from builder.ir import Graph, Node, WeightSpec
 from builder.passes.report import PassReport
+from builder.quant import calibrate as cal
+from builder.quant.calib_data import load_calib_data
+from builder.quant.quality import compare, output_error
+from builder.weights import make_weight
+from kernels import ops
+from kernels import quant as Q
 
-MODES = ("int8-wo",)
+MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
+KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
+KV_QMAX = {"int8": Q.INT8_MAX, "fp8": Q.FP8_E4M3_MAX}
+FORMAT = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
+          "int4-awq": "int4_group", "int4-gptq": "int4_group"}
+TABLE_FORMAT = "int8_channel"
+HELDOUT_WINDOWS = 2
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+DEFAULT_GROUP = 128
 
 
-def _excluded(name: str, origin: list[str], patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or any(fnmatch.fnmatch(o, p) for o in origin)
-               for p in patterns)
+@dataclass
+class QuantEnv:
+    """What the pass needs beyond the graph: the checkpoint and a place for computed tensors."""
+
+    source: Any  # checkpoint weights (name -> tensor, lazily)
+    buffers: dict[str, torch.Tensor]  # traced buffers; computed weights are added here
+    tokenizer: Callable[[], Any] | None  # loads the model's tokenizer, or None
+    vocab_size: int
+    max_seq_len: int
+    ui: Any = None
+    notes: list[str] = field(default_factory=list)
 
 
-def quantize(graph: Graph, options: Any) -> tuple[Graph, PassReport]:
+@dataclass
+class _Group:
+    """The linears that read one activation, and how to fold 1/s into its producer."""
+
+    act: str
+    linears: list[str]
+    fold: Callable[[torch.Tensor], None] | None
+
+
+def has_fp8() -> bool:
+    return hasattr(torch, "float8_e4m3fn")
+
+
+def group_size_for(K: int, requested: int) -> int:
+    """`requested` if it divides K, else the largest power of two >= 32 below it that does
+    (the sizes the fast kernels take), else the largest divisor that fits."""
+    if K % requested == 0:
+        return requested
+    for g in INT4_KERNEL_GROUPS:
+        if g < requested and K % g == 0:
+            return g
+    return Q.resolve_group_size(K, requested)
+
+
+def _excluded(names: list[str], patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(n, p) for p in patterns for n in names)
+
+
+# ---- graph surgery -----------------------------------------------------------------------
+
+
+class _Weights:
+    """The graph's weight values during the pass, and their writes back to the graph."""
+
+    def __init__(self, graph: Graph, env: QuantEnv, values: dict[str, torch.Tensor]) -> None:
+        self.graph, self.env, self.values = graph, env, values
+
+    def set(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.graph.weights[name]
+        key = f"quant:{name}"
+        tensor = tensor.to(self.values[name].dtype).contiguous()
+        self.env.buffers[key] = tensor
+        self.values[name] = tensor
+        spec.recipe = {"buffer": key}
+
+    def add(self, name: str, tensor: torch.Tensor, origin: list[str]) -> Node:
+        from kernels.dtypes import dtype_name
+
+        key = f"quant:{name}"
+        tensor = tensor.contiguous()
+        self.env.buffers[key] = tensor
+        self.values[name] = tensor
+        return self.graph.add_weight(WeightSpec(name, tuple(tensor.shape), dtype_name(tensor.dtype),
+                                                {"buffer": key}), origin=origin)
+
+
+def _only_user(graph: Graph, name: str, user: str) -> bool:
+    return [u.name for u in graph.users(name)] == [user]
+
+
+def _fold_target(graph: Graph, w: _Weights, act: str, readers: list[str]) \
+        -> Callable[[torch.Tensor], None] | None:
+    """A function that divides the activation `act` by s (per channel) at its producer, or
+    None when that cannot be done exactly."""
+    if sorted(u.name for u in graph.users(act)) != sorted(readers):
+        return None
+    p = graph.node(act)
+    norm, w_i, b_i = None, 0, None
+    if p.op == "getitem" and p.attrs.get("index") == 0:
+        base = graph.node(p.inputs[0])
+        if base.op in ("add_rms_norm", "add_layer_norm"):
+            norm, w_i, b_i = base, 2, 3 if base.op == "add_layer_norm" else None
+    elif p.op in ("rms_norm", "layer_norm"):
+        norm, w_i, b_i = p, 1, 2 if p.op == "layer_norm" else None
+    if norm is not None:
+        targets = [norm.inputs[i] for i in (w_i, b_i) if i is not None and i < len(norm.inputs)]
+        if not all(graph.node(t).op == "weight" and _only_user(graph, t, norm.name)
+                   for t in targets):
+            return None
+        names = [graph.node(t).attrs["name"] for t in targets]
+
+        def fold_norm(s: torch.Tensor) -> None:
+            for name in names:
+                w.set(name, w.values[name].float() / s)
+
+        return fold_norm
+    if p.op == "gated_act":
+        up = graph.node(p.inputs[0])
+        if up.op != "linear" or up.attrs.get("b_format", "dense") != "dense" or \
+                not _only_user(graph, up.name, p.name):
+            return None
+        targets = up.inputs[1:]
+        if not all(graph.node(t).op == "weight" and _only_user(graph, t, up.name)
+                   for t in targets):
+            return None
+        names = [graph.node(t).attrs["name"] for t in targets]
+
+        def fold_up(s: torch.Tensor) -> None:
+            for name in names:  # the weight [2I, K] and the bias [2I]: scale the up half
+                t = w.values[name].float().clone()
+                half = t.shape[0] // 2
+                t[half:] = t[half:] / (s[:, None] if t.dim() == 2 else s)
+                w.set(name, t)
+
+        return fold_up
+    return None
+
+
+def _table_users(graph: Graph) -> dict[str, list[Node]]:
+    """Weight nodes read by an embedding (and any linear sharing it, a tied LM head) or by
+    an LM head: weight node name -> its users."""
+    tables: dict[str, list[Node]] = {}
+    for node in graph.nodes():
+        if node.op == "embedding" and node.attrs.get("b_format", "dense") == "dense":
+            tables[node.inputs[0]] = graph.users(node.inputs[0])
+        elif node.op == "linear" and any("lm_head" in o for o in node.origin):
+            tables.setdefault(node.inputs[1], graph.users(node.inputs[1]))
+    return tables
+
+
+def _groups(graph: Graph, w: _Weights, patterns: tuple[str, ...], tables: dict) \
+        -> tuple[list[_Group], int]:
+    groups, kept = [], 0
+    for act, readers in cal.linear_inputs(graph).items():
+        mine = []
+        for name in readers:
+            node = graph.node(name)
+            wnode = graph.producer(node, 1)
+            if wnode.name in tables:
+                continue
+            if _excluded([wnode.attrs["name"], *wnode.origin, *node.origin], patterns):
+                kept += 1
+                continue
+            mine.append(name)
+        if mine:
+            fold = _fold_target(graph, w, act, readers) if mine == readers else None
+            groups.append(_Group(act, mine, fold))
+    return groups, kept
+
+
+# ---- per-group quantization --------------------------------------------------------------
+
+
+def _smoothquant_scales(x_absmax: torch.Tensor, W: torch.Tensor, alpha: float) -> torch.Tensor:
+    w_absmax = W.abs().amax(0)
+    s = x_absmax.clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+
+
+SQ_ALPHAS = tuple(round(0.3 + 0.05 * i, 2) for i in range(12))  # 0.30 .. 0.85
+
+
+def _search_alpha(x: torch.Tensor, x_absmax: torch.Tensor, W: torch.Tensor) -> float:
+    """The migration strength that minimises the W8A8 output error on the calibration rows."""
+    y_ref = F.linear(x, W)
+    best, best_err = SQ_ALPHAS[0], float("inf")
+    for alpha in SQ_ALPHAS:
+        s = _smoothquant_scales(x_absmax, W, alpha)
+        q, scale = Q.quantize_int8_channel(W * s)
+        err = output_error(y_ref, Q.int8_a8_linear_reference(x / s, q, scale))
+        if err < best_err:
+            best, best_err = alpha, err
+    return best
+
+
+def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
+                   x_scale: torch.Tensor | None, hessian: torch.Tensor | None) \
+        -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The stored operands of W [N, K] in the mode's format, and what to report."""
+    if mode in ("int8-wo", "int8-sq"):
+        q, scale = Q.quantize_int8_channel(W)
+        return [q, scale], {}
+    if mode == "fp8":
+        q, scale = Q.quantize_fp8_channel(W)
+        return [q, scale, x_scale], {"x_scale": x_scale.item()}
+    if mode == "int4-gptq":
+        from builder.quant.gptq import gptq_quantize
+
+        return list(gptq_quantize(W, hessian, group)), {"group_size": group}
+    return list(Q.quantize_int4_group(W, group)), {"group_size": group}
+
+
+def _dequantized(mode: str, ops_: list[torch.Tensor], group: int) -> torch.Tensor:
+    if mode in ("int8-wo", "int8-sq"):
+        return Q.dequantize_int8_channel(*ops_)
+    if mode == "fp8":
+        return Q.dequantize_fp8_channel(*ops_[:2])
+    return Q.dequantize_int4_group(*ops_, group)
+
+
+def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, options) \
+        -> dict[str, dict[str, Any]]:
+    graph = w.graph
+    nodes = [graph.node(n) for n in g.linears]
+    wnodes = [graph.producer(n, 1) for n in nodes]
+    names = [wn.attrs["name"] for wn in wnodes]
+    W0 = torch.cat([w.values[n].float() for n in names])
+    K = W0.shape[1]
+    stats = calib.acts[g.act]
+    x = stats.sample.float()
+    group = group_size_for(K, options.group_size or DEFAULT_GROUP) if mode.startswith("int4") else 0
+    s = None
+    extra: dict[str, Any] = {}
+    W = W0
+    if mode == "int8-sq" and g.fold is not None:
+        alpha = options.smoothquant_alpha
+        if alpha == "auto":
+            alpha = _search_alpha(x, stats.absmax, W0)
+        s = _smoothquant_scales(stats.absmax, W0, alpha)
+        W = W0 * s
+        extra["smoothquant_alpha"] = alpha
+    elif mode == "int4-awq":
+        from builder.quant.awq import awq_search
+
+        res = awq_search(W0, x, group, search_scales=g.fold is not None)
+        W = res.weight
+        if g.fold is not None and not torch.all(res.scales == 1):
+            s = res.scales.float()
+        extra["awq_loss_vs_rtn"] = round(res.loss / max(res.rtn_loss, 1e-30), 4)
+    if s is not None:
+        g.fold(s)
+        extra["smoothing"] = {"min": round(s.min().item(), 5), "max": round(s.max().item(), 5)}
+    x_scale = None
+    if mode == "fp8":
+        x_scale = (stats.absmax.max().clamp_min(1e-12) / Q.FP8_E4M3_MAX).reshape(1).float()
+    hessian = stats.hessian.float() if mode == "int4-gptq" else None
+    if hessian is not None and s is not None:  # x / s: H_ij / (s_i s_j)
+        hessian = hessian / (s[:, None] * s[None, :])
+    xq = x if s is None else x / s
+    report: dict[str, dict[str, Any]] = {}
+    row = 0
+    for node, wnode, name in zip(nodes, wnodes, names, strict=True):
+        n = w.values[name].shape[0]
+        Wi, W0i = W[row:row + n], W0[row:row + n]
+        row += n
+        operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian)
+        parts = [w.add(f"{name}.{p}", t, wnode.origin)
+                 for p, t in zip(_PART_NAMES[FORMAT[mode]], operands, strict=True)]
+        bias = node.inputs[2:]
+        graph.set_inputs(node, [node.inputs[0], *(p.name for p in parts), *bias])
+        node.attrs["b_format"] = FORMAT[mode]
+        if group:
+            node.attrs["group_size"] = group
+        deq = _dequantized(mode, operands, group)
+        attrs = {"b_format": FORMAT[mode], **({"group_size": group} if group else {})}
+        y_ref = F.linear(x, W0i)
+        y_q = ops.linear(xq, *operands, **attrs)
+        if group:  # what plain round-to-nearest would have given, for the report
+            rtn = Q.quantize_int4_group(W0i, group)
+            info["rtn_output_rel_error"] = round(output_error(y_ref, ops.linear(x, *rtn, **attrs)), 6)
+        scales = operands[1].float()
+        report[name] = {
+            "format": FORMAT[mode], **info, **extra,
+            "weight_rel_error": round(((deq - Wi).norm() / Wi.norm().clamp_min(1e-30)).item(), 6),
+            "output_rel_error": round(output_error(y_ref, y_q), 6),
+            "act_absmax": round(stats.absmax.max().item(), 4),
+            "act_absmean": round(stats.absmean.mean().item(), 5),
+            "weight_scale": {"min": scales.min().item(), "max": scales.max().item()},
+        }
+    return report
+
+
+_PART_NAMES = {"int8_channel": ("int8", "scale"), "int8_channel_a8": ("int8", "scale"),
+               "fp8_channel_a8": ("fp8", "scale", "x_scale"),
+               "int4_group": ("int4", "scales", "zeros")}
+
+
+def _quantize_tables(graph: Graph, w: _Weights, tables: dict[str, list[Node]],
+                     patterns: tuple[str, ...], calib: cal.Calibration) -> dict[str, dict]:
+    """Embedding tables and LM heads -> one int8 per-row table each, shared by its users."""
+    report = {}
+    for wnode_name, users in tables.items():
+        wnode = graph.node(wnode_name)
+        name = wnode.attrs["name"]
+        origins = [*wnode.origin, *(o for u in users for o in u.origin)]
+        if _excluded([name, *origins], patterns) or \
+                any(u.op not in ("embedding", "linear") for u in users):
+            continue
+        W = w.values[name].float()
+        q, scale = Q.quantize_int8_channel(W)
+        qn = w.add(f"{name}.int8", q, wnode.origin)
+        sn = w.add(f"{name}.scale", scale, wnode.origin)
+        entry: dict[str, Any] = {"format": TABLE_FORMAT, "used_by": sorted(u.op for u in users)}
+        for u in users:
+            if u.op == "embedding":
+                graph.set_inputs(u, [qn.name, u.inputs[1], sn.name])
+                u.attrs.update({"b_format": TABLE_FORMAT, "dtype": u.dtype})
+            else:
+                x_stats = calib.acts.get(u.inputs[0])
+                graph.set_inputs(u, [u.inputs[0], qn.name, sn.name, *u.inputs[2:]])
+                u.attrs["b_format"] = TABLE_FORMAT
+                if x_stats is not None and x_stats.sample is not None:
+                    x = x_stats.sample.float()
+                    entry["output_rel_error"] = round(output_error(
+                        F.linear(x, W), Q.int8_linear(x, q, scale)), 6)
+                    entry["act_absmax"] = round(x_stats.absmax.max().item(), 4)
+        deq = Q.dequantize_int8_channel(q, scale)
+        entry["weight_rel_error"] = round(((deq - W).norm() / W.norm().clamp_min(1e-30)).item(), 6)
+        entry["weight_scale"] = {"min": scale.min().item(), "max": scale.max().item()}
+        report[name] = entry
+    return report
+
+
+def _kv_scales(calib: cal.Calibration, kv: str) -> dict[int, tuple[list[float], list[float]]]:
+    qmax = KV_QMAX[kv]
+    return {layer: ((k.clamp_min(1e-6) / qmax).tolist(), (v.clamp_min(1e-6) / qmax).tolist())
+            for layer, (k, v) in sorted(calib.kv.items())}
+
+
+# ---- the pass ----------------------------------------------------------------------------
+
+
+def _calibration(graph: Graph, values: dict[str, torch.Tensor], samples: list[list[int]],
+                 hessian: bool, env: QuantEnv, options) -> cal.Calibration:
+    cache_dir = options.calib_cache
+    path = None
+    if cache_dir is not None:
+        key = cal.cache_key(graph, cal.weight_digest(values, graph.weights), samples, hessian)
+        path = Path(cache_dir) / f"{key}.safetensors"
+        found = cal.load(path) if path.is_file() else None
+        if found is not None:
+            return found
+    tick = env.ui.counter("calibration", len(samples)) if env.ui else None
+    calib = cal.calibrate(graph, values, samples, hessian=hessian, progress=tick)
+    if path is not None:
+        try:
+            cal.save(calib, path)
+        except OSError as e:  # a read-only home is no reason to fail the build
+            env.notes.append(f"calibration cache not written ({e})")
+    return calib
+
+
+def check_options(options) -> None:
+    """The --quant family of options, checked before any work."""
+    mode, kv = options.quant, options.kv_cache_dtype
+    if mode is not None and mode not in MODES:
+        raise BuildError(f"--quant {mode!r} is not one of {', '.join(MODES)}")
+    if kv is not None and kv not in KV_DTYPES:
+        raise BuildError(f"--kv-cache-dtype {kv!r} is not one of {', '.join(KV_DTYPES)}")
+    if (mode == "fp8" or kv == "fp8") and not has_fp8():
+        raise BuildError(f"fp8 needs torch.float8_e4m3fn, which torch {torch.__version__} "
+                         "lacks; upgrade torch or use --quant int8-wo / --kv-cache-dtype int8")
+    if options.group_size is not None and (not isinstance(options.group_size, int)
+                                           or options.group_size < 8):
+        raise BuildError(f"--group-size {options.group_size} is too small; use a group of "
+                         "at least 8 input channels (128 is the usual choice)")
+    alpha = options.smoothquant_alpha
+    if alpha != "auto" and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise BuildError(f"--smoothquant-alpha {alpha} is outside [0, 1]; pass a number in "
+                         "[0, 1] or 'auto' (searched per layer)")
+    if options.calib_samples < 1 or options.calib_seq_len < 16:
+        raise BuildError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
+    if options.calib_data is not None and not Path(options.calib_data).is_file():
+        raise BuildError(f"--calib-data {options.calib_data}: no such file")
+    gates = (options.max_ppl_increase, options.min_greedy_agreement)
+    if mode is None and kv is None and any(v is not None for v in gates):
+        raise BuildError("--max-ppl-increase / --min-greedy-agreement need --quant or "
+                         "--kv-cache-dtype: there is nothing to measure")
+    if options.min_greedy_agreement is not None and not 0 <= options.min_greedy_agreement <= 1:
+        raise BuildError("--min-greedy-agreement is a fraction in [0, 1], e.g. 0.9")
+
+
+def _check_groups(graph: Graph, groups: list[_Group], group_size: int | None) -> None:
+    """A --group-size given must divide at least one layer's input width (a typo such as 100
+    would otherwise quietly become another size everywhere); the others fall back. The
+    default (128) falls back silently."""
+    widths = sorted({graph.producer(graph.node(g.linears[0]), 1).shape[1] for g in groups})
+    if group_size is not None and widths and all(K % group_size for K in widths):
+        common = [d for d in (256, 128, 64, 32, 16, 8) if all(K % d == 0 for K in widths)]
+        raise BuildError(f"--group-size {group_size} divides none of the layers' input widths "
+                         f"({', '.join(map(str, widths))}); use a divisor"
+                         + (f" such as {common[0]}" if common else ""))
+    for K in widths:
+        try:
+            group_size_for(K, group_size or DEFAULT_GROUP)
+        except ValueError as e:
+            raise BuildError(f"--group-size {group_size}: {e}") from e
+
+
+def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[Graph, PassReport]:
     report = PassReport("quantize")
-    mode = getattr(options, "quant", None)
-    if mode is None:
+    mode, kv = getattr(options, "quant", None), getattr(options, "kv_cache_dtype", None)
+    if mode is None and kv is None:
         report.notes.append("no --quant: weights keep the build dtype")
         return graph, report
-    if mode not in MODES:
-        raise BuildError(f"--quant {mode!r} is not one of {', '.join(MODES)}")
-    patterns = tuple(getattr(options, "quant_exclude", ()) or ())
-    quantized, kept = 0, 0
-    for node in graph.nodes():
-        if node.op != "linear" or node.attrs.get("b_format", "dense") != "dense":
-            continue
-        weight = graph.producer(node, 1)
-        if weight.op != "weight":
-            continue
-        spec = graph.weights[weight.attrs["name"]]
-        if _excluded(spec.name, weight.origin + node.origin, patterns):
-            kept += 1
-            continue
-        n, k = spec.shape
-        of = {"quant": "int8_channel", "of": spec.recipe}
-        q = graph.add_weight(WeightSpec(f"{spec.name}.int8", (n, k), "int8",
-                                        {**of, "part": "q"}), origin=weight.origin)
-        scale = graph.add_weight(WeightSpec(f"{spec.name}.scale", (n,), "float32",
-                                            {**of, "part": "scale"}), origin=weight.origin)
-        graph.set_inputs(node, [node.inputs[0], q.name, scale.name, *node.inputs[2:]])
-        node.attrs["b_format"] = "int8_channel"
-        quantized += 1
+    check_options(options)
+    if env is None:
+        raise BuildError("the quantize pass needs the checkpoint; run it from build_engine")
+    start = time.perf_counter()
+    patterns = tuple(options.quant_exclude or ())
+    values = {name: make_weight(spec, env.source, env.buffers)
+              for name, spec in graph.weights.items()}
+    w = _Weights(graph, env, values)
+    tables = _table_users(graph) if mode else {}
+    groups, kept = _groups(graph, w, patterns, tables) if mode else ([], 0)
+    if mode and mode.startswith("int4"):
+        _check_groups(graph, groups, options.group_size)
+    tokenizer = env.tokenizer() if env.tokenizer else None
+    seq_len = min(options.calib_seq_len, env.max_seq_len)
+    data = load_calib_data(options.calib_data, tokenizer, samples=options.calib_samples,
+                           seq_len=seq_len, heldout=HELDOUT_WINDOWS, vocab_size=env.vocab_size)
+    t_cal = time.perf_counter()
+    calib = _calibration(graph, values, data.samples, mode == "int4-gptq", env, options)
+    t_cal = time.perf_counter() - t_cal
+    ref_graph, ref_values = copy.deepcopy(graph), dict(values)
+
+    layers: dict[str, dict] = {}
+    if mode:
+        tick = env.ui.counter("quantize", len(groups)) if env.ui else None
+        for g in reversed(groups):  # down before gate/up: down's 1/s is folded into up's rows
+            layers.update(_quantize_group(g, mode, w, calib, options))
+            if tick:
+                tick(g.linears[0])
+        layers.update(_quantize_tables(graph, w, tables, patterns, calib))
+    kv_info = None
+    if kv:
+        from builder.passes.kv_quant import quantize_kv_cache
+
+        scales = _kv_scales(calib, kv)
+        quantize_kv_cache(graph, KV_DTYPES[kv], scales)
+        kv_info = {"dtype": KV_DTYPES[kv], "scales": {str(k): {"k": [round(x, 6) for x in ks],
+                                                              "v": [round(x, 6) for x in vs]}
+                                                      for k, (ks, vs) in scales.items()}}
     graph.dce()
-    report.changed = quantized > 0
-    report.stats.update({"mode": mode, "quantized_linears": quantized, "excluded": kept})
+    for name in list(values):
+        if name not in graph.weights:
+            del values[name]
+
+    with_ui = env.ui.stage("measure quality (held-out)") if env.ui else _null()
+    with with_ui:
+        quality = compare(cal.GraphRunner(ref_graph, ref_values), cal.GraphRunner(graph, values),
+                          data.heldout)
+    worst = sorted(((n, e["output_rel_error"]) for n, e in layers.items()
+                    if "output_rel_error" in e), key=lambda kv_: -kv_[1])[:5]
+    gates = _gates(options, quality)
+    qreport = {
+        "mode": mode,
+        "kv_cache_dtype": KV_DTYPES.get(kv) if kv else None,
+        "group_size": (options.group_size or DEFAULT_GROUP) if mode and mode.startswith("int4")
+        else None,
+        "calibration": {"source": data.source, "samples": len(data.samples),
+                        "seq_len": data.seq_len, "tokens": calib.tokens, "cached": calib.cached,
+                        "seconds": round(t_cal, 2), "notes": data.notes + env.notes},
+        "quality": {**quality.to_json(), "heldout": "the last "
+                    f"{HELDOUT_WINDOWS} windows of the calibration source"},
+        "gates": gates,
+        "layers": layers,
+        "weight_rel_error": {n: e["weight_rel_error"] for n, e in sorted(layers.items())},
+        "worst": worst,
+        "kv_cache": kv_info,
+        "excluded": kept,
+        "cpu_paths": Q.cpu_paths(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    graph.meta["quantization"] = qreport
+    report.changed = True
+    report.stats.update({"mode": mode, "kv": kv, "quantized_linears": len(layers),
+                         "excluded": kept, "ppl_increase_pct": round(quality.ppl_increase_pct, 3),
+                         "greedy_agreement": round(quality.greedy_agreement, 4)})
+    if gates["failed"]:
+        _fail_gate(options, qreport, gates["failed"], worst)
     return graph, report
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gates(options, quality) -> dict[str, Any]:
+    failed = []
+    if options.max_ppl_increase is not None and \
+            quality.ppl_increase_pct > options.max_ppl_increase:
+        failed.append(f"perplexity +{quality.ppl_increase_pct:.2f}% > --max-ppl-increase "
+                      f"{options.max_ppl_increase}%")
+    if options.min_greedy_agreement is not None and \
+            quality.greedy_agreement < options.min_greedy_agreement:
+        failed.append(f"greedy agreement {quality.greedy_agreement:.3f} < "
+                      f"--min-greedy-agreement {options.min_greedy_agreement}")
+    return {"max_ppl_increase": options.max_ppl_increase,
+            "min_greedy_agreement": options.min_greedy_agreement, "failed": failed}
+
+
+def gate_report_path(output: Path) -> Path:
+    return Path(output).with_name(Path(output).name + ".quant-report.json")
+
+
+def _fail_gate(options, qreport: dict, failed: list[str], worst) -> None:
+    path = gate_report_path(options.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(qreport, indent=1))
+    layers = ", ".join(f"{n} ({e:.3f})" for n, e in worst[:3])
+    raise BuildError(f"quantized engine fails the accuracy gate: {'; '.join(failed)} on "
+                     f"{qreport['quality']['tokens']} held-out tokens; largest output error: "
+                     f"{layers or 'n/a'}; no engine written, report: {path}")

@@ -26,27 +26,52 @@ every layer of a model (sliding and full-attention layers alike). The output is
 `torch.empty_like(q)`, as in the reference; rows of tokens that belong to no sequence
 (padding after query_start_loc[-1]) are left unwritten, as there.
 
+Quantized KV cache (`kv_dtype` "int8" or "float8_e4m3fn", with per-KV-head `k_scale` and
+`v_scale` node attrs, as in the reference): the cache dtype is a template parameter; the
+scales are not, they are passed at call time like `scale` (made into fp32 [Hkv] tensors once
+per layer and device, `kernels.attention.kv_scale_tensors`). rope_kv quantizes K (after RoPE)
+and V as it writes them; the attention kernels convert the codes exactly to q's dtype and fold
+the K scale into the score scale and the V scale into the output. Float renderings are
+byte-identical to those before quantized caches existed (engines built then still verify).
+
 Unsupported (`params` returns None): head_dim > 256, num_heads not a multiple of
-num_kv_heads or groups over 128 heads, dtypes other than float32/float16/bfloat16 (no fp8
-cache). RoPE needs an even head_dim (the call raises otherwise), cos/sin in q's dtype and
+num_kv_heads or groups over 128 heads, q dtypes other than float32/float16/bfloat16, cache
+dtypes other than those or int8/float8_e4m3fn (the latter two only with the node's
+`kv_dtype` equal to the cache dtype and `k_scale`/`v_scale` of one positive value per KV
+head). RoPE needs an even head_dim (the call raises otherwise), cos/sin in q's dtype and
 shared by all heads (broadcastable to [1, 1, T, D]).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from kernels.attention import kv_scale_tensors
 from kernels.codegen import load_kernel, render
 from kernels.triton import next_pow2
 
 TEMPLATES = ("rope_kv", "paged_attention_decode", "paged_attention_prefill")
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANT_DTYPES = ("int8", "float8_e4m3fn")  # cache only, with per-KV-head scales
 MAX_HEAD_DIM = 256
 MAX_GROUP = 128
 
+
+def _scales_ok(attrs: dict, kv_cache_dtype: str, kv_heads: int) -> bool:
+    if attrs.get("kv_dtype") != kv_cache_dtype:
+        return False
+    for key in ("k_scale", "v_scale"):
+        values = attrs.get(key)
+        if not isinstance(values, list | tuple) or len(values) != kv_heads:
+            return False
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < math.inf
+                   for x in values):
+            return False
+    return True
 
 
 def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: int
@@ -65,7 +90,12 @@ def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: 
         return None
     if heads % kv_heads or heads // kv_heads > MAX_GROUP or head_dim > MAX_HEAD_DIM:
         return None
-    if kv_cache_dtype not in DTYPES or q_dtype not in DTYPES:
+    if q_dtype not in DTYPES:
+        return None
+    if kv_cache_dtype in QUANT_DTYPES:
+        if not _scales_ok(attrs, kv_cache_dtype, kv_heads):
+            return None
+    elif kv_cache_dtype not in DTYPES or attrs.get("kv_dtype") is not None:
         return None
     if not isinstance(block_size, int) or block_size < 1:
         return None
@@ -103,6 +133,8 @@ def check(p: dict[str, Any]) -> None:
     def pow2(n):
         return isinstance(n, int) and n >= 16 and n & (n - 1) == 0
 
+    if p["kv_dtype"] not in DTYPES + QUANT_DTYPES or p["q_dtype"] not in DTYPES:
+        raise ValueError(f"dtypes q {p['q_dtype']} / cache {p['kv_dtype']}")
     if not (pow2(p["head_dim_pad"]) and p["head_dim_pad"] >= p["head_dim"]):
         raise ValueError(f"head_dim_pad {p['head_dim_pad']} for head_dim {p['head_dim']}")
     if not pow2(p["block_n"]) or not pow2(p["block_g"]) or p["block_g"] < p["group"]:
@@ -123,8 +155,9 @@ def sources(p: dict[str, Any], nodes: list[str] | None = None) -> dict[str, str]
 
 def launch(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc, cos=None,
            sin=None, *, ctx, layer, scale, window=None, num_heads=None, num_kv_heads=None,
-           head_dim=None, modules):
-    """The reference op's convention plus `modules` (template name -> loaded module)."""
+           head_dim=None, kv_dtype=None, k_scale=None, v_scale=None, modules):
+    """The reference op's convention plus `modules` (template name -> loaded module). The
+    modules must be rendered for a quantized cache exactly when scales are given."""
     key_cache, value_cache = ctx.kv_caches[layer]
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -132,13 +165,17 @@ def launch(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc, c
     slot_mapping, block_tables, context_lens, query_start_loc = (
         x if x.stride(-1) == 1 else x.contiguous()
         for x in (slot_mapping, block_tables, context_lens, query_start_loc))
+    scales: dict[str, torch.Tensor] = {}
+    if k_scale is not None:
+        ks, vs = kv_scale_tensors(k_scale, v_scale, key_cache.device)
+        scales = {"k_scale": ks, "v_scale": vs}
     queries = modules["rope_kv"].launch(q, k, v, slot_mapping, cos, sin, key_cache,
-                                        value_cache)
+                                        value_cache, *scales.values())
     out = torch.empty_like(q)  # like the reference: q's layout when q is dense
     args = (queries, out, key_cache, value_cache, block_tables, context_lens, query_start_loc,
             scale, window)
-    modules["paged_attention_decode"].launch(*args)
-    modules["paged_attention_prefill"].launch(*args)
+    modules["paged_attention_decode"].launch(*args, **scales)
+    modules["paged_attention_prefill"].launch(*args, **scales)
     return out
 
 
@@ -157,7 +194,7 @@ class Launcher:
 
     def __call__(self, q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                  cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,
-                 num_kv_heads=None, head_dim=None):
+                 num_kv_heads=None, head_dim=None, kv_dtype=None, k_scale=None, v_scale=None):
         p = self.params
         for name, got in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim)):
@@ -166,6 +203,14 @@ class Launcher:
                                  f"{p[name]}")
         if cos is not None and p["head_dim"] % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {p['head_dim']}")
+        quant = p["kv_dtype"] in QUANT_DTYPES
+        if kv_dtype != (p["kv_dtype"] if quant else None):
+            raise ValueError(f"paged_attention layer {layer}: kv_dtype={kv_dtype}, kernels "
+                             f"rendered for a {p['kv_dtype']} cache")
+        if quant and (k_scale is None or v_scale is None):
+            raise ValueError(f"paged_attention layer {layer}: a {kv_dtype} cache needs "
+                             "k_scale and v_scale")
         return launch(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc, cos,
                       sin, ctx=ctx, layer=layer, scale=scale, window=window,
+                      k_scale=k_scale if quant else None, v_scale=v_scale if quant else None,
                       modules=self.modules)
