@@ -21,7 +21,8 @@ def candidates(p: dict[str, Any]) -> list[dict[str, Any]]:
     """Unique tilings across the decode, batch and prefill candidate lists."""
     seen, out = set(), []
     for m in (*ROWS, None):
-        for cfg in gemm.configs(m, p["N"], p["K"], "cuda", dtype=p["a_dtype"]):
+        for cfg in gemm.configs(m, p["N"], p["K"], "cuda", dtype=p["a_dtype"],
+                                b_format=p.get("b_format", "dense")):
             key = tuple(sorted(cfg.items()))
             if key not in seen:
                 seen.add(key)
@@ -49,6 +50,26 @@ def tune(p: dict[str, Any], time_fn: Callable[[dict[str, Any], int], float]
     return {**p, **{k: best[k] for k in gemm.TILE_KEYS}}, table
 
 
+def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
+    """Random weight operands in the params' `b_format` (see `kernels.triton.gemm.FORMATS`),
+    made by the format's own quantizer, for timing a kernel."""
+    import torch
+
+    from kernels import quant
+
+    N, K, fmt = p["N"], p["K"], p["b_format"]
+    w = torch.randn(N, K, device=device) * 0.05
+    if fmt == "dense":
+        return [w.to(getattr(torch, p["a_dtype"]))]
+    if fmt in ("int8_channel", "int8_channel_a8"):
+        return list(quant.quantize_int8_channel(w))
+    if fmt == "int4_group":
+        return list(quant.quantize_int4_group(w, p["group_size"]))
+    if fmt == "fp8_channel_a8":
+        return [*quant.quantize_fp8_channel(w), torch.full((1,), 4.0 / 448, device=device)]
+    raise ValueError(f"autotune: no operands for b_format {fmt!r}")
+
+
 def gpu_time(p: dict[str, Any], rows: int) -> float:
     """Median seconds of one launch of the rendered kernel on random inputs, on this GPU."""
     import torch
@@ -59,13 +80,7 @@ def gpu_time(p: dict[str, Any], rows: int) -> float:
     module = load_kernel(gemm.source(p))
     dtype = getattr(torch, p["a_dtype"])
     x = torch.randn(rows, p["K"], device="cuda", dtype=dtype)
-    operands: list[Any] = [x]
-    if p["b_format"] == "dense":
-        operands.append(torch.randn(p["N"], p["K"], device="cuda", dtype=dtype))
-    else:
-        operands += [torch.randint(-127, 128, (p["N"], p["K"]), device="cuda",
-                                   dtype=torch.int8),
-                     torch.rand(p["N"], device="cuda", dtype=torch.float32)]
+    operands: list[Any] = [x, *weight_operands(p)]
     if p["bias"]:
         operands.append(torch.randn(p["N"], device="cuda", dtype=dtype))
     if p["residual"]:

@@ -20,12 +20,17 @@ Two formats also quantize the activations (W8A8), computing the product in low p
   x_scale (from calibration): xq = e4m3(clamp(x / x_scale, ±448));
   y = (xq.float() @ q.float()^T) * x_scale * scale.
 
-`int8_linear` / `int4_linear` compute x @ W^T (+ bias) on CPU with torch's packed-weight kernels
-where they exist and agree with the reference (checked once, on a tiny case, at first use), and
-by dequantize + F.linear otherwise. `PATHS` records which path each one uses.
+`int8_linear`, `int4_linear`, `int8_a8_linear` and `fp8_a8_linear` compute x @ W^T (+ bias). On
+CPU each takes the path measured fastest for its row count (`KERNEL_MAX_ROWS`): torch's packed
+kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where
+they exist and agree with the reference (checked once, on a tiny case, at first use), else the
+weight dequantized a block of rows at a time and F.linear. `PATHS` records the path each one
+takes.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +39,21 @@ INT4_MAX = 15
 INT8_MAX = 127
 FP8_E4M3_MAX = 448.0
 
-# op name -> the compute path it takes ("torch._weight_int8pack_mm", "dequantize+linear", ...);
-# filled on first use (or by `cpu_paths()`), so importing this module runs no kernel.
+# op name -> the compute path it takes on CPU ("dequantize+linear", "torch._weight_int8pack_mm
+# (<= 4 rows), else dequantize+linear", ...); filled on first use (or by `cpu_paths()`), so
+# importing this module runs no kernel.
 PATHS: dict[str, str] = {}
+
+# The largest row count (tokens) for which an op uses torch's packed CPU kernel rather than its
+# dequantizing path; 0: never. Chosen by measurement (torch 2.13, 1 thread, an AVX2 x86 CPU,
+# SmolLM2-135M's weights: N x K = 960 x 576, 576 x 576, 3072 x 576, 576 x 1536, 49152 x 576):
+# every kernel lost at every shape. At M = 1 row, `_weight_int4pack_mm_for_cpu` (its pack
+# cached) took 0.9-2.0x the time of the dequantizing path, `_weight_int8pack_mm` 2.2-2.5x,
+# `_int_mm` 1.3-2.1x the exact float32 path; at M = 64, 43-66x, 26-30x and 15-18x (the kernels'
+# time grows with the rows, a dequantized block of weight rows serves them all). A CPU where a
+# kernel wins (their AVX-512 / AMX builds) can raise its limit: the kernels stay verified at
+# first use and tested.
+KERNEL_MAX_ROWS: dict[str, int] = {"int8_linear": 0, "int4_linear": 0, "int8_a8_linear": 0}
 
 # torch's CPU int4 kernel only takes these group sizes and N a multiple of 16
 # (`_weight_int4pack_mm_cpu` / `_convert_weight_to_int4pack_cpu` checks in torch 2.13).
@@ -208,8 +225,14 @@ def dequantize_fp8_channel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+DEQUANTIZE = "dequantize+linear"
+# Weight elements dequantized at a time on CPU (2 MiB of float32): a whole dequantized LM head
+# (49152 x 576 fp32, 113 MB) is a fresh allocation that page-faults on every call, 10x slower
+# than dequantizing it in cache-sized row blocks, each consumed by F.linear at once.
+_CHUNK_ELEMENTS = 1 << 19
+# 1024 * 127 * 127 < 2**24: a float32 dot of at most this many int8 x int8 products is exact
+# (every partial sum is an integer float32 represents), whatever the summation order.
+_EXACT_K = 1024
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -217,27 +240,45 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _rows_linear(x2: torch.Tensor, N: int, rows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [M, K] @ W^T (+ bias) -> [M, N] in x2's dtype, where `rows(i, j)` returns W[i:j] in
+    x2's dtype. On CPU, W is produced and used `_CHUNK_ELEMENTS` at a time (see there)."""
+    K = x2.shape[-1]
+    step = N if x2.device.type != "cpu" else max(1, _CHUNK_ELEMENTS // max(K, 1))
+    if step >= N:
+        return F.linear(x2, rows(0, N), bias)
+    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    for i in range(0, N, step):
+        j = min(N, i + step)
+        y[:, i:j] = F.linear(x2, rows(i, j), None if bias is None else bias[i:j])
+    return y
+
+
+def _finish(y2: torch.Tensor, x: torch.Tensor, N: int) -> torch.Tensor:
+    return y2.reshape(*x.shape[:-1], N)
+
+
+# ---- int8 weight-only ------------------------------------------------------------------------
+
+
 def _int8_kernel(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # The kernel wants the scales in the activation dtype.
     return torch._weight_int8pack_mm(x2, q, scale.to(x2.dtype))
 
 
-def _probe_int8() -> str:
-    if "int8_linear" not in PATHS:
-        path = "dequantize+linear"
-        if hasattr(torch, "_weight_int8pack_mm"):
-            try:
-                gen = torch.Generator().manual_seed(0)
-                w = torch.randn(5, 24, generator=gen)
-                x = torch.randn(3, 24, generator=gen)
-                q, s = quantize_int8_channel(w)
-                ref = F.linear(x, dequantize_int8_channel(q, s))
-                if _close(_int8_kernel(x, q, s), ref):
-                    path = "torch._weight_int8pack_mm"
-            except RuntimeError:
-                pass
-        PATHS["int8_linear"] = path
-    return PATHS["int8_linear"]
+def _probe_int8() -> bool:
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 24, generator=gen)
+    x = torch.randn(3, 24, generator=gen)
+    q, s = quantize_int8_channel(w)
+    return _close(_int8_kernel(x, q, s), F.linear(x, dequantize_int8_channel(q, s)))
+
+
+def _dequant_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # dequantize_int8_channel's values, with one allocation (in place).
+    return q.float().mul_(scale.float()[:, None]).to(dtype)
 
 
 def int8_linear(
@@ -245,53 +286,90 @@ def int8_linear(
 ) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype, W from (q int8 [N, K], scale fp32 [N]).
 
-    Uses torch._weight_int8pack_mm on CPU float inputs when it was verified at first use
-    (`PATHS["int8_linear"]`), else dequantizes (fp32, then x's dtype) and calls F.linear.
+    Up to `KERNEL_MAX_ROWS["int8_linear"]` rows of float x on CPU: torch._weight_int8pack_mm if
+    it was verified at first use; else the weight dequantized (fp32, then x's dtype; on CPU in
+    blocks of rows) and F.linear. `PATHS["int8_linear"]` says which.
     """
-    use_kernel = (
-        x.device.type == "cpu"
-        and x.dtype in _FLOATS
-        and x.numel() > 0
-        and _probe_int8() == "torch._weight_int8pack_mm"
-    )
-    if not use_kernel:
-        return _reference_linear(x, dequantize_int8_channel(q, scale), bias)
-    y = _int8_kernel(x.reshape(-1, x.shape[-1]), q, scale).reshape(*x.shape[:-1], q.shape[0])
-    return y if bias is None else y + bias.to(y.dtype)
+    _record("int8_linear")
+    N = q.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_kernel("int8_linear", x2):
+        y = _int8_kernel(x2, q, scale)
+        return _finish(y if bias is None else y + bias.to(y.dtype), x, N)
+    b = None if bias is None else bias.to(x.dtype)
+    y = _rows_linear(x2, N, lambda i, j: _dequant_int8_rows(q[i:j], scale[i:j], x.dtype), b)
+    return _finish(y, x, N)
+
+
+# ---- int4 weight-only ------------------------------------------------------------------------
+
+# id(packed) -> (weakref to it, stamp, torch's int4 pack, {dtype: scales_and_zeros}): the pack
+# `_weight_int4pack_mm_for_cpu` needs, converted once per weight rather than on every call. The
+# stamp (storage, version counter, shape of packed / scales / zeros, group size) catches a
+# weight modified in place or a new tensor at a recycled id; the weakref's callback drops the
+# entry when the weight is freed.
+_INT4_PACKS: dict[int, tuple] = {}
+
+
+def _stamp(*ts: torch.Tensor) -> tuple:
+    # (An inference-mode tensor has no version counter; it cannot change outside that mode.)
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, tuple(t.shape),
+                  t.dtype) for t in ts)
+
+
+def _int4_pack(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int4 pack, scales_and_zeros in `dtype`) for torch's CPU int4 kernel, cached per weight.
+
+    torch's kernel computes W = (q - 8) * s + zf with a float zero zf per group, and takes the
+    unpacked q as int32 [N, K] (it repacks into its own tiled layout). Ours is W = (q - z) * s,
+    so zf = (8 - z) * s. Scales and zeros go as [K // G, N, 2] in x's dtype."""
+    key = id(packed)
+    stamp = (_stamp(packed, scales, zeros), group_size)
+    entry = _INT4_PACKS.get(key)
+    if entry is None or entry[0]() is not packed or entry[1] != stamp:
+        q = unpack_int4(packed).to(torch.int32)
+        pack = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        ref = weakref.ref(packed, lambda _, key=key: _INT4_PACKS.pop(key, None))
+        entry = (ref, stamp, pack, {})
+        _INT4_PACKS[key] = entry
+    by_dtype = entry[3]
+    if dtype not in by_dtype:
+        s = scales.float()
+        zf = (8.0 - zeros.float()) * s
+        by_dtype[dtype] = torch.stack((s.t(), zf.t()), dim=-1).contiguous().to(dtype)
+    return entry[2], by_dtype[dtype]
 
 
 def _int4_kernel(
     x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    # torch's CPU int4 kernel computes W = (q - 8) * s + zf with a float zero zf per group, and
-    # takes the unpacked q as int32 [N, K] (it repacks into its own tiled layout). Ours is
-    # W = (q - z) * s, so zf = (8 - z) * s. Scales and zeros go as [K // G, N, 2] in x's dtype.
-    q = unpack_int4(packed).to(torch.int32)
-    w_packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    s = scales.float()
-    zf = (8.0 - zeros.float()) * s
-    sz = torch.stack((s.t(), zf.t()), dim=-1).contiguous().to(x2.dtype)
-    return torch._weight_int4pack_mm_for_cpu(x2, w_packed, group_size, sz)
+    pack, sz = _int4_pack(packed, scales, zeros, group_size, x2.dtype)
+    return torch._weight_int4pack_mm_for_cpu(x2, pack, group_size, sz)
 
 
-def _probe_int4() -> str:
-    if "int4_linear" not in PATHS:
-        path = "dequantize+linear"
-        if hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
-            torch, "_convert_weight_to_int4pack_for_cpu"
-        ):
-            try:
-                gen = torch.Generator().manual_seed(0)
-                w = torch.randn(16, 64, generator=gen)
-                x = torch.randn(3, 64, generator=gen)
-                p, s, z = quantize_int4_group(w, 32)
-                ref = F.linear(x, dequantize_int4_group(p, s, z, 32))
-                if _close(_int4_kernel(x, p, s, z, 32), ref):
-                    path = "torch._weight_int4pack_mm_for_cpu"
-            except RuntimeError:
-                pass
-        PATHS["int4_linear"] = path
-    return PATHS["int4_linear"]
+def _probe_int4() -> bool:
+    if not (hasattr(torch, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    p, s, z = quantize_int4_group(w, 32)
+    return _close(_int4_kernel(x, p, s, z, 32), F.linear(x, dequantize_int4_group(p, s, z, 32)))
+
+
+def _dequant_int4_rows(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    # dequantize_int4_group's values ((q - z) * s in fp32), in place after one allocation.
+    N = packed.shape[0]
+    q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(N, -1, group_size).float()
+    w = q.sub_(zeros.float()[..., None]).mul_(scales.float()[..., None])
+    return w.reshape(N, -1).to(dtype)
 
 
 def int4_kernel_supports(N: int, group_size: int) -> bool:
@@ -309,24 +387,24 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype, W the int4 group weight (module doc).
 
-    Uses torch._weight_int4pack_mm_for_cpu on CPU float inputs when it was verified at first use
-    (`PATHS["int4_linear"]`) and takes the shape (`int4_kernel_supports`), else dequantizes
-    (fp32, then x's dtype) and calls F.linear. The kernel path repacks the weight on every call;
-    a caller that reuses a weight should convert it once (a later piece of work).
+    Up to `KERNEL_MAX_ROWS["int4_linear"]` rows of float x on CPU, where torch's kernel takes the
+    shape (`int4_kernel_supports`): torch._weight_int4pack_mm_for_cpu if it was verified at first
+    use, with the weight converted to its layout once and cached (`_int4_pack`); else the weight
+    dequantized (fp32, then x's dtype; on CPU in blocks of rows) and F.linear.
+    `PATHS["int4_linear"]` says which.
     """
+    _record("int4_linear")
     N = packed.shape[0]
-    use_kernel = (
-        x.device.type == "cpu"
-        and x.dtype in _FLOATS
-        and x.numel() > 0
-        and int4_kernel_supports(N, group_size)
-        and _probe_int4() == "torch._weight_int4pack_mm_for_cpu"
-    )
-    if not use_kernel:
-        return _reference_linear(x, dequantize_int4_group(packed, scales, zeros, group_size), bias)
-    y = _int4_kernel(x.reshape(-1, x.shape[-1]), packed, scales, zeros, group_size)
-    y = y.reshape(*x.shape[:-1], N)
-    return y if bias is None else y + bias.to(y.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if int4_kernel_supports(N, group_size) and _use_kernel("int4_linear", x2):
+        y = _int4_kernel(x2, packed, scales, zeros, group_size)
+        return _finish(y if bias is None else y + bias.to(y.dtype), x, N)
+    b = None if bias is None else bias.to(x.dtype)
+
+    def rows(i, j):
+        return _dequant_int4_rows(packed[i:j], scales[i:j], zeros[i:j], group_size, x.dtype)
+
+    return _finish(_rows_linear(x2, N, rows, b), x, N)
 
 
 def int8_embedding(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -359,32 +437,65 @@ def int8_a8_linear_reference(x, q, scale, bias=None):
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def _probe_int_mm() -> str:
-    if "int8_a8_linear" not in PATHS:
-        path = "float64 reference"
-        if hasattr(torch, "_int_mm"):
-            try:
-                gen = torch.Generator().manual_seed(0)
-                a = torch.randint(-127, 128, (3, 24), generator=gen, dtype=torch.int8)
-                b = torch.randint(-127, 128, (24, 5), generator=gen, dtype=torch.int8)
-                if torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()):
-                    path = "torch._int_mm"
-            except RuntimeError:
-                pass
-        PATHS["int8_a8_linear"] = path
-    return PATHS["int8_a8_linear"]
+def _probe_int_mm() -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (3, 24), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 5), generator=gen, dtype=torch.int8)
+    return torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int())
+
+
+def _int8_dot_exact(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """xq int8 [M, K] @ q int8 [N, K]^T as exact integers, float64 [M, N]: float32 dots of at
+    most `_EXACT_K` products (exact, see there), summed in float64 (exact too)."""
+    M, K = xq.shape
+    xf = xq.float()
+    acc = torch.zeros(M, q.shape[0], dtype=torch.float64, device=xq.device)
+    for k0 in range(0, K, _EXACT_K):
+        k1 = min(K, k0 + _EXACT_K)
+        qk = q[:, k0:k1]
+        acc += _rows_linear(xf[:, k0:k1], q.shape[0], lambda i, j, qk=qk: qk[i:j].float())
+    return acc
+
+
+def _probe_int8_exact() -> bool:
+    # The worst case for exactness (every product 127 * 127, K = _EXACT_K, so the sums reach
+    # 2**24 - 2**18) and a random one, against integer arithmetic. Fails where float32 matmuls
+    # are computed in reduced precision (e.g. torch.set_float32_matmul_precision on some CPUs).
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.full((2, _EXACT_K), 127, dtype=torch.int8),
+              torch.full((3, _EXACT_K), -127, dtype=torch.int8)),
+             (torch.randint(-127, 128, (3, 1100), generator=gen, dtype=torch.int8),
+              torch.randint(-127, 128, (5, 1100), generator=gen, dtype=torch.int8))]
+    return all(torch.equal(_int8_dot_exact(a, b), (a.long() @ b.long().t()).double())
+               for a, b in cases)
 
 
 def int8_a8_linear(x, q, scale, bias=None):
-    """x [..., K] @ W^T with int8 activations per token and int8 weights per channel (int32
-    accumulation; torch._int_mm where it was verified at first use)."""
-    if x.device.type != "cpu" or x.numel() == 0 or _probe_int_mm() != "torch._int_mm":
-        return int8_a8_linear_reference(x, q, scale, bias)
+    """x [..., K] @ W^T with int8 activations per token and int8 weights per channel, the int8
+    products accumulated exactly (module doc: int8_channel_a8).
+
+    On CPU, up to `KERNEL_MAX_ROWS["int8_a8_linear"]` rows: torch._int_mm (int32) if verified at
+    first use; otherwise exact float32 dots (`_int8_dot_exact`, verified at first use), scaled
+    in float64 like the reference; elsewhere, and if neither verified, the float64 reference.
+    `PATHS["int8_a8_linear"]` says which."""
+    _record("int8_a8_linear")
+    N = q.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    xq, a = quantize_int8_token(x2)
-    acc = torch._int_mm(xq, q.t())
-    y = (acc.float() * a[:, None] * scale[None, :]).to(x.dtype)
-    y = y.reshape(*x.shape[:-1], q.shape[0])
+    if x.device.type != "cpu" or x2.shape[0] == 0:
+        return int8_a8_linear_reference(x, q, scale, bias)
+    if _use_kernel("int8_a8_linear", x2):
+        xq, a = quantize_int8_token(x2)
+        acc = torch._int_mm(xq, q.t())
+        y = (acc.float() * a[:, None] * scale[None, :]).to(x.dtype)
+    elif _verified("int8_a8_exact"):
+        xq, a = quantize_int8_token(x2)
+        acc = _int8_dot_exact(xq, q)
+        y = (acc * a.double()[:, None] * scale.double()[None, :]).to(x.dtype)
+    else:
+        return int8_a8_linear_reference(x, q, scale, bias)
+    y = _finish(y, x, N)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -393,20 +504,105 @@ def quantize_fp8_tensor(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / x_scale.float()).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_fp8_dtype())
 
 
+def _fp8_div256(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32 values / 256, exactly, about 10x faster than q.float() on CPU
+    (which converts in software). The e4m3 bits s eeee mmm shifted left by 7 are the float16
+    s 0eeee mmm0000000: the same digits with float16's exponent bias (15 vs 7), i.e. the value
+    times 2**-8, subnormals included; float16 -> float32 is a hardware conversion. (As int16 the
+    byte is sign-extended; bit 14 gets a copy of the sign and is cleared.) NaN (never stored: the
+    quantizers clamp) would come out finite."""
+    h = q.view(torch.int8).to(torch.int16)
+    return h.bitwise_left_shift_(7).bitwise_and_(-16385).view(torch.float16).float()
+
+
+def _probe_fp8_bits() -> bool:
+    if not hasattr(torch, "float8_e4m3fn"):
+        return False
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    want = every.float()
+    finite = ~want.isnan()
+    return torch.equal((_fp8_div256(every) * 256.0)[finite], want[finite])
+
+
 def fp8_a8_linear(x, q, scale, x_scale, bias=None):
     """The definition of fp8_channel_a8 (module doc): fp8 activations (static scale) times fp8
     weights, accumulated in fp32. Dequantizing both operands is exact (every e4m3 value is an
-    fp32), so F.linear on them is the reference up to summation order."""
+    fp32), so F.linear on them is the reference up to summation order. On CPU both are
+    dequantized through `_fp8_div256` (verified at first use) in blocks of weight rows: each
+    value and so the product is scaled by an exact power of two, which the per-channel scale
+    undoes exactly. (torch._scaled_mm also runs on CPU, but measured 3-22x slower than this at
+    SmolLM2's shapes, M = 1 and 64; see KERNEL_MAX_ROWS.)"""
+    _record("fp8_a8_linear")
+    N = q.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     xq = quantize_fp8_tensor(x2, x_scale)
-    y = F.linear(xq.float(), q.float()) * (x_scale.float() * scale.float())[None, :]
-    y = y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    c = x_scale.float() * scale.float()
+    if x.device.type == "cpu" and _verified("fp8_bits"):
+        acc = _rows_linear(_fp8_div256(xq), N, lambda i, j: _fp8_div256(q[i:j]))
+        y = acc * (c * 65536.0)[None, :]
+    else:
+        y = F.linear(xq.float(), q.float()) * c[None, :]
+    y = _finish(y.to(x.dtype), x, N)
     return y if bias is None else y + bias.to(y.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Path choice and first-use checks
+# ---------------------------------------------------------------------------------------------
+
+# check name -> probe: does the fast path exist here and agree with the reference?
+_PROBES = {
+    "int8_linear": _probe_int8,
+    "int4_linear": _probe_int4,
+    "int8_a8_linear": _probe_int_mm,
+    "int8_a8_exact": _probe_int8_exact,
+    "fp8_bits": _probe_fp8_bits,
+}
+_KERNELS = {"int8_linear": "torch._weight_int8pack_mm",
+            "int4_linear": "torch._weight_int4pack_mm_for_cpu",
+            "int8_a8_linear": "torch._int_mm"}
+_VERIFIED: dict[str, bool] = {}
+
+
+def _verified(check: str) -> bool:
+    """Runs the probe of `check` once (a probe that raises fails)."""
+    if check not in _VERIFIED:
+        try:
+            _VERIFIED[check] = bool(_PROBES[check]())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _VERIFIED[check] = False
+    return _VERIFIED[check]
+
+
+def _use_kernel(op: str, x2: torch.Tensor) -> bool:
+    rows = x2.shape[0]
+    return (x2.device.type == "cpu" and x2.dtype in _FLOATS
+            and 0 < rows <= KERNEL_MAX_ROWS.get(op, 0) and _verified(op))
+
+
+def _fallback(op: str) -> str:
+    if op == "int8_a8_linear":
+        return "exact float32 linear" if _verified("int8_a8_exact") else "float64 reference"
+    if op == "fp8_a8_linear":
+        return DEQUANTIZE + (" (float16 bit cast)" if _verified("fp8_bits") else "")
+    return DEQUANTIZE
+
+
+def _record(op: str) -> None:
+    """Sets PATHS[op] (once; `cpu_paths` refreshes it) to the path `op` takes on CPU."""
+    if op in PATHS:
+        return
+    limit = KERNEL_MAX_ROWS.get(op, 0)
+    if limit > 0 and _verified(op):
+        PATHS[op] = f"{_KERNELS[op]} (<= {limit} rows), else {_fallback(op)}"
+    else:
+        PATHS[op] = _fallback(op)
+
+
 def cpu_paths() -> dict[str, str]:
-    """Runs the first-use checks now and returns a copy of `PATHS` (for reports)."""
-    _probe_int8()
-    _probe_int4()
-    _probe_int_mm()
+    """Runs the first-use checks the paths need now and returns the path each op takes on CPU
+    (a copy of `PATHS`)."""
+    for op in ("int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear"):
+        PATHS.pop(op, None)
+        _record(op)
     return dict(PATHS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kernels import quant as Q
@@ -217,6 +217,122 @@ def test_fp8_missing_dtype_raises(monkeypatch):
         Q.quantize_fp8_channel(torch.ones(2, 8))
 
 
+# ---- int4 packing and group sizes: random shapes -----------------------------------------------
+
+
+@st.composite
+def int4_shapes(draw):
+    """(N, K, G): K even, G any divisor of K (including odd ones and G = K)."""
+    N = draw(st.integers(1, 24))
+    K = 2 * draw(st.integers(1, 96))
+    G = draw(st.sampled_from([d for d in range(1, K + 1) if K % d == 0]))
+    return N, K, G
+
+
+@SETTINGS
+@given(shape=int4_shapes(), seed=seeds, log_scale=log_scales, kind=kinds)
+def test_int4_layout_and_round_trip_any_divisor(shape, seed, log_scale, kind):
+    N, K, G = shape
+    w = weight(N, K, seed, log_scale, kind)
+    packed, scales, zeros = Q.quantize_int4_group(w, G)
+    assert packed.shape == (N, K // 2) and scales.shape == zeros.shape == (N, K // G)
+    # layout: byte j = column 2j (low nibble) | column 2j + 1 (high nibble)
+    q = Q.unpack_int4(packed)
+    assert torch.equal(packed, q[:, 0::2] | (q[:, 1::2] << 4))
+    assert torch.equal(Q.pack_int4(q), packed) and int(q.max()) <= 15
+    # the documented formula, group by group
+    g = torch.arange(K) // G
+    manual = (q.float() - zeros.float()[:, g]) * scales[:, g]
+    deq = Q.dequantize_int4_group(packed, scales, zeros, G)
+    assert torch.equal(deq, manual)
+    bound = scales[:, g] / 2 * (1 + FP_SLACK) + FP_SLACK * w.abs()
+    assert ((w - deq).abs() <= bound).all()
+
+
+@SETTINGS
+@given(q=st.lists(st.integers(0, 15), min_size=2, max_size=64).filter(lambda v: len(v) % 2 == 0),
+       rows=st.integers(1, 3))
+def test_pack_int4_layout_random(q, rows):
+    t = torch.tensor([q] * rows, dtype=torch.uint8)
+    packed = Q.pack_int4(t)
+    assert packed.tolist() == [[q[2 * j] | (q[2 * j + 1] << 4) for j in range(len(q) // 2)]] * rows
+    assert torch.equal(Q.unpack_int4(packed), t)
+
+
+def _resolve_spec(K: int, requested: int) -> int | None:
+    """resolve_group_size's documented rule, by brute force (None: it must raise)."""
+    if K % requested == 0:
+        return requested
+    divisors = [d for d in range(1, min(K, requested) + 1) if K % d == 0]
+    for ok in (lambda d: d % 8 == 0, lambda d: d >= 8):
+        good = [d for d in divisors if ok(d)]
+        if good:
+            return max(good)
+    return None
+
+
+@SETTINGS
+@given(K=st.integers(1, 600), requested=st.integers(1, 300))
+def test_resolve_group_size_fallback_rule(K, requested):
+    want = _resolve_spec(K, requested)
+    if want is None:
+        with pytest.raises(ValueError, match=rf"K={K}\b"):
+            Q.resolve_group_size(K, requested)
+        return
+    G = Q.resolve_group_size(K, requested)
+    assert want == G and K % G == 0 and max(requested, 1) >= G
+    if K % 2 == 0:  # and then the weight quantizes with it
+        _, scales, _ = Q.quantize_int4_group(torch.randn(2, K), G)
+        assert scales.shape == (2, K // G)
+
+
+# ---- fp8 and int8 activations -----------------------------------------------------------------
+
+
+@needs_fp8
+@SETTINGS
+@given(shape=shapes, seed=seeds, log_scale=log_scales, kind=kinds)
+def test_fp8_channel_layout(shape, seed, log_scale, kind):
+    N, K = shape
+    w = weight(N, K, seed, log_scale, kind)
+    q, scale = Q.quantize_fp8_channel(w)
+    qf = q.float()
+    assert (scale > 0).all() and (qf.abs() <= Q.FP8_E4M3_MAX).all()
+    nonzero = w.abs().amax(dim=1) > 0
+    # each non-zero row uses the full range: its amax lands on 448 exactly
+    assert (qf.abs().amax(dim=1)[nonzero] == Q.FP8_E4M3_MAX).all()
+    assert torch.equal(Q.dequantize_fp8_channel(q, scale), qf * scale[:, None])
+    assert torch.equal(qf.to(torch.float8_e4m3fn).float(), qf)  # values on the e4m3 grid
+
+
+@SETTINGS
+@given(M=st.integers(1, 12), K=st.integers(1, 200), seed=seeds, log_scale=log_scales,
+       zero_row=st.booleans())
+def test_int8_token_quantization_within_half_step(M, K, seed, log_scale, zero_row):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * 2.0**log_scale * torch.logspace(-3, 3, M)[:, None]
+    if zero_row:
+        x[0] = 0.0
+    xq, a = Q.quantize_int8_token(x)
+    assert xq.dtype == torch.int8 and xq.shape == (M, K) and a.shape == (M,)
+    assert int(xq.min()) >= -127  # symmetric
+    amax = x.abs().amax(dim=1)
+    assert torch.equal(a, torch.where(amax > 0, amax / 127, torch.ones_like(amax)))
+    # each element within half a step (a / 2) of its dequantized value
+    bound = a[:, None] / 2 * (1 + FP_SLACK) + FP_SLACK * x.abs()
+    assert ((x - xq.float() * a[:, None]).abs() <= bound).all()
+    # the row's amax maps to +-127; a zero row to a = 1, xq = 0
+    rows = amax > 0
+    assert (xq.abs().amax(dim=1)[rows] == 127).all()
+    assert (a[~rows] == 1).all() and (xq[~rows] == 0).all()
+
+
+def test_int8_token_rounds_half_to_even():
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, 0.5, -126.5]])  # amax 127: a = 1, exact ties
+    xq, a = Q.quantize_int8_token(x)
+    assert a.item() == 1.0 and xq.tolist() == [[127, 2, 4, -2, 0, -126]]
+
+
 # ---- CPU linear paths -------------------------------------------------------------------------
 
 
@@ -227,20 +343,43 @@ def linear_tolerance(x: torch.Tensor, w: torch.Tensor, rel: float) -> torch.Tens
 
 def test_cpu_paths_reported():
     paths = Q.cpu_paths()
-    assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear"}
-    assert paths["int8_a8_linear"] in {"torch._int_mm", "float64 reference"}
-    assert paths["int8_linear"] in {"torch._weight_int8pack_mm", "dequantize+linear"}
-    assert paths["int4_linear"] in {"torch._weight_int4pack_mm_for_cpu", "dequantize+linear"}
+    assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear"}
+    kernels = {"int8_linear": "torch._weight_int8pack_mm",
+               "int4_linear": "torch._weight_int4pack_mm_for_cpu",
+               "int8_a8_linear": "torch._int_mm"}
+    fallbacks = {"int8_linear": {"dequantize+linear"}, "int4_linear": {"dequantize+linear"},
+                 "int8_a8_linear": {"exact float32 linear", "float64 reference"}}
+    for op, kernel in kernels.items():
+        limit = Q.KERNEL_MAX_ROWS[op]
+        assert paths[op] in fallbacks[op] or \
+            (limit > 0 and paths[op].startswith(f"{kernel} (<= {limit} rows), else "))
+    assert paths["fp8_a8_linear"] in {"dequantize+linear (float16 bit cast)", "dequantize+linear"}
+    # on this torch the exact float32 path and the fp8 bit cast verify
+    assert paths["int8_a8_linear"] != "float64 reference"
+    if hasattr(torch, "float8_e4m3fn"):
+        assert paths["fp8_a8_linear"] == "dequantize+linear (float16 bit cast)"
 
 
-@pytest.fixture(params=["kernel", "dequantize"])
+def test_cpu_paths_name_the_kernels_when_enabled(monkeypatch):
+    monkeypatch.setattr(Q, "PATHS", {})
+    monkeypatch.setitem(Q.KERNEL_MAX_ROWS, "int8_linear", 4)
+    paths = Q.cpu_paths()
+    if Q._verified("int8_linear"):
+        assert paths["int8_linear"] == "torch._weight_int8pack_mm (<= 4 rows), else dequantize+linear"
+
+
+@pytest.fixture(params=["kernel", "dequantize", "chunked"])
 def path(request, monkeypatch):
-    """Runs a test on torch's kernel path (as probed) and on the forced fallback."""
-    if request.param == "dequantize":
-        monkeypatch.setitem(Q.PATHS, "int8_linear", "dequantize+linear")
-        monkeypatch.setitem(Q.PATHS, "int4_linear", "dequantize+linear")
-    else:
-        Q.cpu_paths()
+    """Runs a test on torch's kernels (at every row count, where they verify), on the
+    dequantizing paths as chosen, and on those with tiny row blocks (many blocks per weight)."""
+    rows = 1 << 30 if request.param == "kernel" else 0
+    for op in list(Q.KERNEL_MAX_ROWS):
+        monkeypatch.setitem(Q.KERNEL_MAX_ROWS, op, rows)
+    if request.param == "chunked":
+        monkeypatch.setattr(Q, "_CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(Q, "_EXACT_K", 16)  # the int8 dot in several K slices too
+    monkeypatch.setattr(Q, "PATHS", {})
+    Q.cpu_paths()
     return request.param
 
 
@@ -272,7 +411,10 @@ def test_int4_linear_matches_reference(path, N, K, requested, M, seed, bias):
     w = Q.dequantize_int4_group(packed, scales, zeros, G)
     y = Q.int4_linear(x, packed, scales, zeros, G, b)
     assert y.shape == (M, 2, N) and y.dtype == x.dtype
-    assert ((y - F.linear(x, w, b)).abs() <= linear_tolerance(x, w, 1e-5)).all()
+    # torch's kernel builds W as (q - 8) * s + (8 - z) * s: its rounding is relative to those
+    # terms (up to 16 s), not to W, which is ~0 where q is near z.
+    w_terms = w.abs() + 16 * scales.repeat_interleave(G, dim=1)
+    assert ((y - F.linear(x, w, b)).abs() <= linear_tolerance(x, w_terms, 1e-5)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -293,11 +435,118 @@ def test_linear_half_precision(path, dtype):
     assert ((y4.float() - x.float() @ w4.t()).abs() <= linear_tolerance(x, w4, 2.0**-6)).all()
 
 
-def test_linear_empty_batch():
+def test_linear_empty_batch(path):
     q, s = Q.quantize_int8_channel(torch.randn(16, 64))
     assert Q.int8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
+    assert Q.int8_a8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
     p, sc, z = Q.quantize_int4_group(torch.randn(16, 64), 32)
     assert Q.int4_linear(torch.randn(0, 64), p, sc, z, 32).shape == (0, 16)
+
+
+# ---- W8A8 linears against float64 -------------------------------------------------------------
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def fits(y64: torch.Tensor, bias, dtype) -> bool:
+    """The result and its bias sum are finite in `dtype` (float16 overflows at 65504)."""
+    y_b = y64.abs() + (0 if bias is None else bias.double().abs())
+    return bool((y_b < torch.finfo(dtype).max / 2).all())
+
+
+def a8_tolerance(y64: torch.Tensor, sum_abs: torch.Tensor, K: int, bias, dtype) -> torch.Tensor:
+    """|got - y64| bound for a W8A8 linear whose exact result is y64 (float64, before the bias):
+    float32 accumulation of K products, at most K * u32 * sum_k |products| (zero where the
+    accumulation is exact); a few float32 roundings of the scaling, 4 * u32 * |y|; the rounding
+    to the output dtype, u * |y|; adding the bias in that dtype, u * |y + b|; and where those
+    results are subnormal, half a subnormal step each (2 * u * smallest normal)."""
+    u32, u = 2.0**-24, UNIT_ROUNDOFF[dtype]
+    y_b = y64 if bias is None else y64 + bias.double()
+    subnormal_step = 2 * u * torch.finfo(dtype).tiny
+    return K * u32 * sum_abs + (4 * u32 + u) * y64.abs() + u * y_b.abs() + subnormal_step
+
+
+@LINEAR_SETTINGS
+@given(M=st.integers(1, 6), N=st.integers(1, 40), K=st.integers(1, 80), seed=seeds,
+       log_scale=log_scales, bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_int8_a8_linear_vs_float64(path, M, N, K, seed, log_scale, bias, dtype):
+    """int8 x int8 products are integers, accumulated exactly on every path (int32 or exact
+    float32 dots), so only the scaling and the output rounding differ from float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=gen) * torch.logspace(-2, 2, M)[:, None]).to(dtype)
+    q, scale = Q.quantize_int8_channel(weight(N, K, seed, log_scale, "mixed"))
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    xq, a = Q.quantize_int8_token(x)
+    exact = xq.double() @ q.double().t()
+    assert torch.equal(exact, (xq.long() @ q.long().t()).double())  # float64 is exact here
+    y64 = exact * a.double()[:, None] * scale.double()[None, :]
+    assume(fits(y64, b, dtype))
+    y = Q.int8_a8_linear(x, q, scale, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = a8_tolerance(y64, torch.zeros_like(y64), K, b, dtype)
+    assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
+    if Q.PATHS["int8_a8_linear"] in ("exact float32 linear", "float64 reference"):
+        assert torch.equal(y, Q.int8_a8_linear_reference(x, q, scale, b))  # bit for bit
+
+
+@needs_fp8
+@LINEAR_SETTINGS
+@given(M=st.integers(1, 6), N=st.integers(1, 40), K=st.integers(1, 80), seed=seeds,
+       log_scale=log_scales, saturate=st.sampled_from([0.5, 1.0, 2.0]), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_fp8_a8_linear_vs_float64(path, M, N, K, seed, log_scale, saturate, bias, dtype):
+    """e4m3 x e4m3 products are exact in float32; their float32 sum is not, so the bound has
+    the summation term K * u32 * sum |xq w| * x_scale * scale. x_scale = amax / 448 / saturate:
+    saturate 2 clamps the largest activations (the definition's clamp, in both)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=gen) * 2.0**log_scale).to(dtype)
+    x_scale = (x.float().abs().amax().clamp_min(1e-30) / Q.FP8_E4M3_MAX / saturate).reshape(1)
+    q, scale = Q.quantize_fp8_channel(weight(N, K, seed + 1, 0, "mixed"))
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    xq = Q.quantize_fp8_tensor(x, x_scale).double()
+    c = (x_scale.float() * scale.float()).double()  # the definition's fp32 product
+    y64 = (xq @ q.double().t()) * c[None, :]
+    sum_abs = (xq.abs() @ q.double().abs().t()) * c[None, :]
+    assume(fits(y64, b, dtype))
+    y = Q.fp8_a8_linear(x, q, scale, x_scale, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = a8_tolerance(y64, sum_abs, K, b, dtype)
+    assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
+
+
+@needs_fp8
+def test_fp8_bit_cast_is_exact_for_every_value():
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    want = every.float()
+    got = Q._fp8_div256(every) * 256
+    finite = ~want.isnan()
+    assert finite.sum() == 254  # e4m3fn: NaN is 0x7f / 0xff only; no inf
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(got[finite].signbit(), want[finite].signbit())  # -0.0 included
+
+
+def test_exact_int8_dot_at_its_worst_case():
+    """K = 1100 needs two float32 slices; each slice's sums reach ~2**24 and stay exact."""
+    a = torch.full((2, 1100), 127, dtype=torch.int8)
+    b = torch.full((3, 1100), -127, dtype=torch.int8)
+    got = Q._int8_dot_exact(a, b)
+    assert torch.equal(got, torch.full((2, 3), -1100.0 * 127 * 127, dtype=torch.float64))
+
+
+def test_row_blocks_match_one_block(monkeypatch):
+    """The chunked dequantizing paths give what one whole-weight F.linear gives."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 64, generator=gen), torch.randn(37, 64, generator=gen), \
+        torch.randn(37, generator=gen)
+    q, s = Q.quantize_int8_channel(w)
+    whole = Q.int8_linear(x, q, s, b)
+    monkeypatch.setattr(Q, "_CHUNK_ELEMENTS", 64 * 5)  # 5 rows a block: 8 blocks, the last short
+    blocks = Q.int8_linear(x, q, s, b)
+    assert torch.allclose(blocks, whole, rtol=1e-6, atol=1e-6)
+
+
+# ---- kernels called directly ------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 CPU kernel")
@@ -312,7 +561,11 @@ def test_int8_kernel_direct():
     assert ((y - x @ w.t()).abs() <= linear_tolerance(x, w, 1e-5)).all()
 
 
-@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+needs_int4_kernel = pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"),
+                                       reason="no int4 CPU kernel")
+
+
+@needs_int4_kernel
 @pytest.mark.parametrize(("N", "K", "G"), [(16, 32, 32), (32, 256, 64), (48, 256, 128), (16, 512, 256)])
 def test_int4_kernel_direct(N, K, G):
     # Our (q - z) * s with integer z vs torch's (q - 8) * s + zf convention.
@@ -321,4 +574,45 @@ def test_int4_kernel_direct(N, K, G):
     p, sc, z = Q.quantize_int4_group(weight(N, K, 3, 0, "mixed"), G)
     w = Q.dequantize_int4_group(p, sc, z, G)
     y = Q._int4_kernel(x, p, sc, z, G)
-    assert ((y - x @ w.t()).abs() <= linear_tolerance(x, w, 1e-5)).all()
+    w_terms = w.abs() + 16 * sc.repeat_interleave(G, dim=1)  # see test_int4_linear_...
+    assert ((y - x @ w.t()).abs() <= linear_tolerance(x, w_terms, 1e-5)).all()
+
+
+@needs_int4_kernel
+def test_int4_pack_is_converted_once_per_weight(monkeypatch):
+    calls = []
+    convert = torch._convert_weight_to_int4pack_for_cpu
+
+    def counting(*args):
+        calls.append(1)
+        return convert(*args)
+
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", counting)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 64, generator=gen)
+    p, sc, z = Q.quantize_int4_group(torch.randn(32, 64, generator=gen), 32)
+    y1 = Q._int4_kernel(x, p, sc, z, 32)
+    y2 = Q._int4_kernel(x, p, sc, z, 32)
+    Q._int4_kernel(x.bfloat16(), p, sc, z, 32)  # another activation dtype: same pack
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    # a weight changed in place is converted again, and gives the new result
+    p2, sc2, z2 = Q.quantize_int4_group(torch.randn(32, 64, generator=gen), 32)
+    p.copy_(p2)
+    sc.copy_(sc2)
+    z.copy_(z2)
+    y3 = Q._int4_kernel(x, p, sc, z, 32)
+    assert len(calls) == 2
+    w2 = Q.dequantize_int4_group(p2, sc2, z2, 32)
+    w_terms = w2.abs() + 16 * sc2.repeat_interleave(32, dim=1)
+    assert ((y3 - x @ w2.t()).abs() <= linear_tolerance(x, w_terms, 1e-5)).all()
+    # the entry goes with the weight
+    key = id(p)
+    assert key in Q._INT4_PACKS
+    del p
+    assert key not in Q._INT4_PACKS
+    # weights made in inference mode (no version counter) are cached too
+    with torch.inference_mode():
+        p3 = p2.clone()
+        Q._int4_kernel(x, p3, sc2, z2, 32)
+        Q._int4_kernel(x, p3, sc2, z2, 32)
+    assert len(calls) == 3

@@ -3,6 +3,15 @@
 Each program copies BLOCK columns of one token's row; the table's shape is baked into the
 kernel. Ids outside [0, vocab) read as zero rows (the reference raises instead: a kernel cannot,
 and the tokenizer never produces them).
+
+Node attribute `"b_format"` (the table's storage, as in `kernels.ops.embedding`):
+
+* absent: a dense float table, `launch(weight, ids)` -> rows in the table's dtype.
+* "int8_channel": an int8 table [V, D] with one float32 scale per row (the layout a tied LM
+  head shares), `launch(q, ids, scale, **attrs)` -> rows q[id] * scale[id], computed in float32
+  (`kernels.quant.int8_embedding`) and rounded once to the node attribute `"dtype"` (a float
+  dtype name) if it has one, else left float32, as `kernels.ops.embedding` does. Params add
+  `b_format` and `out_dtype`, and `dtype` is "int8".
 """
 
 from __future__ import annotations
@@ -25,17 +34,28 @@ def _is_size(d) -> bool:
 def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
            out_dtype: str | list[str]) -> dict | None:
     """Template parameters for an embedding node, or None where this family cannot run it."""
-    if op != "embedding" or attrs or len(in_shapes) != 2 or len(in_dtypes) != 2:
+    if op != "embedding" or set(attrs) - {"b_format", "dtype"}:
         return None
-    w_dtype, id_dtype = in_dtypes
-    if w_dtype not in WEIGHT_DTYPES or id_dtype not in ID_DTYPES or out_dtype != w_dtype:
+    b_format = attrs.get("b_format")
+    if b_format is None and not attrs and len(in_shapes) == len(in_dtypes) == 2:
+        w_dtype, id_dtype = in_dtypes
+        if w_dtype not in WEIGHT_DTYPES or out_dtype != w_dtype:
+            return None
+    elif b_format == "int8_channel" and len(in_shapes) == len(in_dtypes) == 3:
+        w_dtype, id_dtype, scale_dtype = in_dtypes
+        if w_dtype != "int8" or scale_dtype != "float32" or \
+                out_dtype not in WEIGHT_DTYPES or out_dtype != attrs.get("dtype", "float32"):
+            return None
+    else:
         return None
     w_shape = tuple(in_shapes[0])
-    if len(w_shape) != 2 or not all(_is_size(d) for d in w_shape):
+    if id_dtype not in ID_DTYPES or len(w_shape) != 2 or not all(_is_size(d) for d in w_shape):
         return None
     vocab, dim = w_shape
+    if b_format is not None and tuple(in_shapes[2]) != (vocab,):
+        return None
     block = min(next_pow2(dim), MAX_BLOCK)
-    return {
+    p = {
         "op": op,
         "dtype": w_dtype,
         "id_dtype": id_dtype,
@@ -44,6 +64,9 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "BLOCK": block,
         "num_warps": row_num_warps(block),
     }
+    if b_format is not None:
+        p.update(b_format=b_format, out_dtype=out_dtype)
+    return p
 
 
 def source(p: dict, nodes: list[str] | None = None) -> str:

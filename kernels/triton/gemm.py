@@ -22,26 +22,41 @@ the reference op):
   each format to the operands it takes in place of `w`, in input order:
     - "dense":        w [N, K] in the activation dtype
     - "int8_channel": w int8 [N, K], w_scale float32 [N]; W = w.float() * w_scale[:, None]
-  A format is one macro `b_<format>` in the template (loads/dequantizes the B tile and may
-  fix up the accumulator after the K loop) plus an entry here that checks its operands.
+    - "int4_group":   w uint8 [N, K // 2] (two nibbles per byte, the low one the even column),
+                      w_scales float32 [N, K // G], w_zeros uint8 [N, K // G], with the node
+                      attribute `"group_size": G` (G divides K, K even; recorded in the
+                      params as `group_size`); W = (q - zero) * scale per group of G columns
+    - "int8_channel_a8": w int8 [N, K], w_scale float32 [N], and the activations quantized
+                      to int8 per row inside the kernel (a = amax|x_row| / 127, SmoothQuant
+                      W8A8): an int8 x int8 -> int32 dot, scaled by a * w_scale after the loop
+    - "fp8_channel_a8": w float8_e4m3fn [N, K], w_scale float32 [N], x_scale float32 [1]: the
+                      activations quantized to e4m3 with the static x_scale, an fp8 dot with
+                      fp32 accumulation, scaled by x_scale * w_scale after the loop
+  The formats are defined exactly in `kernels/quant.py`; `kernels.ops.linear` with the same
+  `b_format` is the torch reference. A format is one macro `b_<format>` in the template
+  (loads/dequantizes the B tile, may quantize the A tile and replace the dot, and may fix up
+  the accumulator after the K loop) plus an entry here that checks its operands.
 
 Parameters (`params` returns them; `source` renders them): op, N, K, a_dtype, out_dtype,
-b_format, bias, act, residual, batched, input_precision, and the tiling BLOCK_M, BLOCK_N,
-BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes from
-`configs(M_hint, N, K, device, dtype=a_dtype)`: `params` takes its first entry for this
-machine's device (cuda if torch sees one, else cpu); a builder that times kernels on a GPU
-may replace the tiling keys with any other entry (`{**p, **cfg}`).
+b_format, bias, act, residual, batched, input_precision (plus group_size for "int4_group"),
+and the tiling BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes
+from `configs(M_hint, N, K, device, dtype=a_dtype, b_format=...)`: `params` takes its first
+entry for this machine's device (cuda if torch sees one, else cpu); a builder that times
+kernels on a GPU may replace the tiling keys with any other entry (`{**p, **cfg}`). Every
+tiling computes the same thing for every format (int4_group takes any BLOCK_K: a K tile
+inside one group loads one scale per column, else one per element); the 8-bit dots of the
+"_a8" formats need BLOCK_K >= 32 to compile for a GPU, which `configs` ensures for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels import codegen
+from kernels import codegen, quant
 from kernels.triton import is_int, next_pow2, static_numel
 
 TEMPLATE = "gemm"
@@ -57,31 +72,79 @@ ACTIVATIONS: dict[str, Callable] = {
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
-def _check_dense(shapes, dtypes, N, K, a_dtype) -> bool:
+def _check_dense(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     (w,), (wd,) = shapes, dtypes
     return tuple(w) == (N, K) and wd == a_dtype
 
 
-def _check_int8_channel(shapes, dtypes, N, K, a_dtype) -> bool:
+def _check_int8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     (w, s), (wd, sd) = shapes, dtypes
     return tuple(w) == (N, K) and wd == "int8" and tuple(s) == (N,) and sd == "float32"
 
 
-def _dequant_dense(w):
+def _check_int4_group(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
+    (w, s, z), (wd, sd, zd) = shapes, dtypes
+    G = group_size
+    if not (is_int(G) and G > 0 and K % G == 0 and K % 2 == 0):
+        return False
+    return (tuple(w) == (N, K // 2) and wd == "uint8" and tuple(s) == (N, K // G)
+            and sd == "float32" and tuple(z) == (N, K // G) and zd == "uint8")
+
+
+def _check_fp8_channel_a8(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
+    (w, s, xs), (wd, sd, xsd) = shapes, dtypes
+    return (tuple(w) == (N, K) and wd == "float8_e4m3fn" and tuple(s) == (N,)
+            and sd == "float32" and tuple(xs) == (1,) and xsd == "float32")
+
+
+# Torch semantics of each format, in `reference`'s compute dtype: the weight dequantized to
+# [N, K], and the activations as the kernel feeds them to the dot, dequantized (quantized in
+# float32 as kernels/quant.py defines it; then xq * a is exact in float64, so the float64
+# oracle of the tests is the format's definition up to float64 summation order).
+
+def _dequant_dense(w, group_size=None):
     return w
 
 
-def _dequant_int8_channel(w, scale):
+def _dequant_int8_channel(w, scale, group_size=None):
     return w.to(scale.dtype) * scale[:, None]
 
 
-# format -> (number of operands, operand checker, torch dequantization to the [N, K] weight)
-FORMATS: dict[str, tuple[int, Callable, Callable]] = {
-    "dense": (1, _check_dense, _dequant_dense),
-    "int8_channel": (2, _check_int8_channel, _dequant_int8_channel),
+def _dequant_int4_group(w, scales, zeros, group_size):
+    q = quant.unpack_int4(w).to(scales.dtype)
+    N, K = q.shape
+    g = q.reshape(N, K // group_size, group_size)
+    return ((g - zeros.to(scales.dtype)[..., None]) * scales[..., None]).reshape(N, K)
+
+
+def _dequant_fp8_channel(w, scale, x_scale, group_size=None):
+    return w.to(scale.dtype) * scale[:, None]
+
+
+def _a_int8_token(a, w, scale):
+    xq, s = quant.quantize_int8_token(a.reshape(-1, a.shape[-1]).float())
+    return (xq.to(a.dtype) * s.to(a.dtype)[:, None]).reshape(a.shape)
+
+
+def _a_fp8_tensor(a, w, scale, x_scale):
+    return quant.quantize_fp8_tensor(a.float(), x_scale.float()).to(a.dtype) * x_scale
+
+
+class Format(NamedTuple):
+    operands: int  # weight operands after x (the bias, if any, follows them)
+    check: Callable  # (shapes, dtypes, N, K, a_dtype, group_size) -> bool
+    dequant: Callable  # (*operands, group_size=) -> W [N, K]
+    quant_a: Callable | None = None  # (a, *operands) -> a as the dot sees it, dequantized
+
+
+FORMATS: dict[str, Format] = {
+    "dense": Format(1, _check_dense, _dequant_dense),
+    "int8_channel": Format(2, _check_int8_channel, _dequant_int8_channel),
+    "int4_group": Format(3, _check_int4_group, _dequant_int4_group),
+    "int8_channel_a8": Format(2, _check_int8_channel, _dequant_int8_channel, _a_int8_token),
+    "fp8_channel_a8": Format(3, _check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
 }
-
-
+EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8")  # need BLOCK_K >= 32 on a GPU
 
 
 def _epilogue(attrs: dict) -> tuple[str, bool] | None:
@@ -102,15 +165,18 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
            out_dtype: str) -> dict | None:
     """The template parameters for a `linear`/`matmul` node, or None if this family cannot
     implement it (the builder then keeps the reference op)."""
-    if op not in ("linear", "matmul") or set(attrs) - {"epilogue", "b_format"}:
+    if op not in ("linear", "matmul") or set(attrs) - {"epilogue", "b_format", "group_size"}:
         return None
+    if ("group_size" in attrs) != (attrs.get("b_format") == "int4_group"):
+        return None  # int4_group needs its group size; no other format takes one
     epi = _epilogue(attrs)
     b_format = attrs.get("b_format", "dense")
     if epi is None or b_format not in FORMATS or (op == "matmul" and b_format != "dense"):
         return None
     act, residual = epi
     shapes = [tuple(s) for s in in_shapes]
-    n_b = FORMATS[b_format][0]
+    n_b = FORMATS[b_format].operands
+    group_size = attrs.get("group_size")
     n_bias = len(shapes) - 1 - n_b - residual
     if len(in_dtypes) != len(shapes) or n_bias not in ((0, 1) if op == "linear" else (0,)):
         return None
@@ -142,7 +208,8 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
             return None
     if not (is_int(K) and is_int(N) and K > 0 and N > 0):
         return None
-    if op == "linear" and not FORMATS[b_format][1](b_shapes, b_dtypes, N, K, a_dtype):
+    if op == "linear" and not FORMATS[b_format].check(b_shapes, b_dtypes, N, K, a_dtype,
+                                                       group_size):
         return None
     if op == "matmul" and b_dtypes[0] != a_dtype:  # dense; its shape was checked above
         return None
@@ -155,8 +222,10 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "b_format": b_format, "bias": bool(n_bias), "act": act, "residual": residual,
         "batched": batched, "input_precision": "ieee",
     }
+    if b_format == "int4_group":
+        p["group_size"] = group_size
     m_hint = static_numel(a_shape[-2:-1] if batched else lead)
-    p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype)[0])
+    p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype, b_format=b_format)[0])
     return p
 
 
@@ -169,13 +238,15 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu", *,
-            dtype: str = "float16") -> list[dict]:
+            dtype: str = "float16", b_format: str = "dense") -> list[dict]:
     """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
     unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
     mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
-    the pipelined A and B tiles of `dtype` would not fit in shared memory."""
+    the pipelined A and B tiles of `dtype` would not fit in shared memory. The 8-bit dots of
+    `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot)."""
     dev = torch.device(device)
-    n_cap, k_cap = max(16, next_pow2(N)), max(16, next_pow2(K))
+    k_min = 32 if b_format in EIGHT_BIT_DOT else 16
+    n_cap, k_cap = max(16, next_pow2(N)), max(k_min, next_pow2(K))
     if dev.type != "cuda":
         bm = min(max(16, next_pow2(M_hint or 64)), 64)
         cands = [(bm, 64, 64, 8, 4, 1), (16, 32, 32, 4, 4, 1)]
@@ -209,13 +280,18 @@ def reference(p: dict, *inputs: torch.Tensor, compute_dtype: torch.dtype = torch
               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """What a kernel rendered from `p` computes, in torch: every step in `compute_dtype`
     (float32, like the kernel's accumulator and epilogue), one rounding to the output dtype
-    at the end. The oracle of the tests (with float64) and a CPU fallback for fused nodes."""
-    n_b = FORMATS[p["b_format"]][0]
+    at the end. The "_a8" formats quantize the activations first, in float32 as
+    `kernels/quant.py` defines it. The oracle of the tests (with float64) and a CPU fallback
+    for fused nodes."""
+    fmt = FORMATS[p["b_format"]]
+    n_b = fmt.operands
     cast = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
     a, b_ops, rest = cast[0], cast[1:1 + n_b], cast[1 + n_b:]
     bias = rest.pop(0) if p["bias"] else None
     residual = rest.pop(0) if p["residual"] else None
-    w = FORMATS[p["b_format"]][2](*b_ops).to(compute_dtype)
+    w = fmt.dequant(*b_ops, group_size=p.get("group_size")).to(compute_dtype)
+    if fmt.quant_a is not None:
+        a = fmt.quant_a(a, *b_ops)
     y = F.linear(a, w, bias) if p["op"] == "linear" else torch.matmul(a, w)
     y = ACTIVATIONS[p["act"]](y)
     if residual is not None:

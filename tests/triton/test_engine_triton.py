@@ -94,13 +94,21 @@ def test_inspect_lists_kernels(engines):
     assert all(row["nodes"] for row in table["kernels"])
 
 
-def test_int8_weight_only_engine_on_kernels(checkpoints, tmp_path):
-    """The rendered int8 GEMMs (dequantizing in the kernel) give the reference executor's
-    outputs on an `--quant int8-wo` engine."""
+@pytest.mark.parametrize("quant, kv", [
+    ("int8-wo", None), ("int8-sq", None), ("fp8", None), ("int4-awq", None),
+    pytest.param("int4-gptq", "int8", marks=pytest.mark.slow)])
+def test_quantized_engine_on_kernels(quant, kv, checkpoints, tmp_path):
+    """The rendered quantized GEMMs (dequantizing in the kernel; int8/fp8 activations
+    quantized in the kernel) and the int8 embedding table give the reference executor's
+    outputs on a quantized engine."""
     from tests.models import build_tiny_engine
 
     ckpt, _ = checkpoints("llama")
-    path = build_tiny_engine(ckpt, tmp_path / "int8", quant="int8-wo")
+    path = build_tiny_engine(ckpt, tmp_path / "q", quant=quant, kv_cache_dtype=kv,
+                             calib_samples=2, calib_seq_len=64, calib_cache=None)
+    plan = json.loads((path / "plan.rank0.json").read_text())
+    on_kernels = {n["op"] for n in plan["nodes"] if n.get("kernel")}
+    assert {"linear", "embedding"} <= on_kernels
     opts = dict(block_size=4, kv_cache_memory=1 << 20)
     ref = _outputs(Engine.load(path, **opts))
     got = _outputs(Engine.load(path, kernels="triton", **opts))

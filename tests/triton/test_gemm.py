@@ -4,6 +4,14 @@ GPU when there is one) against a float64 reference.
 Tolerance: relative error (max |got - want| / max |want|) <= RTOL[dtype] from util for fp16
 and bf16 (the output rounding dominates); for fp32, where the fp32 accumulation over K terms
 dominates, max(RTOL[fp32], K * 2**-24).
+
+Quantized formats (kernels/quant.py) are checked twice: against the float64 oracle
+(`gemm.reference`: the weight dequantized and, for the "_a8" formats, the activations
+quantized exactly as the format defines, then a float64 product) within the same `tol`, and
+against the IR reference op `kernels.ops.linear(..., b_format=...)` within 2 * tol (the op
+rounds the dequantized weight to x's dtype and the product before the bias: a second
+rounding the kernel does not make). The activation quantization itself is checked bit for bit
+(an identity weight makes the output the dequantized activations).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import codegen, ops
+from kernels import quant as Q
 from kernels.dtypes import dtype_name
 from kernels.triton import gemm
 from tests.triton.util import RTOL, poison, rel_error
@@ -240,6 +249,178 @@ def test_int8_channel(M, N, K, dtype, device):
     assert rel_error(mod.launch(x, q, scale), want) <= tol(dtype, K)
 
 
+# ----------------------------------------------------------------------------- int4 / W8A8
+
+QUANT_FORMATS = ("int4_group", "int8_channel_a8", "fp8_channel_a8")
+needs_fp8 = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8_e4m3fn")
+
+
+def quantized(b_format: str, x: torch.Tensor, N: int, K: int, G: int | None = None,
+              seed: int = 0):
+    """(weight operands, node attrs, ops.linear kwargs) of a random [N, K] weight stored as
+    `b_format`; fp8's static x_scale comes from x (as a calibration would), at 0.8 of the
+    range so some values saturate."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(x.device)
+    w[0, :] = 0.0  # a zero row: scale 1, q 0
+    attrs: dict = {"b_format": b_format}
+    if b_format == "int4_group":
+        ws = list(Q.quantize_int4_group(w, G))
+        attrs["group_size"] = G
+    elif b_format == "int8_channel_a8":
+        ws = list(Q.quantize_int8_channel(w))
+    else:
+        x_scale = (x.float().abs().amax() / Q.FP8_E4M3_MAX / 0.8).reshape(1)
+        ws = [*Q.quantize_fp8_channel(w), x_scale]
+    return ws, attrs, {"b_format": b_format, "group_size": attrs.get("group_size")}
+
+
+def activations(M, K, dtype, device, seed):
+    """Rows at different magnitudes (per-token scales differ), one all-zero row when M > 2."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * torch.logspace(-2, 1, M)[:, None]
+    if M > 2:
+        x[1] = 0.0
+    return x.to(device=device, dtype=dtype)
+
+
+def check_quantized(b_format, M, N, K, dtype, device, *, G=None, bias=True, act="none",
+                    seed=0, **cfg):
+    x = activations(M, K, dtype, device, seed)
+    ws, attrs, op_kw = quantized(b_format, x, N, K, G, seed)
+    b = rand(N, dtype=dtype, device=device) if bias else None
+    if act != "none":
+        attrs["epilogue"] = {"act": act}
+    inputs = [x, *ws] + ([b] if bias else [])
+    p, mod = kernel("linear", attrs, inputs, dtype_name(dtype), **cfg)
+    assert p["b_format"] == b_format and p["bias"] == bias
+    assert p.get("group_size") == op_kw["group_size"]
+    got = check(p, mod, inputs)  # the float64 oracle, within tol
+    want = ops.linear(x, *ws, *([b] if bias else []), **op_kw)
+    want = want if act == "none" else ops._ACTS[act](want.float())
+    err = rel_error(got, want)
+    assert err <= 2 * tol(dtype, K), f"rel error {err:.3g} against ops.linear for {p}"
+    return p, mod, inputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,G,cfg", [
+    (1, 72, 96, 32, {}),  # BLOCK_K 64 spans two groups; K ragged (96 = 1.5 tiles)
+    (5, 100, 256, 64, {}),  # BLOCK_K 64 = G: one group per tile
+    (37, 130, 384, 128, {}),  # two tiles per group, N ragged, several row tiles
+    (3, 40, 192, 64, {"BLOCK_K": 128}),  # K not a multiple of the tile, tiles straddle groups
+    (2, 24, 160, 32, {"BLOCK_K": 16, "BLOCK_N": 16}),  # four tiles per group
+])
+def test_int4_group(M, N, K, G, cfg, dtype, device):
+    check_quantized("int4_group", M, N, K, dtype, device, G=G, seed=M + N + K, **cfg)
+
+
+@pytest.mark.parametrize("b_format", ["int8_channel_a8",
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K", [(1, 72, 100), (37, 130, 200)])
+def test_w8a8(b_format, M, N, K, dtype, device):
+    check_quantized(b_format, M, N, K, dtype, device, seed=M * N + K)
+
+
+@pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+def test_quantized_without_bias_with_epilogue(b_format, device):
+    check_quantized(b_format, 3, 72, 128, torch.bfloat16, device, G=64, bias=False, act="silu")
+    x = activations(3, 128, torch.float16, device, 1)
+    ws, attrs, _ = quantized(b_format, x, 72, 128, 64)
+    r = rand(3, 72, dtype=torch.float16, device=device)
+    attrs["epilogue"] = {"act": "gelu", "residual": True}
+    p, mod = kernel("linear", attrs, [x, *ws, r], "float16")
+    check(p, mod, [x, *ws, r])
+
+
+@pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+def test_quantized_tilings(b_format, device):
+    """Every CPU and CUDA candidate tiling of the formats' `configs` computes the same."""
+    M, N, K = 37, 72, 192
+    x = activations(M, K, torch.float16, device, 2)
+    ws, attrs, _ = quantized(b_format, x, N, K, 64)
+    inputs = [x, *ws]
+    cfgs = gemm.configs(M, N, K, "cpu", b_format=b_format) + \
+        gemm.configs(1, N, K, "cuda", b_format=b_format)
+    for cfg in cfgs:
+        if b_format in gemm.EIGHT_BIT_DOT:
+            assert cfg["BLOCK_K"] >= 32
+        p, mod = kernel("linear", attrs, inputs, "float16", **cfg)
+        check(p, mod, inputs)
+
+
+def test_int8_a8_quantizes_activations_exactly(device):
+    """With an identity weight (q = I, scale 1) the fp32 output is xq * a exactly: the kernel's
+    per-row quantization is bit for bit quantize_int8_token's, ties to even included."""
+    K = 72
+    x = activations(5, K, torch.float32, device, 3)
+    x[2, :8] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, -126.5])  # a = 1: ties
+    q, scale = torch.eye(K, dtype=torch.int8, device=device), torch.ones(K, device=device)
+    _, mod = kernel("linear", {"b_format": "int8_channel_a8"}, [x, q, scale], "float32",
+                    BLOCK_K=32)
+    xq, a = Q.quantize_int8_token(x)
+    assert xq[2, :8].tolist() == [127, 2, 4, -2, -0, 0, 2, -126]
+    assert torch.equal(mod.launch(x, q, scale), xq.float() * a[:, None])
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_a8_quantizes_activations_exactly(dtype, device):
+    """Identity fp8 weight: the output is e4m3(clamp(x / x_scale)) * x_scale, bit for bit:
+    normals, subnormals, ties to even, saturation."""
+    K = 64
+    special = [1.0625, 1.1875, -1.0625, 2.0**-10, 3 * 2.0**-10, -(2.0**-10), 2.0**-12,
+               447.0, 464.0, 1e4, -1e4, 0.0, 300.0, -2.0**-7 * 1.0625, 15.5, 0.013]
+    x = torch.cat((torch.tensor(special), torch.randn(K - len(special)) * 30)).reshape(1, K)
+    x = torch.cat((x, x * 0.37, torch.randn(1, K) * 2.0**-8)).to(device=device, dtype=dtype)
+    x_scale = torch.tensor([1.0], device=device)
+    q = torch.eye(K, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(K, device=device)
+    _, mod = kernel("linear", {"b_format": "fp8_channel_a8"}, [x, q, scale, x_scale],
+                    dtype_name(dtype))
+    want = Q.quantize_fp8_tensor(x, x_scale).float().to(dtype)
+    assert torch.equal(mod.launch(x, q, scale, x_scale), want)
+    x_scale = torch.tensor([0.37], device=device)
+    want = (Q.quantize_fp8_tensor(x, x_scale).float() * 0.37).to(dtype)
+    torch.testing.assert_close(mod.launch(x, q, scale, x_scale), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+def test_autotune_operands_fit_the_format(b_format, device):
+    """builder.autotune times a format's kernel on operands the format's checker accepts."""
+    from builder import autotune
+
+    x = activations(3, 128, torch.float16, device, 5)
+    ws, attrs, _ = quantized(b_format, x, 48, 128, 32)
+    p, mod = kernel("linear", attrs, [x, *ws], "float16")
+    made = autotune.weight_operands(p, device)
+    assert shapes_of(*made) == shapes_of(*ws) and dtypes_of(*made) == dtypes_of(*ws)
+    assert not mod.launch(x, *made).isnan().any()
+    assert all(c["BLOCK_K"] >= (32 if b_format in gemm.EIGHT_BIT_DOT else 16)
+               for c in autotune.candidates(p))
+
+
+def test_quantized_launch_checks(device):
+    x = activations(2, 64, torch.float32, device, 4)
+    ws, attrs, _ = quantized("int4_group", x, 16, 64, 32)
+    _, mod = kernel("linear", attrs, [x, *ws], "float32")
+    assert mod.launch(x, *ws, group_size=32).shape == (2, 16)
+    with pytest.raises(ValueError, match="group size 32"):
+        mod.launch(x, *ws, group_size=64)
+    with pytest.raises(ValueError, match=r"int4_group, w \(16, 32\)"):
+        mod.launch(x, torch.zeros(16, 64, dtype=torch.uint8, device=device), *ws[1:])
+    assert mod.launch(x[:0], *ws).shape == (0, 16)
+    ws, attrs, _ = quantized("int8_channel_a8", x, 16, 64)
+    _, mod = kernel("linear", attrs, [x, *ws], "float32")
+    assert mod.launch(x[:0], *ws).shape == (0, 16)
+    with pytest.raises(ValueError, match="without a bias"):
+        mod.launch(x, *ws, torch.zeros(16, device=device))
+
+
 # ----------------------------------------------------------------------------- the checker
 
 def test_params_checker():
@@ -266,10 +447,46 @@ def test_params_checker():
              [f16] * 3, f16) is None  # residual shape
     assert P("linear", {}, [(4, 64), (96, 64)], ["int8", "int8"], "int8") is None
     assert P("linear", {"b_format": "int4_group"}, [(4, 64), (96, 64)], [f16] * 2, f16) is None
+    assert P("linear", {"b_format": "int2"}, [(4, 64), (96, 64)], [f16] * 2, f16) is None
     assert P("linear", {"b_format": "int8_channel"}, [(4, 64), (96, 64)], [f16, "int8"],
              f16) is None  # no scale
     assert P("linear", {"b_format": "int8_channel"}, [(4, 64), (96, 64), (96,)],
              [f16, "int8", "float32"], f16)["b_format"] == "int8_channel"
+    # int4_group: packed [N, K/2] uint8, scales fp32 and zeros uint8 [N, K/G], attr group_size
+    i4 = [(4, 64), (96, 32), (96, 2), (96, 2)]
+    i4d = [f16, "uint8", "float32", "uint8"]
+    g32 = {"b_format": "int4_group", "group_size": 32}
+    assert P("linear", g32, i4, i4d, f16)["group_size"] == 32
+    assert P("linear", g32, [*i4, (96,)], [*i4d, f16], f16)["bias"]
+    assert P("linear", {**g32, "group_size": 16}, i4, i4d, f16) is None  # K/G mismatch
+    assert P("linear", {**g32, "group_size": 24}, [(4, 48), (96, 24), (96, 2), (96, 2)], i4d,
+             f16)["group_size"] == 24  # any G dividing K
+    assert P("linear", {**g32, "group_size": 0}, i4, i4d, f16) is None
+    assert P("linear", {**g32, "group_size": True}, i4, i4d, f16) is None
+    assert P("linear", {"b_format": "int4_group"}, i4, i4d, f16) is None  # no group_size
+    assert P("linear", {"group_size": 32}, [(4, 64), (96, 64)], [f16] * 2, f16) is None
+    assert P("linear", {**g32, "group_size": 7}, [(4, 7), (96, 3), (96, 1), (96, 1)], i4d,
+             f16) is None  # odd K
+    assert P("linear", g32, [(4, 64), (96, 64), (96, 2), (96, 2)], i4d, f16) is None  # unpacked
+    assert P("linear", g32, i4, [f16, "int8", "float32", "uint8"], f16) is None
+    assert P("linear", g32, i4, [f16, "uint8", "float16", "uint8"], f16) is None
+    assert P("matmul", g32, [(4, 64), (64, 96)], [f16] * 2, f16) is None
+    # W8A8
+    a8 = {"b_format": "int8_channel_a8"}
+    assert P("linear", a8, [(4, 64), (96, 64), (96,)], [f16, "int8", "float32"],
+             f16)["b_format"] == "int8_channel_a8"
+    assert P("linear", a8, [(4, 64), (96, 64), (96,)], [f16, "uint8", "float32"], f16) is None
+    fp8 = {"b_format": "fp8_channel_a8"}
+    fp8_in = [(4, 64), (96, 64), (96,), (1,)]
+    fp8_d = [f16, "float8_e4m3fn", "float32", "float32"]
+    assert P("linear", fp8, fp8_in, fp8_d, f16)["b_format"] == "fp8_channel_a8"
+    assert P("linear", fp8, [*fp8_in, (96,)], [*fp8_d, f16], f16)["bias"]
+    assert P("linear", fp8, fp8_in[:3], fp8_d[:3], f16) is None  # no x_scale
+    assert P("linear", fp8, [*fp8_in[:3], (96,)], fp8_d, f16) is None  # x_scale per channel
+    assert P("linear", fp8, fp8_in, [f16, "int8", "float32", "float32"], f16) is None
+    for fmt in gemm.EIGHT_BIT_DOT:  # an 8-bit tensor-core dot needs K >= 32 per tile
+        for dev in ("cpu", "cuda"):
+            assert all(c["BLOCK_K"] >= 32 for c in gemm.configs(None, 96, 8, dev, b_format=fmt))
     assert P("matmul", {}, [(4, 64), (64, 96)], [f16] * 2, f16)["op"] == "matmul"
     assert P("matmul", {}, [(4, 64), (64, 96), (96,)], [f16] * 3, f16) is None  # no bias
     assert P("matmul", {}, [(2, 4, 64), (3, 64, 96)], [f16] * 2, f16) is None  # broadcast
@@ -285,7 +502,7 @@ def test_render_is_deterministic_and_named():
     assert src.startswith("# Generated by llm-engine from templates/gemm.py.j2")
     assert "# implements: mlp.fc1" in src and "def launch(x, w, b, residual, **attrs)" in src
     with pytest.raises(codegen.TemplateError):
-        codegen.render("gemm", {**p, "b_format": "int4_group"})
+        codegen.render("gemm", {**p, "b_format": "int4_group"})  # without its group_size
 
 
 # ----------------------------------------------------------------------------- GPU compile
@@ -329,7 +546,10 @@ def gpu_job(src: str, *inputs, archs=(90,)) -> dict:
         setattr(mod, names[0], real)
     args, kwargs = calls[0]
     tensor_types = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-                    torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64"}
+                    torch.int8: "*i8", torch.uint8: "*u8", torch.int32: "*i32",
+                    torch.int64: "*i64"}
+    if hasattr(torch, "float8_e4m3fn"):
+        tensor_types[torch.float8_e4m3fn] = "*fp8e4nv"
     options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 3)}
     if "UPCAST" in kwargs:
         kwargs["UPCAST"] = False  # as on a GPU
@@ -364,6 +584,47 @@ def test_compiles_for_gpu():
     p.update(gemm.configs(5, 72, 100, "cuda")[0])
     (ptx,) = compile_for_gpu([gpu_job(gemm.source(p), x, q, scale, b, r)])
     assert "mma.sync" in ptx or "wgmma" in ptx
+
+
+def quantized_gpu_jobs(M_hint, dtype=torch.bfloat16, *, first_only=False,
+                       archs=(80, 90)) -> list[dict]:
+    """Compile jobs for the int4 and W8A8 kernels (fused bf16 epilogue). The first tiling of
+    each goes to every arch in `archs`, the others to sm_90 only; fp8 always to sm_90 only
+    (e4m3 needs sm_89+). int4 with G=32 (tiles span groups) and, unless `first_only`, G=128
+    (the CUDA tiles, BLOCK_K <= 128, lie in one group)."""
+    N, K = 130, 256
+    x, b = rand(5, K, dtype=dtype), rand(N, dtype=dtype)
+    jobs = []
+    for b_format, G in (("int4_group", 128), ("int4_group", 32), ("int8_channel_a8", None),
+                        ("fp8_channel_a8", None)):
+        if b_format == "fp8_channel_a8" and not hasattr(torch, "float8_e4m3fn"):
+            continue
+        if first_only and G == 128:  # the one-group-per-tile path: left to the sweep
+            continue
+        ws, attrs, _ = quantized(b_format, x, N, K, G)
+        attrs["epilogue"] = {"act": "silu"}
+        inputs = [x, *ws, b]
+        base = gemm.params("linear", attrs, shapes_of(*inputs), dtypes_of(*inputs),
+                           dtype_name(dtype))
+        cfgs = gemm.configs(M_hint, N, K, "cuda", b_format=b_format)
+        for i, cfg in enumerate(cfgs[:1] if first_only else cfgs):
+            arch = (90,) if b_format == "fp8_channel_a8" or i else archs
+            jobs.append(gpu_job(gemm.source({**base, **cfg}), *inputs, archs=arch))
+    return jobs
+
+
+def test_quantized_compile_for_gpu():
+    """int4_group, int8_channel_a8 (an int8 MMA) and fp8_channel_a8 (the native fp8 cast and
+    dot, not the interpreter's fp32 path) compile for sm_90 and use its tensor cores."""
+    jobs = quantized_gpu_jobs(1, first_only=True, archs=(90,))
+    ptxs = compile_for_gpu(jobs)
+    assert len(ptxs) == len(jobs)
+    for job, ptx in zip(jobs, ptxs):
+        assert "mma" in ptx, job["types"]
+        if "*i8" in job["types"]:
+            assert ".s8.s8.s32" in ptx  # int8 x int8 -> int32
+        if "*fp8e4nv" in job["types"]:
+            assert "cvt.rn.satfinite.e4m3x2.f32" in ptx  # A quantized on the GPU
 
 
 # ----------------------------------------------------------------------------- slow sweeps
@@ -428,6 +689,34 @@ def test_compile_sweep(M_hint):
     p = gemm.params("matmul", {}, shapes_of(a, bm), dtypes_of(a, bm), "float32")
     jobs.append(gpu_job(gemm.source(p), a, bm, archs=(80, 90)))
     assert len(compile_for_gpu(jobs)) == sum(len(j["archs"]) for j in jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
+@pytest.mark.parametrize("M_hint", [1, 37, None])
+def test_quantized_compile_sweep(M_hint):
+    """Every CUDA candidate tiling of the int4 / W8A8 formats compiles for sm_90 (the first
+    also for sm_80, fp8 excepted); large tiles take Hopper's wgmma, fp8 with e4m3 operands."""
+    jobs = quantized_gpu_jobs(M_hint)
+    ptxs = compile_for_gpu(jobs)
+    assert len(ptxs) == sum(len(j["archs"]) for j in jobs)
+    if M_hint is None and hasattr(torch, "float8_e4m3fn"):
+        per_arch = [j for j in jobs for _ in j["archs"]]  # compile_for_gpu's order
+        fp8 = [p for j, p in zip(per_arch, ptxs) if "*fp8e4nv" in j["types"]]
+        assert any("wgmma" in p and "e4m3" in p for p in fp8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 16, 37])
+@pytest.mark.parametrize("N,K,G", [(72, 96, 32), (130, 256, 64), (64, 384, 128),
+                                   (100, 192, 64), (48, 160, 32)])
+def test_quantized_sweep(M, N, K, G, dtype, device):
+    for b_format in QUANT_FORMATS:
+        if b_format == "fp8_channel_a8" and not hasattr(torch, "float8_e4m3fn"):
+            continue
+        for cfg in gemm.configs(M, N, K, device, b_format=b_format)[:2]:
+            check_quantized(b_format, M, N, K, dtype, device, G=G, seed=M + N + K, **cfg)
 
 
 if __name__ == "__main__":  # pragma: no cover
