@@ -1,7 +1,8 @@
 """kv_quant: store the paged KV cache in int8 or fp8 (e4m3fn) with static per-KV-head scales.
 
-`quantize_kv_cache(graph, kv_dtype, scales)` runs on a graph after the kv_cache pass (before
-or after fuse/quantize/plan_memory/codegen) and before `to_plan`. The scales come from
+`quantize_kv_cache(graph, kv_dtype, scales)` runs on a graph after the kv_cache pass and
+before codegen (the quantize pass calls it), so codegen picks the attention kernels for the
+cache dtype. The scales come from
 calibration: `scales[layer] = (k_scale, v_scale)`, one positive float per KV head of that
 layer, K's measured after rotary embedding. The contract with the runtime is the
 `paged_attention` node attrs, which travel to the plan as JSON:
@@ -17,21 +18,15 @@ and read back as code * scale[h] (`kernels.attention`), so absmax / 127 (resp. /
 calibration activations is the natural scale.
 
 The weights are untouched: any weight format (float, int8, int4, fp8) works with a
-quantized cache. When codegen has already run, the attention kernels are re-chosen and
-re-rendered for the new cache dtype (other kernels are left as they are).
+quantized cache.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
 
-from builder.codegen import _kv_dtype, _listed, _render_cached, _shapes, _templates_key
 from builder.errors import BuildError
 from builder.ir import Graph
-from kernels.codegen import kernel_name
-from kernels.triton import registry
 
 KV_DTYPES = ("int8", "float8_e4m3fn")
 ALIASES = {"fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
@@ -45,6 +40,9 @@ def quantize_kv_cache(graph: Graph, kv_dtype: str, scales: Scales) -> int:
     kv_dtype = ALIASES.get(kv_dtype, kv_dtype)
     if kv_dtype not in KV_DTYPES:
         raise BuildError(f"KV cache dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    if graph.meta.get("codegen"):
+        raise BuildError("quantize_kv_cache must run before codegen: the attention kernels "
+                         "are chosen for the cache dtype")
     nodes = [n for n in graph.nodes() if n.op == "paged_attention"]
     layers = (graph.meta.get("kv_cache") or {}).get("layers") or []
     if not nodes or not layers:
@@ -68,8 +66,6 @@ def quantize_kv_cache(graph: Graph, kv_dtype: str, scales: Scales) -> int:
                            "v_scale": list(v_scale)})
     for layer in checked:
         layers[layer]["dtype"] = kv_dtype
-    if graph.meta.get("codegen"):
-        _recodegen_attention(graph)
     return len(nodes)
 
 
@@ -108,41 +104,3 @@ def _check_layer(layer: int, scales: Scales, kv_heads: int
                                  "not a positive finite scale")
         out.append(values)
     return out[0], out[1]
-
-
-def _recodegen_attention(graph: Graph) -> None:
-    """Re-choose and re-render the kernels of the paged_attention nodes after their cache
-    dtype changed; nodes no template accepts fall back to the reference op."""
-    meta = graph.meta["codegen"]
-    attention = [n for n in graph.nodes() if n.op == "paged_attention"]
-    names = {n.name for n in attention}
-    stale = {k for n, ks in meta["node_kernels"].items() if n in names for k in ks}
-    node_kernels = {n: ks for n, ks in meta["node_kernels"].items() if n not in names}
-    still_used = {k for ks in node_kernels.values() for k in ks}
-    kernels = {k: v for k, v in meta["kernels"].items() if k not in stale or k in still_used}
-    sources = {k: v for k, v in meta["sources"].items() if k in kernels}
-    groups: dict[str, dict[str, Any]] = {}
-    for node in attention:
-        shapes, dtypes = _shapes(graph, node)
-        choice = registry.choose(node.op, node.attrs, shapes, dtypes, node.dtype,
-                                 kv_cache_dtype=_kv_dtype(graph, node))
-        if choice is None:
-            continue
-        family, params = choice
-        key = json.dumps([family, params], sort_keys=True)
-        groups.setdefault(key, {"family": family, "params": params, "nodes": []})
-        groups[key]["nodes"].append(node.name)
-    templates_key = _templates_key()
-    for group in groups.values():
-        listed = _listed(group["nodes"])
-        rendered, _ = _render_cached(group["family"], group["params"], listed, templates_key)
-        group_names = []
-        for template, source in rendered.items():
-            name = kernel_name(source)
-            sources[name] = source
-            kernels[name] = {"family": group["family"], "template": template,
-                             "params": group["params"], "nodes": listed}
-            group_names.append(name)
-        for n in group["nodes"]:
-            node_kernels[n] = group_names
-    meta.update({"kernels": kernels, "node_kernels": node_kernels, "sources": sources})
