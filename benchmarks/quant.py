@@ -69,6 +69,8 @@ def measure(path: Path, ref: Path, args) -> dict:
         outs = engine_pass(engine, batch, args.output_tokens)
         wall = time.monotonic() - t0
         result[f"{label}_tok_s"] = round(sum(len(o.token_ids) for o in outs) / wall, 2)
+    # Before the evaluation, which loads the fp32 reference engine into this process too.
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     ids = engine.tokenizer.encode(builtin_text(200_000), add_special_tokens=False)
     ids = ids[:args.eval_tokens]
     reference = None if path == ref else Engine.load(ref, max_num_seqs=1)
@@ -77,7 +79,6 @@ def measure(path: Path, ref: Path, args) -> dict:
     if reference is not None:
         result.update({"kl": round(ev.kl, 5), "agreement": round(ev.agreement, 4)})
         del reference
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--build-only", action="store_true", help="build missing engines, measure none")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "REF"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         path = engine_dir(args.engines, mode)
         build_s = build(mode, path, args.rebuild)
+        if args.build_only:
+            continue
         report = json.loads((path / "report.json").read_text())
         log(f"measuring {mode}...")
         child = [sys.executable, __file__, "--child", str(path), str(ref),
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     "build_s": build_s or sum(report["timings_s"].values())})
         rows[mode] = row
         log(f"{mode}: {row}")
+    if args.build_only:
+        return 0
     base = rows.get("fp32")
     for row in rows.values():
         if base:

@@ -249,9 +249,15 @@ def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
         q, scale = Q.quantize_fp8_channel(W)
         return [q, scale, x_scale], {"x_scale": x_scale.item()}
     if mode == "int4-gptq":
+        from builder.quant.awq import awq_search
         from builder.quant.gptq import gptq_quantize
 
-        return list(gptq_quantize(W, hessian, group)), {"group_size": group}
+        # Group ranges from AWQ's clip search (per-group shrink that minimises the output
+        # error on the calibration rows), then GPTQ's error feedback within those ranges.
+        clipped = awq_search(W, stats.sample.float(), group, search_scales=False).weight
+        _, scales, zeros = Q.quantize_int4_group(clipped, group)
+        return list(gptq_quantize(W, hessian, group, group_params=(scales, zeros))), \
+            {"group_size": group}
     return list(Q.quantize_int4_group(W, group)), {"group_size": group}
 
 
