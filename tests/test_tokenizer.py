@@ -338,8 +338,10 @@ def test_stream_random_ids_adds_up_to_hf_decode(tok, hf, stream_pool, data):
                max_size=40))
 def test_stream_valid_text_never_emits_replacement_char(tok, hf, text):
     ids = tok.encode(text)
-    # The GGUF vocabulary lacks a few bytes (e.g. 0xF1), so some text cannot round-trip at all.
-    assume(hf.decode(ids) == text)
+    # The GGUF vocabulary lacks a few bytes (e.g. 0xF1), so some text cannot round-trip at all;
+    # text spelling a special token (hypothesis tries "<|im_end|>") encodes to an id the stream
+    # skips by design.
+    assume(hf.decode(ids, skip_special_tokens=True) == text)
     detok = IncrementalDetokenizer(tok)
     deltas = [detok.step(i) for i in ids]
     assert all("\ufffd" not in d for d in deltas)
