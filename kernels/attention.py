@@ -161,13 +161,15 @@ def gather_kv(cache, blocks, n_ctx):
 def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                     cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,
                     num_kv_heads=None, head_dim=None, kv_dtype=None, k_scale=None,
-                    v_scale=None):
+                    v_scale=None, kv_head_map=None):
     """Write K/V into the paged cache, then attend each sequence's queries to its history.
 
     With `cos`/`sin` given, rotary embedding is applied to q and k first (the fuse pass
     folds RoPE into attention this way). Head counts are recorded for the kernels; here they
     follow from the shapes. With `kv_dtype` the cache is quantized with the per-KV-head
-    `k_scale`/`v_scale` lists (module docstring)."""
+    `k_scale`/`v_scale` lists (module docstring). `kv_head_map[h]` names the KV head query
+    head h reads when the grouping is not uniform (a tensor-parallel rank whose query heads
+    straddle KV groups)."""
     if cos is not None:
         q, k = rope_half(q, cos, sin), rope_half(k, cos, sin)
     key_cache, value_cache = ctx.kv_caches[layer]
@@ -178,6 +180,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     if ks is not None:  # read the codes (fp8 as bytes, see _as_bytes)
         key_cache, value_cache = _as_bytes(key_cache), _as_bytes(value_cache)
     block_size = key_cache.shape[1]
+    head_map = None if kv_head_map is None else torch.tensor(kv_head_map, device=q.device)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
@@ -187,7 +190,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     decode = [s for s, n in enumerate(n_q) if n == 1]
     if decode:
         _decode_attention(q, out, key_cache, value_cache, block_tables, decode, starts, lens,
-                          scale, window, ks, vs)
+                          scale, window, ks, vs, head_map)
     done = set(decode)
     for s, n_ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
@@ -197,6 +200,8 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
         keys = dequantize_kv(gather_kv(key_cache, blocks, n_ctx), ks, q.dtype).transpose(0, 1)
         values = dequantize_kv(gather_kv(value_cache, blocks, n_ctx), vs, q.dtype
                                ).transpose(0, 1)
+        if head_map is not None:
+            keys, values = keys.index_select(0, head_map), values.index_select(0, head_map)
         mask = _allowed(q1 - q0, n_ctx, window, q.device)
         out[0, :, q0:q1] = F.scaled_dot_product_attention(
             q[0, :, q0:q1], keys, values, attn_mask=mask, scale=scale,
@@ -206,7 +211,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
 
 
 def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts, lens, scale,
-                      window, k_scale=None, v_scale=None):
+                      window, k_scale=None, v_scale=None, head_map=None):
     block_size = key_cache.shape[1]
     idx = torch.tensor(seqs, device=q.device)
     ctx = torch.tensor([lens[s] for s in seqs], device=q.device)
@@ -218,6 +223,8 @@ def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts
     keys = dequantize_kv(key_cache.index_select(0, tables).view(shape), k_scale, q.dtype)
     values = dequantize_kv(value_cache.index_select(0, tables).view(shape), v_scale, q.dtype)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    if head_map is not None:
+        keys, values = keys.index_select(1, head_map), values.index_select(1, head_map)
     k_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
     allowed = k_pos < ctx[:, None]
     if window is not None:

@@ -27,6 +27,7 @@ class OpDef:
     name: str
     fn: Callable
     kind: str  # source | elementwise | reduction | shape | gemm | norm | attention | fused
+    #            | collective
     arity: tuple[int, int]  # min and max number of tensor inputs
     needs_ctx: bool = False  # reads runtime state (the KV cache) passed as `ctx=`
 
@@ -125,10 +126,20 @@ def getitem(x, *, index):
     return x[index]
 
 
-def embedding(weight, ids, scale=None, *, b_format="dense", dtype=None):
+def embedding(weight, ids, scale=None, *, b_format="dense", dtype=None, vocab_start=None,
+              vocab_end=None):
     """Rows of the table for `ids`. With b_format="int8_channel" the table is int8 [V, D]
     with one fp32 scale per row (the layout a tied LM head shares): row = q[id] * scale[id],
-    returned in `dtype` (the model's activation dtype)."""
+    returned in `dtype` (the model's activation dtype).
+
+    With `vocab_start`/`vocab_end` the table holds only that slice of the vocabulary (one
+    tensor-parallel rank's share): ids outside it give zero rows, and an all-reduce over the
+    ranks completes the lookup."""
+    if vocab_start is not None:
+        inside = (ids >= vocab_start) & (ids < vocab_end)
+        local = torch.where(inside, ids - vocab_start, torch.zeros_like(ids))
+        rows = embedding(weight, local, scale, b_format=b_format, dtype=dtype)
+        return rows.masked_fill(~inside.unsqueeze(-1), 0)
     if b_format == "dense":
         return F.embedding(ids, weight)
     if b_format == "int8_channel":
@@ -167,6 +178,21 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
     if b_format == "int8_channel_a8":
         return quant.int8_a8_linear(x, *ops, bias)
     return quant.fp8_a8_linear(x, *ops, bias)
+
+
+def all_reduce(x, *, ctx):
+    """Sum over the tensor-parallel ranks (`ctx.comm`); the identity on a single rank."""
+    comm = getattr(ctx, "comm", None)
+    return x if comm is None else comm.all_reduce(x)
+
+
+def all_gather(x, *, dim, size, ctx):
+    """Concatenate every rank's `x` along `dim` (rank order) and keep the first `size`
+    entries: vocabulary shards are padded to equal length, the padding is cut here."""
+    comm = getattr(ctx, "comm", None)
+    parts = [x] if comm is None else comm.all_gather(x)
+    out = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    return out.narrow(dim, 0, size) if out.shape[dim] != size else out
 
 
 def matmul(a, b):
@@ -281,6 +307,8 @@ def _build() -> dict[str, OpDef]:
         OpDef("pointwise", pointwise, "fused", (1, 16)),
         OpDef("sdpa", sdpa, "attention", (3, 3)),
         OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),
+        OpDef("all_reduce", all_reduce, "collective", (1, 1), needs_ctx=True),
+        OpDef("all_gather", all_gather, "collective", (1, 1), needs_ctx=True),
     ]
     ops += [OpDef(name, fn, "elementwise", (1, 1)) for name, fn in UNARY.items()]
     ops += [OpDef(name, _scalar_binary(fn), "elementwise", (1, 2)) for name, fn in BINARY.items()]

@@ -82,6 +82,8 @@ def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: 
     any head_dim up to 256 works; odd head_dims work without RoPE only. The query-head group
     is padded to at least 16 rows for the decode dot."""
     heads, kv_heads, head_dim = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+    if attrs.get("kv_head_map") is not None:  # a non-uniform grouping (tensor-parallel shard)
+        return None
     if not all(isinstance(x, int) and x > 0 for x in (heads, kv_heads, head_dim)):
         return None
     if len(q_shape) != 4 or any(isinstance(x, int) and x != want
