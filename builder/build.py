@@ -21,6 +21,7 @@ from builder.passes.fuse import RULES as FUSE_RULES
 from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
 from builder.passes.lower_aten import lower_aten
+from builder.passes.partition import partition_tp
 from builder.passes.plan_memory import plan_memory
 from builder.passes.quantize import QuantEnv, check_options, quantize
 from builder.passes.report import PassReport
@@ -34,12 +35,23 @@ BUILDER_VERSION = "0.1.0"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+
+def partition(graph: Graph, options: BuildOptions) -> tuple[list[Graph], PassReport]:
+    """One graph per rank: passes before this one see the whole model, passes after it run
+    once per rank."""
+    if options.tp == 1:
+        return [graph], PassReport("partition", notes=["tp=1: a single rank"])
+    return partition_tp(graph, options.tp)
+
+
 # The pass list is data: (name, function, can the user disable it?).
 PASSES = [
     ("kv_cache", kv_cache, False),
     ("select_logits", select_logits, False),
     ("fuse", fuse, True),
     ("quantize", quantize, True),
+    ("partition", partition, False),
     ("plan_memory", plan_memory, True),
     ("codegen", codegen, True),
 ]
@@ -72,6 +84,7 @@ class BuildOptions:
     calib_cache: Path | None = field(default_factory=lambda: _cache_root() / "calib")
     max_ppl_increase: float | None = None
     min_greedy_agreement: float | None = None
+    tp: int = 1
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -82,6 +95,8 @@ class BuildOptions:
             raise BuildError("--max-batch-tokens must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise BuildError(f"--device {self.device!r} is not one of cpu, cuda")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise BuildError(f"--tp must be a positive integer, got {self.tp!r}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise BuildError("--max-seq-len must be at least 1")
         valid = {name for name, _, optional in PASSES if optional}
@@ -107,32 +122,45 @@ class BuildUI:
         pass
 
 
+def _run_pass(fn, graph: Graph, options: BuildOptions, quant_env: QuantEnv | None
+              ) -> tuple[Graph, PassReport]:
+    if fn is fuse:
+        disabled = frozenset(p.removeprefix("fuse.") for p in options.disabled_passes
+                             if p.startswith("fuse."))
+        return fn(graph, options, disabled=disabled)
+    if fn is quantize:
+        return fn(graph, options, quant_env)
+    return fn(graph, options)
+
+
 def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI,
-               quant_env: QuantEnv | None = None) -> list[PassReport]:
-    reports = []
+               quant_env: QuantEnv | None = None) -> tuple[list[Graph], list[PassReport]]:
+    """Run the pass list; returns the rank graphs (one unless --tp) and the reports (for
+    passes after the partition, rank 0's)."""
+    graphs, reports = [graph], []
     for name, fn, _ in PASSES:
         if name in options.disabled_passes:
             reports.append(PassReport(name, notes=["disabled by --disable-pass"]))
             continue
         with ui.stage(f"pass {name}"):
             start = time.perf_counter()
-            if fn is fuse:
-                disabled = frozenset(p.removeprefix("fuse.") for p in options.disabled_passes
-                                     if p.startswith("fuse."))
-                graph, report = fn(graph, options, disabled=disabled)
-            elif fn is quantize:
-                graph, report = fn(graph, options, quant_env)
+            if fn is partition:
+                graphs, report = partition(graphs[0], options)
             else:
-                graph, report = fn(graph, options)
-            try:
-                verify(graph)
-            except VerifyError as e:
-                raise BuildError(f"pass {name} produced an invalid graph: {e}") from e
+                results = [_run_pass(fn, g, options, quant_env) for g in graphs]
+                graphs, report = [g for g, _ in results], results[0][1]
+            for rank, g in enumerate(graphs):
+                try:
+                    verify(g)
+                except VerifyError as e:
+                    where = f" (rank {rank})" if len(graphs) > 1 else ""
+                    raise BuildError(f"pass {name} produced an invalid graph{where}: {e}") \
+                        from e
             report.seconds = round(time.perf_counter() - start, 3)
-            report.op_counts_after = graph.op_counts()
+            report.op_counts_after = graphs[0].op_counts()
             ui.note(report.summary())
         reports.append(report)
-    return reports
+    return graphs, reports
 
 
 def _resolve_max_seq_len(config, requested: int | None) -> int:
@@ -168,6 +196,21 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes: dict[str, int],
+                        ui: BuildUI) -> None:
+    specs = [(name, spec.shape, spec.dtype) for name, spec in sorted(graph.weights.items())]
+    tick = ui.counter("weights", len(specs))
+
+    def stream():
+        for name, _, _ in specs:
+            tensor = make_weight(graph.weights[name], source.weights, buffers)
+            key = str(tensor.dtype).removeprefix("torch.")
+            weight_bytes[key] = weight_bytes.get(key, 0) + tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    write_safetensors_streaming(path, specs, stream(), on_tensor=tick)
+
+
 def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
     ui = ui or BuildUI()
     timings: dict[str, float] = {}
@@ -201,26 +244,19 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
     quant_env = QuantEnv(source.weights, traced.buffers,
                          source.load_tokenizer if source.has_tokenizer() else None,
                          int(source.config.vocab_size), max_seq_len, ui)
-    reports = [lower_report, *run_passes(graph, options, ui, quant_env)]
+    graphs, passes = run_passes(graph, options, ui, quant_env)
+    reports = [lower_report, *passes]
+    graph = graphs[0]
     lap("passes")
 
-    plan = to_plan(graph)
-    specs = [(name, spec.shape, spec.dtype) for name, spec in sorted(graph.weights.items())]
     weight_bytes: dict[str, int] = {}
     with EngineWriter(options.output, options.force) as out:
-        with ui.stage("write weights"):
-            tick = ui.counter("weights", len(specs))
-
-            def stream():
-                for name, _, _ in specs:
-                    tensor = make_weight(graph.weights[name], source.weights, traced.buffers)
-                    key = str(tensor.dtype).removeprefix("torch.")
-                    weight_bytes[key] = weight_bytes.get(key, 0) + tensor.numel() * \
-                        tensor.element_size()
-                    yield name, tensor
-
-            write_safetensors_streaming(out.path("weights.rank0.safetensors"), specs, stream(),
-                                        on_tensor=tick)
+        for rank, rank_graph in enumerate(graphs):
+            label = f"write weights (rank {rank})" if len(graphs) > 1 else "write weights"
+            with ui.stage(label):
+                _write_rank_weights(out.path(f"weights.rank{rank}.safetensors"), rank_graph,
+                                    source, traced.buffers, weight_bytes, ui)
+            out.write_json(f"plan.rank{rank}.json", to_plan(rank_graph))
         lap("write_weights")
         has_tokenizer = source.has_tokenizer()
         if has_tokenizer:
@@ -233,17 +269,21 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         else:
             ui.note("no tokenizer in the checkpoint: the engine takes token ids only")
         lap("tokenizer")
-        sources = graph.meta.get("codegen", {}).get("sources", {})
+        sources: dict[str, str] = {}
+        for g in graphs:  # kernels are named by their hash: ranks share identical ones
+            sources.update(g.meta.get("codegen", {}).get("sources", {}))
         for name, text in sorted(sources.items()):
             out.path(f"kernels/{name}.py").write_text(text)
-        out.write_json("plan.rank0.json", plan)
+        plan_memory = graph.meta.get("memory", {})
         report = {
             "passes": [r.to_json() for r in reports],
             "op_counts": {"traced_aten": dict(sorted(aten_counts.items())),
                           "lowered": lowered_counts, "final": graph.op_counts()},
-            "weights": {"count": len(specs), "bytes_by_dtype": weight_bytes,
+            "weights": {"count": len(graph.weights), "bytes_by_dtype": weight_bytes,
                         "bytes": sum(weight_bytes.values())},
-            "memory": plan["memory"],
+            "memory": {k: v for k, v in plan_memory.items() if k != "assignment"},
+            **({"partition": graph.meta["partition"]["report"]}
+               if "report" in graph.meta.get("partition", {}) else {}),
             **({"quantization": graph.meta["quantization"]}
                if "quantization" in graph.meta else {}),
             "timings_s": timings,
@@ -270,7 +310,8 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                       "disabled_passes": list(options.disabled_passes),
                       "max_seq_len": max_seq_len},
             "target": {"device": options.device, "dtype": options.dtype},
-            "ranks": 1,
+            "ranks": len(graphs),
+            "parallel": {"tp": options.tp, "pp": 1},
             "tokenizer": "tokenizer" if has_tokenizer else None,
             "kv_cache": graph.meta.get("kv_cache"),
             "generation": {"eos_token_ids": _eos_ids(source),

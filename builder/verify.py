@@ -32,8 +32,11 @@ def _expected(node: Node, values: dict, env):
     if node.op in ("input", "weight"):
         return _meta(node.shape, node.dtype, env)
     args = [values[i] for i in node.inputs]
-    if node.op == "paged_attention":
+    if node.op in ("paged_attention", "all_reduce"):
         return torch.empty_like(args[0])
+    if node.op == "all_gather":
+        dim, size = node.attrs["dim"], node.attrs["size"]
+        return torch.cat([args[0]] * node.attrs["ranks"], dim=dim).narrow(dim, 0, size)
     attrs = resolve(node.attrs, env)
     return OPS[node.op].fn(*args, **attrs)
 

@@ -20,6 +20,16 @@ def materialize(recipe: dict, source, buffers: dict[str, torch.Tensor]) -> torch
     if "cat" in recipe:
         parts = [materialize(r, source, buffers) for r in recipe["cat"]]
         return torch.cat(parts, dim=recipe.get("dim", 0))
+    if "take" in recipe:  # a tensor-parallel shard: chosen rows or columns
+        t = materialize(recipe["take"], source, buffers)
+        index = torch.tensor(recipe["index"], dtype=torch.long)
+        return t.index_select(recipe["dim"], index)
+    if "pad" in recipe:  # zero rows that bring a vocabulary shard to its equal length
+        t = materialize(recipe["pad"], source, buffers)
+        dim = recipe["dim"]
+        shape = list(t.shape)
+        shape[dim] = recipe["to"] - shape[dim]
+        return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
     raise ValueError(f"unknown weight recipe {recipe}")
 
 

@@ -186,8 +186,8 @@ def all_reduce(x, *, ctx):
     return x if comm is None else comm.all_reduce(x)
 
 
-def all_gather(x, *, dim, size, ctx):
-    """Concatenate every rank's `x` along `dim` (rank order) and keep the first `size`
+def all_gather(x, *, dim, size, ranks, ctx):
+    """Concatenate the `ranks` ranks' `x` along `dim` (rank order) and keep the first `size`
     entries: vocabulary shards are padded to equal length, the padding is cut here."""
     comm = getattr(ctx, "comm", None)
     parts = [x] if comm is None else comm.all_gather(x)

@@ -27,8 +27,10 @@ class _Seq:
 
 class PagedRunner:
     def __init__(self, engine_dir: Path, block_size: int = 4, num_blocks: int = 512,
-                 seed: int = 0) -> None:
-        files = load_engine_dir(engine_dir)
+                 seed: int = 0, rank: int = 0, comm=None) -> None:
+        """`rank` and `comm` run one rank of a tensor-parallel engine (see ThreadGroup)."""
+        files = load_engine_dir(engine_dir, rank=rank)
+        self.comm = comm
         self.meta = files.meta
         self.runner = PlanRunner(files.plan, files.weights)
         self.block_size = block_size
@@ -76,6 +78,7 @@ class PagedRunner:
 
         class Ctx:
             kv_caches = self.kv_caches
+            comm = self.comm
 
         logits = self.runner.run(feeds, Ctx())[0][0]
         out, r = {}, 0
@@ -108,3 +111,38 @@ class PagedRunner:
                 generated[i].append(int(out[base + i][-1].argmax()))
             step += 1
         return [generated[i] for i in range(len(prompts))]
+
+
+class ThreadGroup:
+    """The ranks of a tensor-parallel engine as threads of this process, for checking the
+    partitioner's arithmetic (the runtime's ranks are processes on torch.distributed)."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list = [None] * size
+
+    def comm(self, rank: int):
+        group = self
+
+        class _Comm:
+            def all_gather(self, x):
+                group.slots[rank] = x
+                group.barrier.wait()
+                parts = list(group.slots)
+                group.barrier.wait()
+                return parts
+
+            def all_reduce(self, x):
+                return torch.stack(self.all_gather(x)).sum(0)  # the same order on every rank
+
+        return _Comm()
+
+    def run(self, fn):
+        """fn(rank) on every rank concurrently; returns the results in rank order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.size) as pool:
+            return list(pool.map(fn, range(self.size)))

@@ -246,7 +246,7 @@ def build_graph(ckpt: Path, *, codegen: bool = False):
     graph, _ = lower_aten(traced, source.weights.__contains__)
     options = BuildOptions(model=str(ckpt), output=Path("unused"), max_batch_tokens=64,
                            disabled_passes=() if codegen else ("codegen",))
-    run_passes(graph, options, BuildUI())
+    graph = run_passes(graph, options, BuildUI())[0][0]
     weights = {name: make_weight(spec, source.weights, traced.buffers)
                for name, spec in graph.weights.items()}
     return graph, weights
