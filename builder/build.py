@@ -22,6 +22,7 @@ from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
 from builder.passes.lower_aten import lower_aten
 from builder.passes.partition import partition_tp
+from builder.passes.pipeline import partition_pp
 from builder.passes.plan_memory import plan_memory
 from builder.passes.quantize import QuantEnv, check_options, quantize
 from builder.passes.report import PassReport
@@ -40,9 +41,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def partition(graph: Graph, options: BuildOptions) -> tuple[list[Graph], PassReport]:
     """One graph per rank: passes before this one see the whole model, passes after it run
     once per rank."""
-    if options.tp == 1:
-        return [graph], PassReport("partition", notes=["tp=1: a single rank"])
-    return partition_tp(graph, options.tp)
+    if options.tp > 1 and options.pp > 1:
+        raise BuildError("--tp and --pp together are not supported yet; pick one")
+    if options.pp > 1:
+        return partition_pp(graph, options.pp)
+    if options.tp > 1:
+        return partition_tp(graph, options.tp)
+    return [graph], PassReport("partition", notes=["a single rank"])
 
 
 # The pass list is data: (name, function, can the user disable it?).
@@ -85,6 +90,7 @@ class BuildOptions:
     max_ppl_increase: float | None = None
     min_greedy_agreement: float | None = None
     tp: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -95,8 +101,9 @@ class BuildOptions:
             raise BuildError("--max-batch-tokens must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise BuildError(f"--device {self.device!r} is not one of cpu, cuda")
-        if not isinstance(self.tp, int) or self.tp < 1:
-            raise BuildError(f"--tp must be a positive integer, got {self.tp!r}")
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
+            if not isinstance(value, int) or value < 1:
+                raise BuildError(f"{flag} must be a positive integer, got {value!r}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise BuildError("--max-seq-len must be at least 1")
         valid = {name for name, _, optional in PASSES if optional}
@@ -311,7 +318,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                       "max_seq_len": max_seq_len},
             "target": {"device": options.device, "dtype": options.dtype},
             "ranks": len(graphs),
-            "parallel": {"tp": options.tp, "pp": 1},
+            "parallel": {"tp": options.tp, "pp": options.pp},
             "tokenizer": "tokenizer" if has_tokenizer else None,
             "kv_cache": graph.meta.get("kv_cache"),
             "generation": {"eos_token_ids": _eos_ids(source),

@@ -104,11 +104,13 @@ def main() -> None:
                    "unquantized model.")
 @click.option("--tp", type=int, default=1, show_default=True,
               help="Tensor-parallel ranks: one plan and weight file per rank.")
+@click.option("--pp", type=int, default=1, show_default=True,
+              help="Pipeline stages: consecutive layers per rank.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
 def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, quant,
           quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, calib_data,
           calib_samples, calib_seq_len, max_ppl_increase, min_greedy_agreement, tp,
-          force) -> None:
+          pp, force) -> None:
     """Compile MODEL into an engine directory."""
     from builder.build import BuildOptions, build_engine
 
@@ -129,7 +131,7 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
                                smoothquant_alpha=smoothquant_alpha, calib_data=calib_data,
                                calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                max_ppl_increase=max_ppl_increase,
-                               min_greedy_agreement=min_greedy_agreement, tp=tp,
+                               min_greedy_agreement=min_greedy_agreement, tp=tp, pp=pp,
                                force=force)
         start = time.perf_counter()
         path = build_engine(options, _RichUI())

@@ -76,17 +76,20 @@ class PagedRunner:
             "logits_indices": torch.tensor(rows),
         }
 
-        class Ctx:
-            kv_caches = self.kv_caches
-            comm = self.comm
-
-        logits = self.runner.run(feeds, Ctx())[0][0]
+        logits = self.run(feeds)[0]
         out, r = {}, 0
         for sid, new in work:
             n = len(new) if all_rows else 1
             out[sid] = logits[r:r + n]
             r += n
         return out
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        class Ctx:
+            kv_caches = self.kv_caches
+            comm = self.comm
+
+        return self.runner.run(feeds, Ctx())[0]
 
     def greedy(self, prompts: list[list[int]], max_new: int, chunk: int = 5) -> list[list[int]]:
         """Greedy decoding of all prompts together: prompt i arrives at step i and is
@@ -146,3 +149,26 @@ class ThreadGroup:
 
         with ThreadPoolExecutor(self.size) as pool:
             return list(pool.map(fn, range(self.size)))
+
+
+class PipelineRunner(PagedRunner):
+    """All stages of a pipeline-parallel engine in this process, run one after another with
+    each stage's outputs fed to the next (the runtime's stages are processes)."""
+
+    def __init__(self, engine_dir: Path, stages: int, **kwargs) -> None:
+        super().__init__(engine_dir, **kwargs)
+        self.stages = [(self.runner, self.kv_caches)]
+        for rank in range(1, stages):
+            other = PagedRunner(engine_dir, rank=rank, **kwargs)
+            self.stages.append((other.runner, other.kv_caches))
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        values: dict[str, torch.Tensor] = {}
+        for runner, caches in self.stages:
+            class Ctx:
+                kv_caches = caches
+                comm = None
+
+            outs = runner.run({**feeds, **values}, Ctx())
+            values = {"pp." + name: v for name, v in zip(runner.outputs, outs)}
+        return outs[0]

@@ -1,0 +1,171 @@
+"""Pipeline-parallel partitioning: consecutive layers per stage, one graph per stage.
+
+Every node gets a stage: attention nodes from their layer index, other nodes from the layers
+named in their origin (HF module paths such as `model.layers.13.mlp`), never earlier than
+their inputs' stages. Nodes computed from the step's inputs and weights alone (the embedding,
+RoPE tables) are copied into every stage that reads them, so stages exchange only the
+residual stream: the values made at or before a boundary and read after it. Those become
+outputs of the stage before and inputs (`pp.<name>`) of the stage after; a value that skips
+a stage is passed through it. The last stage computes the logits. Each stage's attention
+layers are renumbered from 0, and its KV cache holds only its layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from builder.errors import BuildError
+from builder.ir import Graph, Node
+from builder.passes.partition import split_sizes, weight_bytes
+from builder.passes.report import PassReport
+from kernels.dtypes import to_torch_dtype
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+RECV_PREFIX = "pp."
+
+
+def _origin_layers(node: Node) -> list[int]:
+    found = []
+    for entry in node.origin:
+        m = _LAYER.search(entry.split("@", 1)[-1])
+        if m:
+            found.append(int(m.group(1)))
+    return found
+
+
+def assign_stages(graph: Graph, pp: int) -> tuple[dict[str, int | None], list[int]]:
+    """Stage of every node (None: computed from inputs and weights alone, copied where
+    needed) and the number of layers per stage."""
+    attn = [n for n in graph.nodes() if n.op == "paged_attention"]
+    n_layers = len(attn)
+    if n_layers < pp:
+        raise BuildError(f"--pp {pp} exceeds the model's {n_layers} layers")
+    sizes = split_sizes(n_layers, pp)
+    stage_of_layer = [s for s, n in enumerate(sizes) for _ in range(n)]
+    stages: dict[str, int | None] = {}
+    for node in graph.nodes():
+        if node.op in ("input", "weight"):
+            stages[node.name] = None
+            continue
+        deps = [stages[i] for i in node.inputs if stages[i] is not None]
+        if node.op == "paged_attention":
+            own = [stage_of_layer[node.attrs["layer"]]]
+        elif node.op == "getitem":  # stays with the multi-output op it unpacks
+            own = []
+        else:
+            own = [stage_of_layer[min(layer, n_layers - 1)] for layer in _origin_layers(node)]
+        if not deps and not own:
+            stages[node.name] = None  # embedding, RoPE tables: free to copy
+        else:
+            stages[node.name] = max(deps + own)
+    return stages, sizes
+
+
+def _needed(graph: Graph, stages: dict[str, int | None], roots: set[str]) -> set[str]:
+    """Free nodes (and their free ancestors) that `roots` read."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        for i in graph.node(name).inputs:
+            if stages[i] is None and i not in seen and graph.node(i).op not in ("input",
+                                                                                  "weight"):
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
+def stage_graph(graph: Graph, stages: dict[str, int | None], stage: int, pp: int,
+                crossing: list[list[str]]) -> Graph:
+    """The graph of one stage: its nodes, the free nodes they read, inputs for the values
+    crossing into it and outputs for the values crossing out of it."""
+    g = copy.deepcopy(graph)
+    mine = {n for n, s in stages.items() if s == stage}
+    keep = mine | _needed(g, stages, mine)
+    incoming = crossing[stage - 1] if stage > 0 else []
+    outgoing = crossing[stage] if stage < pp - 1 else list(graph.outputs)
+    recv: dict[str, str] = {}
+    for name in incoming:
+        node = g.node(name)
+        new = g.add("input", [], node.shape, node.dtype, attrs={"name": RECV_PREFIX + name},
+                    name=RECV_PREFIX.replace(".", "_") + name, order=-2.0)
+        recv[name] = new.name
+        g.inputs.append(new.name)
+    for name in list(mine | keep):
+        node = g.node(name)
+        if any(i in recv for i in node.inputs):
+            g.set_inputs(node, [recv.get(i, i) for i in node.inputs])
+    g.outputs = [recv.get(o, o) for o in outgoing]
+    drop = [n for n in g.g if n not in keep and n not in recv.values()
+            and g.node(n).op not in ("input", "weight")]
+    g.g.remove_nodes_from(drop)
+    g.dce()
+    # This stage's attention layers, renumbered from 0; its KV cache holds only them.
+    layers = (g.meta.get("kv_cache") or {}).get("layers")
+    attn = sorted((n for n in g.nodes() if n.op == "paged_attention"),
+                  key=lambda n: n.attrs["layer"])
+    if layers is not None:
+        g.meta["kv_cache"] = {**g.meta["kv_cache"],
+                              "layers": [layers[n.attrs["layer"]] for n in attn]}
+    for local, node in enumerate(attn):
+        node.attrs["layer"] = local
+    g.meta["pipeline"] = {"pp": pp, "stage": stage, "first_layer": None}
+    return g
+
+
+def partition_pp(graph: Graph, pp: int) -> tuple[list[Graph], PassReport]:
+    report = PassReport("partition_pp")
+    stages, sizes = assign_stages(graph, pp)
+    users: dict[str, list[int]] = {}
+    for node in graph.nodes():
+        s = stages[node.name]
+        if s is None:
+            continue
+        for i in node.inputs:
+            if stages[i] is not None:
+                users.setdefault(i, []).append(s)
+    for out in graph.outputs:  # the logits come out of the last stage
+        users.setdefault(out, []).append(pp)
+    crossing = []
+    for b in range(pp - 1):
+        live = sorted(v for v, readers in users.items()
+                      if stages[v] is not None and stages[v] <= b and max(readers) > b)
+        for v in live:
+            if isinstance(graph.node(v).shape, list):
+                raise BuildError(f"pipeline parallelism: stage boundary {b} cuts through the "
+                                 f"multi-output op {v}; try another --pp")
+        crossing.append(live)
+    graphs = []
+    first = 0
+    for s in range(pp):
+        g = stage_graph(graph, stages, s, pp, crossing)
+        g.meta["pipeline"]["first_layer"] = first
+        first += sizes[s]
+        graphs.append(g)
+    sent = []
+    for b, live in enumerate(crossing):
+        per_token = 0
+        for v in live:
+            node = graph.node(v)
+            width = 1
+            for d in node.shape[1:] if isinstance(node.shape, tuple | list) else ():
+                width *= d if isinstance(d, int) and d > 0 else 1
+            per_token += width * to_torch_dtype(node.dtype).itemsize
+        sent.append({"after_stage": b, "values": live, "bytes_per_token": per_token})
+    report.changed = True
+    report.stats = {"pp": pp, "layers_per_stage": sizes,
+                    "bytes_per_token_between_stages": [x["bytes_per_token"] for x in sent]}
+    details: dict[str, Any] = {
+        **report.stats, "boundaries": sent,
+        "ranks": [{"rank": s, "stage": s, "weight_bytes": weight_bytes(g),
+                   "layers": [g.meta["pipeline"]["first_layer"],
+                              g.meta["pipeline"]["first_layer"] + sizes[s]]}
+                  for s, g in enumerate(graphs)]}
+    for g in graphs:
+        g.meta["partition"] = {"pp": pp, "report": details}
+    report.notes.append(f"pp={pp}: layers per stage {sizes}; "
+                        + ", ".join(f"{x['bytes_per_token']} B/token after stage "
+                                    f"{x['after_stage']}" for x in sent))
+    return graphs, report

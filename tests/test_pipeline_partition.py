@@ -1,0 +1,79 @@
+"""Pipeline-parallel partitioning: layers per stage, the values crossing each boundary, and
+the stages run in sequence against the single-stage engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.harness import PagedRunner, PipelineRunner
+from tests.models import build_tiny_engine
+from tests.test_partition import PROMPTS, _steps
+
+
+@pytest.fixture(scope="module")
+def pp_engines(tmp_path_factory, checkpoints):
+    root = tmp_path_factory.mktemp("pp")
+    cache: dict = {}
+
+    def get(arch: str, pp: int, **options):
+        key = (arch, pp, tuple(sorted(options.items())))
+        if key not in cache:
+            ckpt, _ = checkpoints(arch)
+            cache[key] = build_tiny_engine(ckpt, root / f"{arch}-pp{pp}-{len(cache)}", pp=pp,
+                                           **options)
+        return cache[key]
+
+    return get
+
+
+def test_stages_split_layers_and_send_the_residual(pp_engines):
+    path = pp_engines("llama_tied", 2)
+    meta = json.loads((path / "engine.json").read_text())
+    assert meta["ranks"] == 2 and meta["parallel"] == {"tp": 1, "pp": 2}
+    plans = [json.loads((path / f"plan.rank{r}.json").read_text()) for r in range(2)]
+    total = meta["model"]["config"]["num_hidden_layers"]
+    attn = [[n for n in p["nodes"] if n["op"] == "paged_attention"] for p in plans]
+    assert [len(a) for a in attn] == [-(-total // 2), total // 2]
+    for a, plan in zip(attn, plans):  # layers renumbered per stage, KV cache per stage
+        assert [n["attrs"]["layer"] for n in a] == list(range(len(a)))
+        assert len(plan["kv_cache"]["layers"]) == len(a)
+    # Only stage 0 embeds, only the last stage has the LM head; the residual stream (two
+    # hidden-size values: the residual and the last MLP's output, whose add is fused into
+    # the next norm) is what crosses.
+    ops = [{n["op"] for n in p["nodes"]} for p in plans]
+    assert "embedding" in ops[0] and "embedding" not in ops[1]
+    hidden = meta["model"]["config"]["hidden_size"]
+    received = [i for i in plans[1]["inputs"] if i["name"].startswith("pp.")]
+    assert len(received) == len(plans[0]["outputs"]) == 2
+    assert all(i["shape"] == [1, "T", hidden] for i in received)
+    report = json.loads((path / "report.json").read_text())["partition"]
+    assert report["bytes_per_token_between_stages"] == [2 * hidden * 4]
+
+
+@pytest.mark.parametrize("arch,pp", [("llama_tied", 2), ("mistral", 2), ("gpt2", 2),
+                                     ("qwen2", 2)])
+def test_stages_match_single_stage(pp_engines, arch, pp):
+    one = PagedRunner(pp_engines(arch, 1))
+    many = PipelineRunner(pp_engines(arch, pp), pp)
+    for work in _steps():
+        want, got = one.step(work), many.step(work)
+        for sid in want:
+            torch.testing.assert_close(got[sid], want[sid], rtol=0, atol=0)
+
+
+def test_greedy_identical_int8(pp_engines):
+    want = PagedRunner(pp_engines("llama", 1, quant="int8-wo")).greedy(PROMPTS, 6)
+    got = PipelineRunner(pp_engines("llama", 2, quant="int8-wo"), 2).greedy(PROMPTS, 6)
+    assert got == want
+
+
+def test_errors(pp_engines):
+    from builder.errors import BuildError
+
+    with pytest.raises(BuildError, match="exceeds the model's"):
+        pp_engines("llama", 64)
+    with pytest.raises(BuildError, match="not supported yet"):
+        pp_engines("llama", 2, tp=2)
