@@ -23,7 +23,8 @@ from runtime.sampling import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped (a step raised); no request can run until a restart."""
+    """The engine loop stopped (a step raised, or a rank of a multi-rank engine died); no
+    request can run until a restart."""
 
 
 @dataclass
@@ -33,8 +34,10 @@ class _Sink:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, owns_engine: bool = False) -> None:
+        """`owns_engine`: shutdown() also closes the engine (AsyncEngine.load does)."""
         self.engine = engine
+        self._owns_engine = owns_engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[str, _Sink] = {}
@@ -45,11 +48,13 @@ class AsyncEngine:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", **options: Any) -> AsyncEngine:
-        return cls(Engine.load(path, device, **options))
+        return cls(Engine.load(path, device, **options), owns_engine=True)
 
     # ---- the loop thread ------------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the loop thread; returns a future of its result."""
+        if self.error is None and not self.engine.healthy:  # a rank died between steps
+            self.error = EngineDeadError(self.engine.error)
         if self.error is not None or self._stop:
             raise EngineDeadError(f"the engine has stopped ({self.error or 'shut down'})")
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -186,9 +191,12 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self.error is None and not self._stop and self._thread.is_alive()
+        return (self.error is None and not self._stop and self._thread.is_alive()
+                and self.engine.healthy)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._owns_engine:
+            self.engine.close()

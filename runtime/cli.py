@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from runtime.distributed import RankFailedError, engine_ranks
 from runtime.engine_dir import EngineLoadError
 
 
@@ -39,7 +40,8 @@ def engine_options(fn):
                      help="Op implementations: the engine's Triton kernels (default on CUDA) "
                           "or the torch reference ops (default on CPU)."),
         click.option("--threads", type=int, default=None,
-                     help="CPU threads for torch ops (default: torch's choice, one per core)."),
+                     help="CPU threads for torch ops, per rank (default: torch's choice, one "
+                          "per core; a multi-rank engine divides the cores among its ranks)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -71,18 +73,14 @@ def parse_memory(text: str) -> dict[str, Any]:
 
 def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
                 no_prefix_caching, kernels="auto", threads=None, quiet: bool = False):
-    import torch
-
     from runtime.engine import Engine
 
-    if threads is not None:
-        if threads < 1:
-            _fail(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}")
     options: dict[str, Any] = {"block_size": block_size, "max_num_seqs": max_num_seqs,
                                "max_batch_tokens": max_batch_tokens,
-                               "prefix_caching": not no_prefix_caching, "kernels": kernels}
+                               "prefix_caching": not no_prefix_caching, "kernels": kernels,
+                               "threads": threads}
     if kv_cache_memory is not None:
         try:
             options.update(parse_memory(kv_cache_memory))
@@ -179,7 +177,7 @@ def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature
     start = time.perf_counter()
     try:
         outputs = engine.generate(rendered, params, progress=not as_json)
-    except ValueError as e:
+    except (ValueError, RankFailedError) as e:
         _fail(str(e))
     elapsed = time.perf_counter() - start
     for out in outputs:
@@ -205,7 +203,7 @@ def _stream_one(engine, prompt: Any, params) -> str:
             reason = out.finish_reason
             if out.error:
                 click.echo(f"\nerror: {out.error}", err=True)
-    except ValueError as e:
+    except (ValueError, RankFailedError) as e:
         _fail(str(e))
     click.echo("")
     if reason == "length":
@@ -274,6 +272,10 @@ def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw)
         _fail(f"--window must be >= 2, got {window}")
     if max_tokens is not None and max_tokens < 2:
         _fail(f"--max-tokens must be >= 2, got {max_tokens}")
+    for path in (engine_dir, reference):
+        # evaluate() runs the plan in its own cache on this process: one rank only.
+        if path is not None and engine_ranks(path) > 1:
+            _fail(f"{path} is a multi-rank engine; engine eval runs single-rank engines only")
     content = _read_eval_text(text)
     if engine_kw["kv_cache_memory"] is None:
         # eval runs its windows in a private cache; the engine's own one only has to exist.

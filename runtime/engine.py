@@ -7,9 +7,11 @@ runs the same loop on a thread for asyncio callers.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,14 @@ from typing import Any
 import torch
 
 from runtime.block_manager import BlockManager
+from runtime.distributed import (
+    Cluster,
+    check_rank_files,
+    default_threads,
+    engine_ranks,
+    torchrun_env,
+    verify_rank_files,
+)
 from runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
 from runtime.executor import Executor, KVCache, KVCacheSpec
 from runtime.kernels import bind_kernels, choose_backend, verify_kernels
@@ -64,6 +74,9 @@ class EngineConfig:
     verify_checksums: bool = True
     kernels: str = "auto"  # auto (triton on CUDA, else reference) | reference | triton
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton kernels)
+    threads: int | None = None  # torch CPU threads per rank; default: torch's on one rank,
+    #                             the host's cores divided among its ranks on several
+    collective_timeout: float = 60.0  # seconds a rank waits inside a step for a stalled peer
 
 
 def available_memory() -> int:
@@ -78,12 +91,44 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def kv_cache_blocks(layers: list[dict[str, Any]], config: EngineConfig,
+                    ranks_here: int = 1) -> int:
+    """Blocks this rank's KV-cache budget holds. The default budget is shared by the ranks on
+    one host; an explicit kv_cache_memory is per rank (like memory per GPU)."""
+    per_block = KVCacheSpec.bytes_per_block(layers, config.block_size)
+    budget = config.kv_cache_memory
+    if budget is None:
+        budget = min(DEFAULT_KV_CACHE_BYTES,
+                     int(config.kv_cache_fraction * available_memory()) // ranks_here)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise EngineLoadError(f"KV cache budget of {budget} bytes holds no block "
+                              f"({per_block} bytes each); raise --kv-cache-memory")
+    return num_blocks
+
+
+def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: str
+                ) -> PlanRunner:
+    """The plan bound to this rank's weights and (triton backend) verified kernels."""
+    sources = verify_kernels(files.path, files.plan)
+    bound = {}
+    if backend == "triton":
+        bound = bind_kernels(files.plan, sources, config.block_size)
+    weights = files.weights
+    if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
+        weights = {k: v.to(device) for k, v in weights.items()}
+    return PlanRunner(files.plan, weights, bound)
+
+
 class Engine:
-    def __init__(self, files: EngineFiles, config: EngineConfig, device: str = "cpu") -> None:
+    def __init__(self, files: EngineFiles, config: EngineConfig, device: str = "cpu",
+                 cluster: Cluster | None = None) -> None:
+        """`cluster`: this process is rank 0 of a multi-rank engine (see Engine.load)."""
         self.files = files
         self.meta = files.meta
         self.config = config
         self.device = device
+        self.cluster = cluster
         gen = self.meta.get("generation", {})
         self.eos_token_ids: list[int] = list(gen.get("eos_token_ids") or [])
         self.vocab_size: int = gen.get("vocab_size") or 0
@@ -91,16 +136,16 @@ class Engine:
         self.tokenizer = self._load_tokenizer()
 
         layers = files.plan["kv_cache"]["layers"]
-        per_block = KVCacheSpec.bytes_per_block(layers, config.block_size)
-        budget = config.kv_cache_memory
-        if budget is None:
-            budget = min(DEFAULT_KV_CACHE_BYTES, int(config.kv_cache_fraction * available_memory()))
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise EngineLoadError(f"KV cache budget of {budget} bytes holds no block "
-                                  f"({per_block} bytes each); raise --kv-cache-memory")
+        if cluster is None:
+            num_blocks = kv_cache_blocks(layers, config)
+        else:
+            # Block ids must mean the same on every rank, and KV bytes per block differ
+            # between ranks: all take the smallest count any rank's budget holds.
+            num_blocks = kv_cache_blocks(layers, config, cluster.local_world_size)
+            reports = cluster.exchange({"ok": True, "num_blocks": num_blocks})
+            num_blocks = min(r["num_blocks"] for r in reports)
         self.kv_spec = KVCacheSpec(num_blocks, config.block_size, layers)
-        self.cache = KVCache(self.kv_spec, device)
+        self.cache = KVCache(self.kv_spec, device, cluster.comm if cluster else None)
         self.blocks = BlockManager(num_blocks, config.block_size,
                                    prefix_caching=config.prefix_caching)
         built_for = self.meta["build"].get("max_batch_tokens", 2048)
@@ -109,22 +154,21 @@ class Engine:
             SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
                             max_seq_len=self.max_seq_len), self.blocks)
         self.kernel_backend = choose_backend(config.kernels, device)
-        sources = verify_kernels(files.path, files.plan)
-        bound = {}
-        if self.kernel_backend == "triton":
-            bound = bind_kernels(files.plan, sources, config.block_size)
-        weights = files.weights
-        if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
-            weights = {k: v.to(device) for k, v in weights.items()}
-        runner = PlanRunner(files.plan, weights, bound)
+        runner = make_runner(files, config, self.kernel_backend, device)
         graphs = None
-        if config.cuda_graphs and device.startswith("cuda") and self.kernel_backend == "triton":
+        # Graphs are single-rank: every rank would have to replay them in lockstep.
+        if (config.cuda_graphs and device.startswith("cuda") and self.kernel_backend == "triton"
+                and cluster is None):
             from runtime.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(runner, self.cache, max_batch=config.max_num_seqs,
                                   max_blocks=-(-self.max_seq_len // config.block_size),
                                   device=device)
-        self.executor = Executor(runner, self.cache, device, graphs)
+        self.executor = Executor(runner, self.cache, device, graphs, cluster)
+        if cluster is not None:
+            cluster.exchange({"ok": True})  # every rank has allocated: ready
+            # Workers get SHUTDOWN when the engine is closed, collected or the process exits.
+            self._finalizer = weakref.finalize(self, cluster.close)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -138,8 +182,74 @@ class Engine:
             raise TypeError(f"unknown engine option(s) {sorted(unknown)}; valid: "
                             f"{sorted(EngineConfig.__dataclass_fields__)}")
         config = EngineConfig(**options)
+        if config.threads is not None and config.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {config.threads}")
+        world_size = engine_ranks(path)
+        if world_size > 1:
+            return cls._load_ranks(Path(path), device, config, world_size)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         files = load_engine_dir(path, device=device, verify_checksums=config.verify_checksums)
         return cls(files, config, device)
+
+    @classmethod
+    def _load_ranks(cls, path: Path, device: str, config: EngineConfig, world_size: int
+                    ) -> Engine:
+        """Rank 0 of a multi-rank engine: spawn ranks 1..N-1 on this host, or, under a
+        torchrun launch of the same size, join the ranks it started (runtime.worker)."""
+        # Everything that can be checked here is, before any process starts.
+        files = load_engine_dir(path, device=device, verify_checksums=False)
+        check_rank_files(path, world_size)
+        env = torchrun_env()
+        if env is not None and env["world_size"] == world_size:
+            if env["rank"] != 0:
+                raise EngineLoadError("under torchrun, Engine.load runs on rank 0 only; the "
+                                      "other ranks run `python -m runtime.worker ENGINE_DIR`")
+            threads = config.threads or default_threads(env["local_world_size"])
+            cluster = Cluster.join_torchrun(path, env, device)
+        else:
+            threads = config.threads or default_threads(world_size)
+            cluster = Cluster.spawn(path, world_size, device, threads)
+        torch.set_num_threads(threads)
+        try:
+            if config.verify_checksums:  # the workers verify theirs meanwhile
+                verify_rank_files(path, files.meta, 0)
+            cluster.connect(dataclasses.asdict(config), files.plan, config.collective_timeout)
+            return cls(files, config, device, cluster)
+        except BaseException as e:
+            cluster.abort(f"loading failed: {e}")  # no worker may outlive a failed load
+            raise
+
+    # ---- lifetime -------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.cluster.world_size if self.cluster is not None else 1
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine stopped (a rank died or failed, or it was closed); None while
+        it can serve."""
+        return self.cluster.error if self.cluster is not None else None
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None
+
+    def close(self) -> None:
+        """Stop the other ranks (a no-op on a single rank); call it from the thread that
+        steps. Also runs when the engine is garbage-collected or the process exits."""
+        if self.cluster is not None:
+            self._finalizer()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_healthy(self) -> None:
+        if self.cluster is not None:
+            self.cluster.check()
 
     def _load_tokenizer(self):
         rel = self.meta.get("tokenizer")
@@ -153,8 +263,9 @@ class Engine:
     def kv_cache_summary(self) -> str:
         spec = self.kv_spec
         mib = spec.num_blocks * KVCacheSpec.bytes_per_block(spec.layers, spec.block_size) / 2**20
+        where = f" on rank 0 of {self.world_size}" if self.cluster is not None else ""
         return (f"{spec.num_blocks} blocks = {spec.num_blocks * spec.block_size} tokens "
-                f"({mib:.0f} MiB, block size {spec.block_size})")
+                f"({mib:.0f} MiB{where}, block size {spec.block_size})")
 
     # ---- prompts ------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
@@ -186,7 +297,9 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     *, request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a request; returns its id. Raises ValueError for a bad prompt or params."""
+        """Queue a request; returns its id. Raises ValueError for a bad prompt or params,
+        RankFailedError once a multi-rank engine has stopped."""
+        self._check_healthy()
         params = params or SamplingParams()
         text, ids = self.encode(prompt)
         if len(ids) >= self.max_seq_len:
@@ -226,7 +339,9 @@ class Engine:
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[Output]:
         """Run one batch. Returns an Output for every request that produced tokens or
-        finished during the step."""
+        finished during the step. On a multi-rank engine, raises RankFailedError naming the
+        rank when one dies; the engine is stopped from then on (`healthy`, `error`)."""
+        self._check_healthy()
         sched = self.scheduler.schedule()
         changed: dict[str, Request] = {r.id: r for r in sched.finished}
         for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
@@ -239,7 +354,15 @@ class Engine:
 
     def _run(self, sched: SchedulerOutput, changed: dict[str, Request]) -> None:
         tables = [self.blocks.block_table(c.req.id) for c in sched.chunks]
-        result = self.executor.run(sched.chunks, tables, sched.copies)
+        try:
+            result = self.executor.run(sched.chunks, tables, sched.copies)
+        except BaseException as e:
+            if self.cluster is None:
+                raise
+            failure = self.cluster.fail(e)  # the ranks are out of step now: stop them all
+            if isinstance(e, Exception):
+                raise failure from e
+            raise  # KeyboardInterrupt and the like stay what they are
         self.scheduler.update(sched)
         sampling = [(c, result.rows[i]) for i, c in enumerate(sched.chunks) if c.sample]
         for chunk, rows in ((c, result.rows[i]) for i, c in enumerate(sched.chunks)):

@@ -36,10 +36,12 @@ class KVCacheSpec:
 
 class KVCache:
     """Per layer a (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] tensors; the
-    attention ops find them through the context object passed to the plan."""
+    attention ops find them through the context object passed to the plan, as the collective
+    ops find `comm` (runtime.distributed.Comm on a multi-rank engine)."""
 
-    def __init__(self, spec: KVCacheSpec, device: str = "cpu") -> None:
+    def __init__(self, spec: KVCacheSpec, device: str = "cpu", comm: Any = None) -> None:
         self.spec = spec
+        self.comm = comm  # the plan's collectives reach the other ranks through it (or None)
         self.kv_caches = []
         for layer in spec.layers:
             shape = (spec.num_blocks, spec.block_size, layer["num_kv_heads"], layer["head_dim"])
@@ -76,11 +78,12 @@ class StepLogits:
 
 class Executor:
     def __init__(self, runner: PlanRunner, cache: KVCache, device: str = "cpu",
-                 graphs: Any = None) -> None:
+                 graphs: Any = None, cluster: Any = None) -> None:
         self.runner = runner
         self.cache = cache
         self.device = torch.device(device)
         self.graphs = graphs  # DecodeGraphs: decode steps replayed from CUDA graphs
+        self.cluster = cluster  # rank 0 of a multi-rank engine: the other ranks get each step
         self.block_size = cache.spec.block_size
 
     def build_feeds(self, chunks: list[Chunk], block_tables: list[list[int]]
@@ -127,17 +130,26 @@ class Executor:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], block_tables: list[list[int]],
             copies: list[tuple[int, int]]) -> StepLogits:
-        self.cache.copy_blocks(copies)
         feeds, row_slices = self.build_feeds(chunks, block_tables)
+        wants_rows = feeds["logits_indices"].numel() > 0
+        if not wants_rows:
+            # The plan still has to run to write KV; ask for one row and drop it.
+            feeds["logits_indices"] = torch.tensor([0])
+        if self.cluster is not None:
+            self.cluster.send_step(feeds, copies)
+        logits = self.execute(feeds, copies)
+        if not wants_rows:
+            return StepLogits(torch.empty(0, 0), row_slices)
+        return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)
+
+    @torch.inference_mode()
+    def execute(self, feeds: dict[str, torch.Tensor], copies: list[tuple[int, int]]
+                ) -> torch.Tensor:
+        """Run the plan on host-built feeds; every rank of a multi-rank engine runs the same
+        feeds and copies (rank 0 builds them, the workers receive them)."""
+        self.cache.copy_blocks(copies)
         if self.device.type != "cpu":
             feeds = {k: v.to(self.device, non_blocking=True) for k, v in feeds.items()}
         if self.graphs is not None and self.graphs.handles(feeds):
-            logits = self.graphs.run(feeds)
-            return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)
-        if feeds["logits_indices"].numel() == 0:
-            # The plan still has to run to write KV; ask for one row and drop it.
-            feeds["logits_indices"] = torch.tensor([0], device=self.device)
-            self.runner.run(feeds, self.cache)
-            return StepLogits(torch.empty(0, 0), row_slices)
-        logits = self.runner.run(feeds, self.cache)[0]
-        return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)
+            return self.graphs.run(feeds)
+        return self.runner.run(feeds, self.cache)[0]
