@@ -1,4 +1,5 @@
-"""Several processes serve one tensor-parallel engine (engine.json "ranks": N > 1).
+"""Several processes serve one multi-rank engine (engine.json "ranks": N > 1): tensor-parallel
+shards, or pipeline stages (runtime.pipeline).
 
 Rank 0 is the process that called `Engine.load`: it owns the scheduler, block manager and
 tokenizer, builds every step's inputs and broadcasts them; ranks 1..N-1 (`runtime.worker`)
@@ -50,7 +51,8 @@ import torch.distributed as dist
 from runtime.engine_dir import EngineLoadError, sha256_file
 
 PROTOCOL = 1
-HELLO, STEP, SHUTDOWN = 1, 2, 3
+# MICRO: a pipeline micro-batch whose step continues with more MICROs and a final STEP.
+HELLO, STEP, SHUTDOWN, MICRO = 1, 2, 3, 4
 REPORT_BYTES = 8192  # one rank's handshake report (JSON), zero-padded
 START_TIMEOUT = 300.0  # seconds for spawned workers to import torch and connect
 LOAD_TIMEOUT = datetime.timedelta(minutes=30)  # loading + checksumming a large shard
@@ -73,11 +75,16 @@ def engine_ranks(path: str | Path) -> int:
     if not isinstance(ranks, int) or ranks < 1:
         raise EngineLoadError(f"{path}/engine.json: 'ranks' must be a positive integer, got "
                               f"{ranks!r}; rebuild the engine")
-    pp = (meta.get("parallel") or {}).get("pp", 1)
-    if pp != 1:
-        raise EngineLoadError(f"{path}: pipeline parallelism (pp={pp}) is not supported by "
-                              "this runtime")
+    parallel = meta.get("parallel") or {}
+    tp, pp = parallel.get("tp", ranks), parallel.get("pp", 1)
+    if tp * pp != ranks or (tp > 1 and pp > 1):
+        raise EngineLoadError(f"{path}/engine.json: {ranks} ranks with tp={tp}, pp={pp} is "
+                              "not a layout this runtime runs; rebuild the engine")
     return ranks
+
+
+def pipeline_stages(meta: dict[str, Any]) -> int:
+    return int((meta.get("parallel") or {}).get("pp", 1))
 
 
 def check_rank_files(path: Path, world_size: int) -> None:
@@ -237,10 +244,11 @@ def json_from_tensor(buf: torch.Tensor) -> Any:
 
 
 def encode_step(input_names: list[str], feeds: dict[str, torch.Tensor],
-                copies: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                copies: list[tuple[int, int]], command: int = STEP
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(header, payload) for a step: shapes of the feeds in plan-input order, then all of
     them and the copy pairs flattened into one int64 tensor."""
-    header = [STEP, len(copies)]
+    header = [command, len(copies)]
     parts = []
     for name in input_names:
         t = feeds[name]
@@ -426,8 +434,9 @@ class Cluster:
         return reports
 
     # ---- steps ----
-    def send_step(self, feeds: dict[str, torch.Tensor], copies: list[tuple[int, int]]) -> None:
-        header, payload = encode_step(self.input_names, feeds, copies)
+    def send_step(self, feeds: dict[str, torch.Tensor], copies: list[tuple[int, int]],
+                  command: int = STEP) -> None:
+        header, payload = encode_step(self.input_names, feeds, copies, command)
         broadcast(self.control, header, self.step_timeout)
         broadcast(self.control, payload, self.step_timeout)
 

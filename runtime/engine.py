@@ -25,6 +25,7 @@ from runtime.distributed import (
     check_rank_files,
     default_threads,
     engine_ranks,
+    pipeline_stages,
     torchrun_env,
     verify_rank_files,
 )
@@ -76,6 +77,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + triton kernels)
     threads: int | None = None  # torch CPU threads per rank; default: torch's on one rank,
     #                             the host's cores divided among its ranks on several
+    pp_microbatches: int | None = None  # pipeline engines: micro-batches per step (default:
+    #                                     one per stage)
     collective_timeout: float = 60.0  # seconds a rank waits inside a step for a stalled peer
 
 
@@ -164,7 +167,17 @@ class Engine:
             graphs = DecodeGraphs(runner, self.cache, max_batch=config.max_num_seqs,
                                   max_blocks=-(-self.max_seq_len // config.block_size),
                                   device=device)
-        self.executor = Executor(runner, self.cache, device, graphs, cluster)
+        pipeline = None
+        stages = pipeline_stages(self.meta)
+        if cluster is not None and stages > 1:
+            from runtime.pipeline import PipelineStats, Stage, StageIO, logits_spec
+
+            assert cluster.comm is not None
+            stage = Stage(0, stages, cluster.comm.group, runner, self.cache,
+                          StageIO.of(files.plan))
+            pipeline = (stage, *logits_spec(files.path, stages - 1), PipelineStats())
+        self.executor = Executor(runner, self.cache, device, graphs, cluster, pipeline,
+                                 config.pp_microbatches or stages)
         if cluster is not None:
             cluster.exchange({"ok": True})  # every rank has allocated: ready
             # Workers get SHUTDOWN when the engine is closed, collected or the process exits.
@@ -230,6 +243,13 @@ class Engine:
         """Why the engine stopped (a rank died or failed, or it was closed); None while
         it can serve."""
         return self.cluster.error if self.cluster is not None else None
+
+    @property
+    def pipeline_stats(self) -> dict[str, Any] | None:
+        """Pipeline engines: steps, wall and per-stage compute seconds, and the bubble
+        fraction (the share of stage-time spent waiting); None otherwise."""
+        pipeline = self.executor.pipeline
+        return pipeline[3].to_json() if pipeline is not None else None
 
     @property
     def healthy(self) -> bool:

@@ -78,13 +78,18 @@ class StepLogits:
 
 class Executor:
     def __init__(self, runner: PlanRunner, cache: KVCache, device: str = "cpu",
-                 graphs: Any = None, cluster: Any = None) -> None:
+                 graphs: Any = None, cluster: Any = None, pipeline: Any = None,
+                 microbatches: int = 1) -> None:
         self.runner = runner
         self.cache = cache
         self.device = torch.device(device)
         self.graphs = graphs  # DecodeGraphs: decode steps replayed from CUDA graphs
         self.cluster = cluster  # rank 0 of a multi-rank engine: the other ranks get each step
         self.block_size = cache.spec.block_size
+        # Rank 0 of a pipeline-parallel engine: (runtime.pipeline.Stage, logits shape and
+        # dtype, PipelineStats).
+        self.pipeline = pipeline
+        self.microbatches = microbatches
 
     def build_feeds(self, chunks: list[Chunk], block_tables: list[list[int]]
                     ) -> tuple[dict[str, torch.Tensor], list[slice]]:
@@ -130,6 +135,8 @@ class Executor:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk], block_tables: list[list[int]],
             copies: list[tuple[int, int]]) -> StepLogits:
+        if self.pipeline is not None:
+            return self._run_pipeline(chunks, block_tables, copies)
         feeds, row_slices = self.build_feeds(chunks, block_tables)
         wants_rows = feeds["logits_indices"].numel() > 0
         if not wants_rows:
@@ -141,6 +148,36 @@ class Executor:
         if not wants_rows:
             return StepLogits(torch.empty(0, 0), row_slices)
         return StepLogits(logits.reshape(-1, logits.shape[-1]).float(), row_slices)
+
+    def _run_pipeline(self, chunks: list[Chunk], block_tables: list[list[int]],
+                      copies: list[tuple[int, int]]) -> StepLogits:
+        from runtime.distributed import MICRO, STEP
+        from runtime.pipeline import split_microbatches
+
+        stage, shape, dtype, stats = self.pipeline
+        groups = split_microbatches(len(chunks), [c.num_tokens for c in chunks],
+                                    self.microbatches)
+        micro, slices, wants = [], [], []
+        for i, g in enumerate(groups):
+            feeds, rows = self.build_feeds([chunks[j] for j in g], [block_tables[j] for j in g])
+            wants.append(feeds["logits_indices"].numel() > 0)
+            if not wants[-1]:
+                feeds["logits_indices"] = torch.tensor([0])
+            self.cluster.send_step(feeds, copies if i == 0 else [],
+                                   STEP if i == len(groups) - 1 else MICRO)
+            micro.append(feeds)
+            slices.append(rows)
+        logits = stage.run_step(micro, copies, shape, dtype, stats)
+        parts, row_slices, at = [], [], 0
+        for rows, want, out in zip(slices, wants, logits):
+            n = out.shape[-2] if want else 0
+            if want:
+                parts.append(out.reshape(-1, out.shape[-1]).float())
+            row_slices += [slice(at + s.start, at + s.stop) for s in rows]
+            at += n
+        if not parts:
+            return StepLogits(torch.empty(0, 0), row_slices)
+        return StepLogits(torch.cat(parts), row_slices)
 
     @torch.inference_mode()
     def execute(self, feeds: dict[str, torch.Tensor], copies: list[tuple[int, int]]

@@ -29,6 +29,7 @@ from kernels.dtypes import to_torch_dtype
 from runtime.distributed import (
     HELLO,
     IDLE_TIMEOUT,
+    MICRO,
     PROTOCOL,
     SHUTDOWN,
     START_TIMEOUT,
@@ -46,6 +47,7 @@ from runtime.distributed import (
     first_error,
     json_from_tensor,
     payload_size,
+    pipeline_stages,
     torchrun_env,
     verify_rank_files,
 )
@@ -53,6 +55,7 @@ from runtime.engine import EngineConfig, kv_cache_blocks, make_runner
 from runtime.engine_dir import EngineLoadError, load_engine_dir
 from runtime.executor import Executor, KVCache, KVCacheSpec
 from runtime.kernels import choose_backend
+from runtime.pipeline import RECV_PREFIX, Stage, StageIO
 
 
 def _say(rank: int, message: str) -> None:
@@ -87,7 +90,8 @@ def _load(path: Path, rank: int, hello: dict[str, Any], device: str, local_world
     files = load_engine_dir(path, device=device, rank=rank, verify_checksums=False)
     if config.verify_checksums:
         verify_rank_files(path, files.meta, rank)
-    names = [i["name"] for i in files.plan["inputs"]]
+    # A pipeline stage also takes the previous stage's values (`pp.*`), from that stage.
+    names = [i["name"] for i in files.plan["inputs"] if not i["name"].startswith(RECV_PREFIX)]
     if names != hello["inputs"]:
         raise EngineLoadError(f"plan.rank{rank}.json takes inputs {names}, rank 0's plan "
                               f"{hello['inputs']}; rebuild the engine")
@@ -128,12 +132,15 @@ def serve(path: Path, rank: int, world_size: int, local_rank: int, local_world_s
         cache = KVCache(spec, device, comm)
         runner = make_runner(files, config, choose_backend(config.kernels, device), device)
         executor = Executor(runner, cache, device)
+        stages = pipeline_stages(files.meta)
+        stage = Stage(rank, stages, data, runner, cache, StageIO.of(files.plan)) \
+            if stages > 1 else None
         report = {"ok": True}
     except Exception as e:
         report = {"ok": False, "error": str(e)}
     if first_error(exchange_reports(control, rank, world_size, report)) is not None:
         return 1
-    _run_steps(control, executor, files.plan, datetime.timedelta(seconds=timeout))
+    _run_steps(control, executor, files.plan, datetime.timedelta(seconds=timeout), stage)
     return 0
 
 
@@ -149,21 +156,31 @@ def _receive_hello(control: Any) -> dict[str, Any]:
 
 
 def _run_steps(control: Any, executor: Executor, plan: dict[str, Any],
-               timeout: datetime.timedelta) -> None:
-    """Run each step rank 0 broadcasts until SHUTDOWN."""
-    inputs = [(i["name"], to_torch_dtype(i["dtype"])) for i in plan["inputs"]]
+               timeout: datetime.timedelta, stage: Stage | None = None) -> None:
+    """Run each step rank 0 broadcasts until SHUTDOWN. A pipeline stage collects the
+    step's micro-batches (MICRO..., STEP) and runs them between its neighbours."""
+    inputs = [(i["name"], to_torch_dtype(i["dtype"])) for i in plan["inputs"]
+              if not i["name"].startswith(RECV_PREFIX)]
     header = torch.empty(2 + 2 * len(inputs), dtype=torch.int64)
+    micro: list[tuple[dict[str, torch.Tensor], list[tuple[int, int]]]] = []
     while True:
-        broadcast(control, header, IDLE_TIMEOUT)  # idle until rank 0 has work
+        # idle until rank 0 has work; within a step, the collective timeout
+        broadcast(control, header, timeout if micro else IDLE_TIMEOUT)
         h = header.tolist()
         if h[0] == SHUTDOWN:
             return
-        if h[0] != STEP:
+        if h[0] not in (STEP, MICRO) or (h[0] == MICRO and stage is None):
             raise RuntimeError(f"unknown command {h[0]} from rank 0")
         payload = torch.empty(payload_size(len(inputs), h), dtype=torch.int64)
         broadcast(control, payload, timeout)
-        feeds, copies = decode_step(inputs, h, payload)
-        executor.execute(feeds, copies)
+        micro.append(decode_step(inputs, h, payload))
+        if h[0] == MICRO:
+            continue
+        if stage is not None:
+            stage.serve_step(micro)
+        else:
+            executor.execute(*micro[0])
+        micro = []
 
 
 def _engine_dir_arg(argv: list[str]) -> Path | None:

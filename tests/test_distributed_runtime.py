@@ -306,11 +306,60 @@ def test_corrupt_shard_is_reported_by_its_rank(tp2, tmp_path):
     assert _children() <= before
 
 
-def test_pipeline_parallel_engines_are_refused_clearly(tp2, tmp_path):
+def test_unknown_parallel_layout_is_refused_clearly(tp2, tmp_path):
     engine_dir = tmp_path / "engine"
     shutil.copytree(tp2("llama"), engine_dir)
     meta = json.loads((engine_dir / "engine.json").read_text())
-    meta["parallel"] = {"tp": 1, "pp": 2}
+    meta["parallel"] = {"tp": 2, "pp": 2}
     (engine_dir / "engine.json").write_text(json.dumps(meta))
-    with pytest.raises(EngineLoadError, match=r"pipeline parallelism \(pp=2\) is not supported"):
+    with pytest.raises(EngineLoadError, match="not a layout this runtime runs"):
         Engine.load(engine_dir, kv_cache_memory=KV)
+
+
+# ---- pipeline parallelism ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory, checkpoints):
+    ckpt, _ = checkpoints("llama")
+    return build_tiny_engine(ckpt, tmp_path_factory.mktemp("pp2") / "llama", pp=2)
+
+
+@pytest.mark.parametrize("microbatches", [None, 1, 3])
+def test_pipeline_stages_match_one_rank(engines, pp2, microbatches):
+    one = Engine.load(engines("llama"), block_size=4, kv_cache_memory=KV)
+    want = _greedy(one, ID_PROMPTS)
+    with Engine.load(pp2, block_size=4, kv_cache_memory=TIGHT,
+                     pp_microbatches=microbatches) as two:
+        got = two.generate(ID_PROMPTS, GREEDY)
+        stats = two.pipeline_stats
+    assert [(o.token_ids, o.text) for o in got] == want
+    assert sum(o.metrics["preemptions"] for o in got) > 0  # recompute agrees across stages
+    assert stats["steps"] > 0 and len(stats["busy_s"]) == 2 and all(stats["busy_s"])
+    assert 0 <= stats["bubble_fraction"] < 1
+
+
+def test_engine_run_cli_on_pipeline(pp2, engines):
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "run", str(pp2), "-p", TEXT_PROMPTS[0],
+         "-p", TEXT_PROMPTS[1], "--max-tokens", "12", "--temperature", "0", "--json",
+         "--kv-cache-memory", "64KiB", "--block-size", "4", "--threads", "1"],
+        capture_output=True, text=True, env=_cli_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    one = Engine.load(engines("llama"), block_size=4, kv_cache_memory=KV)
+    assert [(o["token_ids"], o["text"]) for o in got] == _greedy(one, TEXT_PROMPTS[:2])
+
+
+def test_killed_stage_stops_the_pipeline(pp2):
+    engine = Engine.load(pp2, block_size=4, kv_cache_memory=KV)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=480,
+                                                 ignore_eos=True))
+    engine.step()
+    pid = _kill(engine)
+    start = time.monotonic()
+    with pytest.raises(RankFailedError, match=f"rank 1 \\(pid {pid}\\) exited with signal"):
+        while time.monotonic() - start < 60:
+            engine.step()
+    assert time.monotonic() - start < 15
+    assert not engine.healthy
+    engine.close()
+    assert not _workers(engine) & _children()
