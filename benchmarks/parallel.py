@@ -32,16 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PROMPTS = [
-    "What is the capital of France, and why did it become the capital?",
-    "Explain in simple terms how a hash table works.",
-    "Write a short poem about the sea at night.",
-    "What are the main differences between TCP and UDP?",
-    "How do vaccines train the immune system?",
-    "Give me three tips for writing clear emails at work.",
-    "Why is the sky blue during the day and red at sunset?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-]
+from benchmarks.throughput import QUESTIONS  # noqa: E402
+
+PROMPTS = QUESTIONS[:8]
 
 
 def _log(msg: str) -> None:

@@ -42,4 +42,20 @@ def engines(tmp_path_factory, checkpoints):
     return get
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, checkpoints):
+    """(arch, **build options) -> engine dir, built once per session."""
+    root = tmp_path_factory.mktemp("built")
+    cache: dict = {}
+
+    def get(arch: str, **options):
+        key = (arch, tuple(sorted(options.items())))
+        if key not in cache:
+            ckpt, _ = checkpoints(arch)
+            cache[key] = build_tiny_engine(ckpt, root / f"{arch}-{len(cache)}", **options)
+        return cache[key]
+
+    return get
+
+
 __all__ = ["ARCHS"]

@@ -10,25 +10,13 @@ import pytest
 import torch
 
 from tests.harness import PagedRunner, ThreadGroup
-from tests.models import build_tiny_engine
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [7, 7, 120, 33], [250, 11, 2, 87, 45, 19, 100, 64, 3]]
 
 
 @pytest.fixture(scope="module")
-def tp_engines(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("tp")
-    cache: dict = {}
-
-    def get(arch: str, tp: int, **options):
-        key = (arch, tp, tuple(sorted(options.items())))
-        if key not in cache:
-            ckpt, _ = checkpoints(arch)
-            cache[key] = build_tiny_engine(ckpt, root / f"{arch}-tp{tp}-{len(cache)}", tp=tp,
-                                           **options)
-        return cache[key]
-
-    return get
+def tp_engines(built):
+    return lambda arch, tp, **options: built(arch, tp=tp, **options)
 
 
 def _plan(path, rank):

@@ -9,24 +9,12 @@ import pytest
 import torch
 
 from tests.harness import PagedRunner, PipelineRunner
-from tests.models import build_tiny_engine
 from tests.test_partition import PROMPTS, _steps
 
 
 @pytest.fixture(scope="module")
-def pp_engines(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("pp")
-    cache: dict = {}
-
-    def get(arch: str, pp: int, **options):
-        key = (arch, pp, tuple(sorted(options.items())))
-        if key not in cache:
-            ckpt, _ = checkpoints(arch)
-            cache[key] = build_tiny_engine(ckpt, root / f"{arch}-pp{pp}-{len(cache)}", pp=pp,
-                                           **options)
-        return cache[key]
-
-    return get
+def pp_engines(built):
+    return lambda arch, pp, **options: built(arch, pp=pp, **options)
 
 
 def test_stages_split_layers_and_send_the_residual(pp_engines):
