@@ -22,7 +22,7 @@ from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
 from builder.passes.lower_aten import lower_aten
 from builder.passes.partition import partition_tp
-from builder.passes.pipeline import partition_pp
+from builder.passes.pipeline import partition_pp, partition_tp_pp
 from builder.passes.plan_memory import plan_memory
 from builder.passes.quantize import QuantEnv, check_options, quantize
 from builder.passes.report import PassReport
@@ -42,7 +42,7 @@ def partition(graph: Graph, options: BuildOptions) -> tuple[list[Graph], PassRep
     """One graph per rank: passes before this one see the whole model, passes after it run
     once per rank."""
     if options.tp > 1 and options.pp > 1:
-        raise BuildError("--tp and --pp together are not supported yet; pick one")
+        return partition_tp_pp(graph, options.tp, options.pp)
     if options.pp > 1:
         return partition_pp(graph, options.pp)
     if options.tp > 1:

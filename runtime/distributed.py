@@ -77,7 +77,7 @@ def engine_ranks(path: str | Path) -> int:
                               f"{ranks!r}; rebuild the engine")
     parallel = meta.get("parallel") or {}
     tp, pp = parallel.get("tp", ranks), parallel.get("pp", 1)
-    if tp * pp != ranks or (tp > 1 and pp > 1):
+    if tp * pp != ranks:
         raise EngineLoadError(f"{path}/engine.json: {ranks} ranks with tp={tp}, pp={pp} is "
                               "not a layout this runtime runs; rebuild the engine")
     return ranks
@@ -85,6 +85,22 @@ def engine_ranks(path: str | Path) -> int:
 
 def pipeline_stages(meta: dict[str, Any]) -> int:
     return int((meta.get("parallel") or {}).get("pp", 1))
+
+
+def tensor_parallel(meta: dict[str, Any]) -> int:
+    return int((meta.get("parallel") or {}).get("tp", meta.get("ranks", 1)))
+
+
+def make_comm(group: Any, rank: int, meta: dict[str, Any], device: str) -> Comm:
+    """The communicator of `rank`'s tensor-parallel group: the ranks of its pipeline stage
+    (rank = stage * tp + shard), or all ranks without pipelining."""
+    tp = tensor_parallel(meta)
+    world = int(meta.get("ranks", 1))
+    stage = rank // tp
+    peers = list(range(stage * tp, stage * tp + tp))
+    # NCCL's collectives span the whole group: with stages, exchange among the peers instead.
+    p2p = not device.startswith("cuda") or len(peers) != world
+    return Comm(group, rank, world, p2p=p2p, peers=peers)
 
 
 def check_rank_files(path: Path, world_size: int) -> None:
@@ -137,11 +153,13 @@ class Comm:
     the same order, so all ranks get bitwise the same sum (and so the same KV and tokens).
     NCCL's collectives are the fast path on GPUs and are used as they are."""
 
-    def __init__(self, group: Any, rank: int, world_size: int, *, p2p: bool = True) -> None:
+    def __init__(self, group: Any, rank: int, world_size: int, *, p2p: bool = True,
+                 peers: list[int] | None = None) -> None:
         self.group = group
         self.rank = rank
         self.world_size = world_size
         self.p2p = p2p
+        self.peers = peers if peers is not None else list(range(world_size))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.p2p:
@@ -168,12 +186,12 @@ class Comm:
         """Every rank's x, in rank order. All sends and receives are posted before any is
         waited for, so no order of arrival can deadlock."""
         x = x.contiguous()
-        parts = [x if r == self.rank else torch.empty_like(x) for r in range(self.world_size)]
+        parts = [x if r == self.rank else torch.empty_like(x) for r in self.peers]
         pending = []
-        for r in range(self.world_size):
+        for r, part in zip(self.peers, parts):
             if r != self.rank:
                 pending.append(self.group.send([x], r, 0))
-                pending.append(self.group.recv([parts[r]], r, 0))
+                pending.append(self.group.recv([part], r, 0))
         for work in pending:
             work.wait()
         return parts
@@ -405,7 +423,8 @@ class Cluster:
         self._guard(lambda: (broadcast(self.control, torch.tensor([HELLO, hello.numel()])),
                              broadcast(self.control, hello)))
         data = data_group(self.store, 0, self.world_size, self.device, collective_timeout)
-        self.comm = Comm(data, 0, self.world_size, p2p=not self.device.startswith("cuda"))
+        meta = json.loads((self.path / "engine.json").read_text())
+        self.comm = make_comm(data, 0, meta, self.device)
 
     def _wait_for_workers(self) -> None:
         """Spawned workers announce themselves in the store just before joining the groups;

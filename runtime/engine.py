@@ -26,6 +26,7 @@ from runtime.distributed import (
     default_threads,
     engine_ranks,
     pipeline_stages,
+    tensor_parallel,
     torchrun_env,
     verify_rank_files,
 )
@@ -174,8 +175,9 @@ class Engine:
 
             assert cluster.comm is not None
             stage = Stage(0, stages, cluster.comm.group, runner, self.cache,
-                          StageIO.of(files.plan))
-            pipeline = (stage, *logits_spec(files.path, stages - 1), PipelineStats())
+                          StageIO.of(files.plan), tensor_parallel(self.meta))
+            last = (stages - 1) * tensor_parallel(self.meta)  # shard 0 of the last stage
+            pipeline = (stage, *logits_spec(files.path, last), PipelineStats())
         self.executor = Executor(runner, self.cache, device, graphs, cluster, pipeline,
                                  config.pp_microbatches or stages)
         if cluster is not None:

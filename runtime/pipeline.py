@@ -9,8 +9,8 @@ the next stage (the last stage sends logits back to rank 0) and go on to the nex
 without waiting, so while stage 1 runs micro-batch 0, stage 0 already runs micro-batch 1.
 
 Each rank times its own compute; the workers send theirs to rank 0 after each step, and rank 0
-keeps the bubble fraction: the share of stage-time spent waiting,
-1 - sum(busy) / (stages * wall). With M micro-batches and S equal stages its floor is
+keeps the bubble fraction: the share of rank-time spent waiting,
+1 - sum(busy) / (ranks * wall). With M micro-batches and S equal stages its floor is
 (S - 1) / (M + S - 1): the fill and drain of each step. Overlapping consecutive steps (vLLM's
 virtual engines) would remove that too, and is not done here.
 """
@@ -77,7 +77,7 @@ def split_microbatches(n_chunks: int, tokens: list[int], m: int) -> list[range]:
 class PipelineStats:
     steps: int = 0
     wall_s: float = 0.0
-    busy_s: list[float] = field(default_factory=list)  # per stage
+    busy_s: list[float] = field(default_factory=list)  # per rank
 
     def add(self, wall: float, busy: list[float]) -> None:
         self.steps += 1
@@ -98,8 +98,12 @@ class Stage:
     """This rank's stage: run its plan on each micro-batch between a receive and a send."""
 
     def __init__(self, rank: int, stages: int, group: Any, runner: Any, cache: Any,
-                 io: StageIO) -> None:
-        self.rank, self.stages, self.group = rank, stages, group
+                 io: StageIO, tp: int = 1) -> None:
+        """With tensor parallelism inside stages (`tp` > 1), rank = stage * tp + shard: a
+        shard talks to the same shard of the neighbouring stages, and shard 0 of the last
+        stage returns the logits (every shard holds them after the all-gather)."""
+        self.rank, self.stages, self.group, self.tp = rank, stages, group, tp
+        self.stage, self.shard = divmod(rank, tp)
         self.runner, self.cache, self.io = runner, cache, io
         self.pending: list[Any] = []  # sends in flight, with the tensors they read
 
@@ -108,18 +112,21 @@ class Stage:
         got = {}
         for name, shape, dtype in self.io.recv:
             buf = torch.empty(eval_shape(shape, sizes), dtype=dtype)
-            self.group.recv([buf], self.rank - 1, tag).wait()
+            self.group.recv([buf], self.rank - self.tp, tag).wait()
             got[name] = buf
         return got
 
     def run(self, feeds: dict[str, torch.Tensor], tag: int) -> tuple[list[torch.Tensor], float]:
         """Run one micro-batch; returns the outputs and the compute seconds."""
-        inputs = {**feeds, **self.receive(feeds, tag)} if self.rank > 0 else feeds
+        inputs = {**feeds, **self.receive(feeds, tag)} if self.stage > 0 else feeds
         start = time.perf_counter()
         outs = [o.contiguous() for o in self.runner.run(inputs, self.cache)]
         busy = time.perf_counter() - start
-        dst = self.rank + 1 if self.rank < self.stages - 1 else 0
-        if dst != self.rank:
+        if self.stage < self.stages - 1:
+            dst: int | None = self.rank + self.tp
+        else:
+            dst = 0 if self.shard == 0 else None
+        if dst is not None and dst != self.rank:
             for t in outs:
                 self.pending.append((self.group.send([t], dst, tag), t))
         return outs, busy
@@ -154,11 +161,11 @@ class Stage:
         logits = []
         for tag, feeds in enumerate(micro_feeds):
             buf = torch.empty(eval_shape(logits_shape, sizes_of(feeds)), dtype=logits_dtype)
-            self.group.recv([buf], self.stages - 1, tag).wait()
+            self.group.recv([buf], (self.stages - 1) * self.tp, tag).wait()
             logits.append(buf)
         self.drain()
         times = [busy]
-        for r in range(1, self.stages):
+        for r in range(1, self.stages * self.tp):
             t = torch.empty(1, dtype=torch.float64)
             self.group.recv([t], r, _BUSY_TAG).wait()
             times.append(float(t))

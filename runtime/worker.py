@@ -34,7 +34,6 @@ from runtime.distributed import (
     SHUTDOWN,
     START_TIMEOUT,
     STEP,
-    Comm,
     broadcast,
     control_group,
     data_group,
@@ -46,8 +45,10 @@ from runtime.distributed import (
     exchange_reports,
     first_error,
     json_from_tensor,
+    make_comm,
     payload_size,
     pipeline_stages,
+    tensor_parallel,
     torchrun_env,
     verify_rank_files,
 )
@@ -128,13 +129,13 @@ def serve(path: Path, rank: int, world_size: int, local_rank: int, local_world_s
     try:
         layers = files.plan["kv_cache"]["layers"]
         spec = KVCacheSpec(min(r["num_blocks"] for r in reports), config.block_size, layers)
-        comm = Comm(data, rank, world_size, p2p=not device.startswith("cuda"))
+        comm = make_comm(data, rank, files.meta, device)
         cache = KVCache(spec, device, comm)
         runner = make_runner(files, config, choose_backend(config.kernels, device), device)
         executor = Executor(runner, cache, device)
         stages = pipeline_stages(files.meta)
-        stage = Stage(rank, stages, data, runner, cache, StageIO.of(files.plan)) \
-            if stages > 1 else None
+        stage = Stage(rank, stages, data, runner, cache, StageIO.of(files.plan),
+                      tensor_parallel(files.meta)) if stages > 1 else None
         report = {"ok": True}
     except Exception as e:
         report = {"ok": False, "error": str(e)}

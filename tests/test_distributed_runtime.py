@@ -363,3 +363,16 @@ def test_killed_stage_stops_the_pipeline(pp2):
     assert not engine.healthy
     engine.close()
     assert not _workers(engine) & _children()
+
+
+def test_tensor_parallel_stages_match_one_rank(engines, built):
+    """tp=2 inside each of 2 stages: 4 ranks, collectives among a stage's shards, each shard
+    passing the residual stream to its counterpart in the next stage."""
+    path = built("llama", tp=2, pp=2)
+    meta = json.loads((path / "engine.json").read_text())
+    assert meta["ranks"] == 4 and meta["parallel"] == {"tp": 2, "pp": 2}
+    one = Engine.load(engines("llama"), block_size=4, kv_cache_memory=KV)
+    with Engine.load(path, block_size=4, kv_cache_memory=KV) as four:
+        assert four.world_size == 4
+        assert _greedy(four, ID_PROMPTS[:4]) == _greedy(one, ID_PROMPTS[:4])
+        assert len(four.pipeline_stats["busy_s"]) == 4

@@ -63,5 +63,5 @@ def test_errors(pp_engines):
 
     with pytest.raises(BuildError, match="exceeds the model's"):
         pp_engines("llama", 64)
-    with pytest.raises(BuildError, match="not supported yet"):
-        pp_engines("llama", 2, tp=2)
+    with pytest.raises(BuildError, match="--pp must be a positive integer"):
+        pp_engines("llama", 0)

@@ -56,8 +56,10 @@ def assign_stages(graph: Graph, pp: int) -> tuple[dict[str, int | None], list[in
             own = []
         else:
             own = [stage_of_layer[min(layer, n_layers - 1)] for layer in _origin_layers(node)]
-        if not deps and not own:
+        if not deps and not own and node.op not in ("all_reduce", "all_gather"):
             stages[node.name] = None  # embedding, RoPE tables: free to copy
+        elif not deps and not own:  # a collective runs once, on the first stage
+            stages[node.name] = 0
         else:
             stages[node.name] = max(deps + own)
     return stages, sizes
@@ -169,3 +171,28 @@ def partition_pp(graph: Graph, pp: int) -> tuple[list[Graph], PassReport]:
                         + ", ".join(f"{x['bytes_per_token']} B/token after stage "
                                     f"{x['after_stage']}" for x in sent))
     return graphs, report
+
+
+def partition_tp_pp(graph: Graph, tp: int, pp: int) -> tuple[list[Graph], PassReport]:
+    """Tensor parallelism within each pipeline stage: the tp rank graphs, each cut into pp
+    stages. Rank s * tp + t is stage s of tensor-parallel shard t; its collectives run among
+    the ranks of stage s, and it passes the (replicated) residual stream to rank
+    (s + 1) * tp + t."""
+    from builder.passes.partition import partition_tp
+
+    shards, tp_report = partition_tp(graph, tp)
+    staged = [partition_pp(g, pp) for g in shards]
+    ranks: list[Graph] = []
+    for s in range(pp):
+        for t in range(tp):
+            ranks.append(staged[t][0][s])
+    pp_report = staged[0][1]
+    report = PassReport("partition_tp_pp", changed=True,
+                        stats={**tp_report.stats, **pp_report.stats},
+                        notes=tp_report.notes + pp_report.notes)
+    details = {**report.stats, "ranks": [
+        {"rank": r, "stage": r // tp, "tp_rank": r % tp, "weight_bytes": weight_bytes(g)}
+        for r, g in enumerate(ranks)]}
+    for g in ranks:
+        g.meta["partition"] = {"tp": tp, "pp": pp, "report": details}
+    return ranks, report
