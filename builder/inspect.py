@@ -189,6 +189,8 @@ def summarize(engine_dir: Path | str) -> dict[str, Any]:
         "model": {"architecture": model.get("architecture"), "source": model.get("source"),
                   "source_kind": model.get("source_kind")},
         "target": engine.get("target") or {},
+        "ranks": engine.get("ranks", 1),
+        "parallel": engine.get("parallel") or {"tp": 1, "pp": 1},
         "format_version": engine.get("format_version"),
         "builder_version": engine.get("builder_version"),
         "created": engine.get("created"),
@@ -251,6 +253,9 @@ def print_summary(summary: dict[str, Any], as_json: bool = False) -> None:
         ("model", _text(model.get("architecture"))),
         ("source", f"{_text(model.get('source'))} ({_text(model.get('source_kind'))})"),
         ("target", f"{_text(target.get('device'))} / {_text(target.get('dtype'))}"),
+        ("ranks", f"{summary['ranks']} (tp={summary['parallel'].get('tp', 1)}, "
+                  f"pp={summary['parallel'].get('pp', 1)}; plan and kv cache below: rank 0)"
+         if summary["ranks"] > 1 else "1"),
         ("format / builder", f"{_text(summary['format_version'])} / "
                              f"{_text(summary['builder_version'])}"),
         ("created", _text(summary["created"])),
