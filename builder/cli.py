@@ -177,9 +177,10 @@ def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
 
 
 def _register_runtime_commands() -> None:
+    from runtime.bench_cli import bench
     from runtime.cli import COMMANDS
 
-    for command in COMMANDS:
+    for command in [*COMMANDS, bench]:
         main.add_command(command)
 
 

@@ -1,0 +1,116 @@
+"""`engine bench`: the load test of runtime.bench from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from runtime.cli import _fail, engine_options, load_engine
+
+
+def _progress(label: str, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="req", desc=label, file=sys.stderr, leave=False)
+    return lambda: bar.update(1)
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--url", default=None, help="Benchmark this OpenAI-compatible server instead "
+              "(e.g. http://127.0.0.1:8000): ours, vLLM, llama.cpp's server...")
+@click.option("--model", default=None, help="Model name to send with --url.")
+@click.option("--api-key", default=None, help="Bearer key for --url.")
+@click.option("--concurrency", "-c", type=int, multiple=True,
+              help="Fixed concurrency level(s); repeat for a sweep. Default: 1 8 32 64.")
+@click.option("--rate", type=float, multiple=True,
+              help="Request rate(s) in req/s instead of a fixed concurrency.")
+@click.option("--arrivals", type=click.Choice(["poisson", "fixed"]), default="poisson",
+              show_default=True, help="Inter-arrival gaps at --rate.")
+@click.option("--num-requests", "-n", type=int, default=None,
+              help="Requests per level (default: 2 x concurrency, at least 8; 32 at a rate).")
+@click.option("--input-tokens", type=int, default=32, show_default=True,
+              help="Synthetic prompt length (words, about one token each).")
+@click.option("--output-tokens", type=int, default=64, show_default=True)
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Prompts: one per line, or JSONL with \"prompt\".")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench"),
+              show_default=True, help="Writes OUT.json and OUT.png (latency against load).")
+@engine_options
+def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requests,
+          input_tokens, output_tokens, prompts_file, seed, out, **engine_kw) -> None:
+    """Load-test ENGINE_DIR in this process, or a server with --url."""
+    from runtime.bench import (
+        LoadSpec,
+        engine_sender,
+        file_prompts,
+        http_sender,
+        plot,
+        sweep,
+        synthetic_prompts,
+    )
+
+    if (engine_dir is None) == (url is None):
+        _fail("give ENGINE_DIR or --url (one of them)")
+    if concurrency and rate:
+        _fail("--concurrency and --rate are alternatives; pass one")
+    if any(c < 1 for c in concurrency) or any(r <= 0 for r in rate):
+        _fail("--concurrency must be >= 1 and --rate > 0")
+    if output_tokens < 1 or input_tokens < 1:
+        _fail("--input-tokens and --output-tokens must be >= 1")
+    levels = []
+    for c in concurrency or (() if rate else (1, 8, 32, 64)):
+        levels.append(LoadSpec(num_requests or max(8, 2 * c), concurrency=c, seed=seed))
+    for r in rate:
+        levels.append(LoadSpec(num_requests or 32, rate=r, poisson=arrivals == "poisson",
+                               seed=seed))
+    most = max(spec.num_requests for spec in levels)
+    try:
+        prompts = file_prompts(prompts_file, most) if prompts_file else \
+            synthetic_prompts(most, input_tokens, seed)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    async_engine = None
+    if url is not None:
+        send = http_sender(url, model, output_tokens, api_key)
+        target = url
+    else:
+        from runtime.async_engine import AsyncEngine
+
+        engine_kw["max_num_seqs"] = max(engine_kw["max_num_seqs"],
+                                        max(s.concurrency or 0 for s in levels))
+        async_engine = AsyncEngine(load_engine(engine_dir, **engine_kw), owns_engine=True)
+        send = engine_sender(async_engine, output_tokens)
+        target = str(engine_dir)
+    try:
+        rows = asyncio.run(sweep(send, prompts, levels, _progress))
+    finally:
+        if async_engine is not None:
+            async_engine.shutdown()
+    report = {"target": target, "input_tokens": None if prompts_file else input_tokens,
+              "prompts_file": str(prompts_file) if prompts_file else None,
+              "output_tokens": output_tokens, "levels": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    drew = plot(rows, out.with_suffix(".png"), f"engine bench: {target}")
+    click.echo("| load | req/s | out tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | "
+               "ITL p50/p99 ms | e2e p50/p99 ms | errors |")
+    click.echo("|---|---:|---:|---:|---:|---:|---:|---:|")
+    def pair(r: dict, name: str) -> str:
+        a, b = r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]
+        return "–" if a is None else f"{a:.0f} / {b:.0f}"
+
+    for r in rows:
+        load = f"c={r['load']['concurrency']}" if "concurrency" in r["load"] else \
+            f"{r['load']['rate']}/s"
+        click.echo(f"| {load} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+                   f"{pair(r, 'ttft')} | {pair(r, 'tpot')} | {pair(r, 'itl')} | {pair(r, 'e2e')} | "
+                   f"{r['errors']} |")
+    click.echo(f"wrote {json_path}" + (f" and {out.with_suffix('.png')}" if drew else ""),
+               err=True)
