@@ -302,4 +302,65 @@ def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw)
         click.echo(result.summary())
 
 
-COMMANDS = [run, eval_]
+def _read_api_keys(keys: tuple[str, ...], key_file: Path | None) -> tuple[str, ...]:
+    """--api-key values plus one key per non-empty line of --api-key-file."""
+    out = [k for k in keys if k]
+    if key_file is not None:
+        try:
+            out += [ln.strip() for ln in key_file.read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            _fail(f"cannot read --api-key-file {key_file}: {e.strerror}")
+        if not out:
+            _fail(f"--api-key-file {key_file} holds no key")
+    return tuple(out)
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--served-model-name", default=None,
+              help="Model name in /v1/models and responses (default: the engine dir's name).")
+@click.option("--api-key", "api_keys", multiple=True,
+              help="Require `Authorization: Bearer KEY` on every route but /health; repeatable.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="File with one API key per line (keeps keys out of the process list).")
+@click.option("--max-n", type=int, default=8, show_default=True,
+              help="Largest `n` (choices per request) accepted.")
+@click.option("--max-logprobs", type=int, default=20, show_default=True,
+              help="Largest `logprobs` / `top_logprobs` accepted.")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow browser requests from this origin; repeatable (default: no CORS).")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM before they are "
+                   "aborted.")
+@engine_options
+def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max_n,
+          max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, **engine_kw) -> None:
+    """Serve ENGINE_DIR over an OpenAI-compatible HTTP API."""
+    from runtime.async_engine import AsyncEngine
+    from runtime.server import ServerConfig
+    from runtime.server import serve as run_server
+
+    for name, value in (("--max-n", max_n), ("--max-body-bytes", max_body_bytes)):
+        if value < 1:
+            _fail(f"{name} must be >= 1, got {value}")
+    if not 0 <= max_logprobs <= 20:
+        _fail(f"--max-logprobs must be in [0, 20], got {max_logprobs}")
+    if shutdown_timeout < 0:
+        _fail(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    keys = _read_api_keys(api_keys, api_key_file)
+    engine = load_engine(engine_dir, **engine_kw)
+    config = ServerConfig(model_name=served_model_name or Path(engine_dir).resolve().name,
+                          api_keys=keys, max_n=max_n, max_logprobs=max_logprobs,
+                          max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins),
+                          shutdown_timeout=shutdown_timeout)
+    click.echo(f"serving {config.model_name} on http://{host}:{port}"
+               f"{' (API key required)' if keys else ''}", err=True)
+    run_server(AsyncEngine(engine, owns_engine=True), config, host, port)
+
+
+COMMANDS = [run, eval_, serve]
