@@ -337,9 +337,16 @@ def _read_api_keys(keys: tuple[str, ...], key_file: Path | None) -> tuple[str, .
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM before they are "
                    "aborted.")
+@click.option("--max-concurrent-requests", type=int, default=None,
+              help="Requests admitted at once; more get 429 with Retry-After (default: no "
+                   "limit).")
+@click.option("--request-timeout", type=float, default=None,
+              help="Seconds a request may run before it ends with a timeout error (default: "
+                   "none).")
 @engine_options
 def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max_n,
-          max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, **engine_kw) -> None:
+          max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, max_concurrent_requests,
+          request_timeout, **engine_kw) -> None:
     """Serve ENGINE_DIR over an OpenAI-compatible HTTP API."""
     from runtime.async_engine import AsyncEngine
     from runtime.server import ServerConfig
@@ -352,12 +359,18 @@ def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max
         _fail(f"--max-logprobs must be in [0, 20], got {max_logprobs}")
     if shutdown_timeout < 0:
         _fail(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    if max_concurrent_requests is not None and max_concurrent_requests < 1:
+        _fail(f"--max-concurrent-requests must be >= 1, got {max_concurrent_requests}")
+    if request_timeout is not None and request_timeout <= 0:
+        _fail(f"--request-timeout must be > 0, got {request_timeout}")
     keys = _read_api_keys(api_keys, api_key_file)
     engine = load_engine(engine_dir, **engine_kw)
     config = ServerConfig(model_name=served_model_name or Path(engine_dir).resolve().name,
                           api_keys=keys, max_n=max_n, max_logprobs=max_logprobs,
                           max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins),
-                          shutdown_timeout=shutdown_timeout)
+                          shutdown_timeout=shutdown_timeout,
+                          max_concurrent_requests=max_concurrent_requests,
+                          request_timeout=request_timeout)
     click.echo(f"serving {config.model_name} on http://{host}:{port}"
                f"{' (API key required)' if keys else ''}", err=True)
     run_server(AsyncEngine(engine, owns_engine=True), config, host, port)

@@ -376,6 +376,10 @@ class Engine:
 
     def _run(self, sched: SchedulerOutput, changed: dict[str, Request]) -> None:
         tables = [self.blocks.block_table(c.req.id) for c in sched.chunks]
+        scheduled = time.monotonic()
+        for c in sched.chunks:
+            if c.req.first_scheduled_time is None:
+                c.req.first_scheduled_time = scheduled
         try:
             result = self.executor.run(sched.chunks, tables, sched.copies)
         except BaseException as e:
@@ -487,8 +491,9 @@ class Engine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             prompt_logprobs=req.prompt_logprobs if req.finish_reason else None,
             error=req.error, num_cached_tokens=req.num_cached_tokens,
-            metrics={"arrival": req.arrival, "first_token": req.first_token_time,
-                     "finish": req.finish_time, "preemptions": req.num_preemptions})
+            metrics={"arrival": req.arrival, "first_scheduled": req.first_scheduled_time,
+                     "first_token": req.first_token_time, "finish": req.finish_time,
+                     "preemptions": req.num_preemptions})
 
     # ---- convenience loops ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],

@@ -36,6 +36,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None
     finish_time: float | None = None
     sampler: Any = None  # SamplerState
     detok: Any = None  # IncrementalDetokenizer

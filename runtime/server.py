@@ -10,6 +10,7 @@ never a 500. `create_app` builds the app for any AsyncEngine (tests run it in-pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -21,11 +22,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.server_generate import Job, run_stream, run_whole
+from runtime.server_generate import Job, run_stream, run_whole, sse
+from runtime.server_metrics import ServerMetrics
 from runtime.server_protocol import (
     ApiError,
     GenRequest,
@@ -47,6 +50,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     cors_origins: tuple[str, ...] = ()  # empty: no CORS headers at all
     shutdown_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM
+    max_concurrent_requests: int | None = None  # above it: 429 with Retry-After
+    request_timeout: float | None = None  # seconds a request may take before it is ended
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,7 +59,8 @@ class ServerConfig:
 
 
 def _error(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else \
+        {"Retry-After": "1"} if e.status == 429 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -131,6 +137,7 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="llm-engine", docs_url=None, redoc_url=None, openapi_url=None)
     engine = ae.engine
     decode = _decoder(engine)
+    metrics = ServerMetrics(engine)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -175,22 +182,35 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
                            code="context_length_exceeded")
         return Job(req, chat, config.model_name, text, ids, decode)
 
+    inflight = [0]  # generation requests admitted and not yet ended
+
     async def generate(request: Request, chat: bool) -> Any:
         start = time.monotonic()
         job: Job | None = None
         route = request.url.path
         status = 200
+        admitted = False
         try:
+            limit = config.max_concurrent_requests
+            if limit is not None and inflight[0] >= limit:
+                raise ApiError(429, f"the server is at its limit of {limit} concurrent "
+                                    "requests; retry shortly", type_="rate_limit_error",
+                               code="too_many_requests")
             body = await _json_body(request, config.max_body_bytes)
             parse = parse_chat if chat else parse_completion
             job = await prepare(parse(body, config.limits), chat)
+            inflight[0] += 1
+            admitted = True
             if job.req.stream:
+                admitted = False  # the stream releases its slot when it ends
                 return StreamingResponse(_logged_stream(job, route, start),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return await _until_disconnect(request, run_whole(ae, job))
+            return await _until_disconnect(request, _deadline(run_whole(ae, job)))
         except ApiError as e:
             status = e.status
+            if job is None or status >= 429:
+                metrics.rejected.labels(str(status)).inc()
             raise
         except EngineDeadError:
             status = 503
@@ -199,15 +219,54 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
             status = 500
             raise
         finally:
+            if admitted:
+                inflight[0] -= 1
             if job is None or not job.req.stream:
                 _log_request(job, route, start, status)
+                if job is not None:
+                    metrics.observe(job.timings, job.finish_reasons)
+
+    async def _deadline(work: Any) -> Any:
+        if config.request_timeout is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, config.request_timeout)  # cancelling aborts
+        except TimeoutError:
+            raise ApiError(504, f"the request did not finish within the server's "
+                                f"--request-timeout of {config.request_timeout:g} s",
+                           type_="timeout_error", code="request_timeout") from None
 
     async def _logged_stream(job: Job, route: str, start: float) -> AsyncIterator[str]:
+        chunks = run_stream(ae, job)
+        deadline = None if config.request_timeout is None else \
+            time.monotonic() + config.request_timeout
         try:
-            async for chunk in run_stream(ae, job):
+            if deadline is None:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), left)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:  # the stream's request is aborted by the cancellation
+                    job.finish_reasons.append("timeout")
+                    yield sse(ApiError(504, "the request did not finish within the server's "
+                                            f"--request-timeout of {config.request_timeout:g} "
+                                            "s", type_="timeout_error",
+                                       code="request_timeout").body())
+                    yield "data: [DONE]\n\n"
+                    break
                 yield chunk
         finally:
+            inflight[0] -= 1
             _log_request(job, route, start, 200)
+            metrics.observe(job.timings, job.finish_reasons)
+            # a cancelled anext may still be unwinding it; its own finally aborts the request
+            with contextlib.suppress(RuntimeError):
+                await chunks.aclose()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -253,6 +312,10 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
         if engine.tokenizer is None:
             raise ApiError(400, "this engine has no tokenizer")
         return {"prompt": await ae.run_sync(lambda e: e.tokenizer.decode(tokens))}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:

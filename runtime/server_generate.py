@@ -40,6 +40,7 @@ class Job:
     # filled in as the request runs, for the request log
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)  # finished choices' metrics
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -73,6 +74,7 @@ async def run_whole(ae: AsyncEngine, job: Job) -> dict[str, Any]:
         _raise_if_error(out)
         job.completion_tokens += len(out.token_ids)
         job.finish_reasons.append(out.finish_reason or "")
+        job.timings.append({**out.metrics, "tokens": len(out.token_ids)})
         choices.append(_whole_choice(job, i, out))
     return {"id": job.id, "object": job.object, "created": job.created, "model": job.model,
             "choices": choices, "usage": job.usage()}
@@ -144,6 +146,7 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
             if item.finished:
                 done += 1
                 job.finish_reasons.append(item.finish_reason or "")
+                job.timings.append({**item.metrics, "tokens": len(item.token_ids)})
         else:
             if job.req.include_usage:
                 yield sse({"id": job.id, "object": _chunk_object(job), "created": job.created,

@@ -417,3 +417,94 @@ def test_engine_bench_against_the_server(live, tmp_path):
     assert level["completed"] == 4 and level["errors"] == 0, level
     assert level["output_tokens"] == 4 * 6  # from the streamed usage
     assert level["ttft_p50_ms"] > 0 and level["itl_p50_ms"] is not None
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+def test_metrics(live, client):
+    client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
+    text = httpx.get(live.url + "/metrics").text
+    assert _metric(text, "llm_engine_requests_total", '{finish_reason="length"}') >= 1
+    assert _metric(text, "llm_engine_time_to_first_token_seconds_count") >= 1
+    assert _metric(text, "llm_engine_e2e_request_latency_seconds_count") >= 1
+    assert _metric(text, "llm_engine_request_queue_time_seconds_count") >= 1
+    assert _metric(text, "llm_engine_generation_tokens_total") >= 5
+    assert _metric(text, "llm_engine_prefix_cache_queries_total") >= 1
+    for name in ("llm_engine_requests_running", "llm_engine_requests_waiting",
+                 "llm_engine_preemptions_total", "llm_engine_prefix_cache_hits_total",
+                 "llm_engine_inter_token_latency_seconds_count"):
+        _metric(text, name)
+    # a stream cancelled mid-way: its blocks show up as used, then free again
+    body = {"prompt": list(range(10, 40)), "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        [next(lines) for _ in range(4)]
+        used = _metric(httpx.get(live.url + "/metrics").text, "llm_engine_kv_cache_usage_ratio")
+        assert used > 0
+    asyncio.run(_settled(live.ae))
+    text = httpx.get(live.url + "/metrics").text
+    assert _metric(text, "llm_engine_kv_cache_usage_ratio") == 0
+    assert _metric(text, "llm_engine_requests_total", '{finish_reason="abort"}') >= 1
+
+
+def _server(engines, **config):
+    ae = AsyncEngine(_engine(engines))
+    srv = LiveServer(ae, ServerConfig(model_name="tiny", **config))
+    yield srv
+    srv.stop()
+    ae.shutdown()
+
+
+@pytest.fixture
+def strict(engines):
+    """A server admitting one request at a time."""
+    yield from _server(engines, max_concurrent_requests=1)
+
+
+@pytest.fixture
+def hasty(engines):
+    """A server ending requests after 50 ms: far less than 480 tokens take."""
+    yield from _server(engines, request_timeout=0.05)
+
+
+def test_overload_gets_429_with_retry_after(strict):
+    body = {"prompt": list(range(10, 40)), "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
+    barrier = threading.Barrier(6)
+
+    def post(_):
+        barrier.wait()
+        return httpx.post(strict.url + "/v1/completions", json=body, timeout=60)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    busy = next(a for a in answers if a.status_code == 429)
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "too_many_requests"
+    asyncio.run(_settled(strict.ae))
+    assert httpx.post(strict.url + "/v1/completions", json={**body, "max_tokens": 4}
+                      ).status_code == 200
+
+
+def test_request_timeout_ends_requests_with_an_error(hasty):
+    body = {"prompt": list(range(10, 40)), "max_tokens": 480, "temperature": 0,
+            "ignore_eos": True}
+    start = time.monotonic()
+    r = httpx.post(hasty.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    assert time.monotonic() - start < 5
+    with httpx.stream("POST", hasty.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=30) as s:
+        events = [x for x in s.iter_lines() if x.startswith("data: ")]
+    assert "request_timeout" in events[-2] and events[-1] == "data: [DONE]"
+    free, total, busy = asyncio.run(_settled(hasty.ae))
+    assert free == total and busy == 0
