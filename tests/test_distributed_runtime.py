@@ -74,8 +74,11 @@ def _children() -> set[int]:
     """Live (or unreaped) child processes of this process."""
     pids: set[int] = set()
     for task in Path("/proc/self/task").iterdir():
-        with open(task / "children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(task / "children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:  # a thread that ended since the listing has no children
+            continue
     return pids
 
 
