@@ -46,6 +46,16 @@ class Result:
     e2e: float | None = None
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    _last: float | None = field(default=None, repr=False)
+
+    def arrived(self, start: float) -> None:
+        """Output streamed in now: the first arrival sets TTFT, later ones add an ITL gap."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - start
+        elif self._last is not None:
+            self.itl.append(now - self._last)
+        self._last = now
 
 
 @dataclass
@@ -171,15 +181,9 @@ def engine_sender(async_engine: Any, max_tokens: int) -> Send:
 
     async def send(prompt: str, t0: float, r: Result) -> None:
         start = time.perf_counter()
-        last = None
         async for out in async_engine.generate(prompt, params):
-            now = time.perf_counter()
             if out.delta_token_ids:
-                if r.ttft is None:
-                    r.ttft = now - start
-                elif last is not None:
-                    r.itl.append(now - last)
-                last = now
+                r.arrived(start)
             if out.finished:
                 r.prompt_tokens = len(out.prompt_token_ids)
                 r.output_tokens = len(out.token_ids)
@@ -253,7 +257,6 @@ def http_sender(base_url: str, model: str | None, max_tokens: int,
         if model:
             body["model"] = model
         start = time.perf_counter()
-        last = None
         chunks = 0
         async for item in _http_stream(url, body, headers):
             if isinstance(item, tuple):
@@ -269,13 +272,8 @@ def http_sender(base_url: str, model: str | None, max_tokens: int,
                 r.prompt_tokens = event["usage"].get("prompt_tokens", 0)
                 r.output_tokens = event["usage"].get("completion_tokens", 0)
             if any(c.get("text") for c in event.get("choices") or []):
-                now = time.perf_counter()
                 chunks += 1
-                if r.ttft is None:
-                    r.ttft = now - start
-                elif last is not None:
-                    r.itl.append(now - last)
-                last = now
+                r.arrived(start)
         r.e2e = time.perf_counter() - start
         if not r.output_tokens:  # a server without usage in streams: count chunks
             r.output_tokens = chunks

@@ -406,7 +406,7 @@ class Cluster:
         return self
 
     # ---- handshake ----
-    def connect(self, config: dict[str, Any], plan: dict[str, Any],
+    def connect(self, config: dict[str, Any], meta: dict[str, Any], plan: dict[str, Any],
                 collective_timeout: float) -> None:
         """Wait for the workers, build the process groups and send HELLO."""
         self._wait_for_workers()
@@ -423,7 +423,6 @@ class Cluster:
         self._guard(lambda: (broadcast(self.control, torch.tensor([HELLO, hello.numel()])),
                              broadcast(self.control, hello)))
         data = data_group(self.store, 0, self.world_size, self.device, collective_timeout)
-        meta = json.loads((self.path / "engine.json").read_text())
         self.comm = make_comm(data, 0, meta, self.device)
 
     def _wait_for_workers(self) -> None:

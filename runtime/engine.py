@@ -229,7 +229,8 @@ class Engine:
         try:
             if config.verify_checksums:  # the workers verify theirs meanwhile
                 verify_rank_files(path, files.meta, 0)
-            cluster.connect(dataclasses.asdict(config), files.plan, config.collective_timeout)
+            cluster.connect(dataclasses.asdict(config), files.meta, files.plan,
+                            config.collective_timeout)
             return cls(files, config, device, cluster)
         except BaseException as e:
             cluster.abort(f"loading failed: {e}")  # no worker may outlive a failed load

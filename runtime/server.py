@@ -226,25 +226,22 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
                 if job is not None:
                     metrics.observe(job.timings, job.finish_reasons)
 
+    def timed_out() -> ApiError:
+        return ApiError(504, "the request did not finish within the server's "
+                             f"--request-timeout of {config.request_timeout:g} s",
+                        type_="timeout_error", code="request_timeout")
+
     async def _deadline(work: Any) -> Any:
-        if config.request_timeout is None:
-            return await work
         try:
             return await asyncio.wait_for(work, config.request_timeout)  # cancelling aborts
         except TimeoutError:
-            raise ApiError(504, f"the request did not finish within the server's "
-                                f"--request-timeout of {config.request_timeout:g} s",
-                           type_="timeout_error", code="request_timeout") from None
+            raise timed_out() from None
 
     async def _logged_stream(job: Job, route: str, start: float) -> AsyncIterator[str]:
         chunks = run_stream(ae, job)
         deadline = None if config.request_timeout is None else \
             time.monotonic() + config.request_timeout
         try:
-            if deadline is None:
-                async for chunk in chunks:
-                    yield chunk
-                return
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
@@ -253,10 +250,7 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
                     break
                 except TimeoutError:  # the stream's request is aborted by the cancellation
                     job.finish_reasons.append("timeout")
-                    yield sse(ApiError(504, "the request did not finish within the server's "
-                                            f"--request-timeout of {config.request_timeout:g} "
-                                            "s", type_="timeout_error",
-                                       code="request_timeout").body())
+                    yield sse(timed_out().body())
                     yield "data: [DONE]\n\n"
                     break
                 yield chunk

@@ -27,6 +27,7 @@ row-parallel projections stay on rank 0 only, so the all-reduce adds them once.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,13 +119,14 @@ def _operands(node: Node) -> tuple[str, list[str], str | None]:
     return fmt, ops, bias
 
 
-def _take_out_rows(slicer: _Slicer, node: Node, index: list[int]) -> None:
+def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
+                   pad_to: int | None = None) -> None:
     fmt, ops, bias = _operands(node)
     for i, name in enumerate(ops):
         if (fmt, i) not in _WHOLE_OPERANDS:
-            slicer.take(name, 0, index)
+            slicer.take(name, 0, index, pad_to)
     if bias is not None:
-        slicer.take(bias, 0, index)
+        slicer.take(bias, 0, index, pad_to)
 
 
 def _take_in_cols(slicer: _Slicer, node: Node, cols: range, keep_bias: bool) -> None:
@@ -392,11 +394,7 @@ def _shard_vocab(graph: Graph, tp: int, rank: int, slicer: _Slicer, claimed: set
     vocab = head.shape[-1]
     shard = -(-vocab // tp)
     lo, hi = min(rank * shard, vocab), min((rank + 1) * shard, vocab)
-    _, ops, bias = _operands(head)
-    fmt = head.attrs.get("b_format", "dense")
-    for i, name in enumerate([*ops, *([bias] if bias else [])]):
-        if (fmt, i) not in _WHOLE_OPERANDS:
-            slicer.take(name, 0, list(range(lo, hi)), pad_to=shard)
+    _take_out_rows(slicer, head, list(range(lo, hi)), pad_to=shard)
     claimed.add(head.name)
     plan.vocab = (lo, hi)
     _insert_after(graph, head, "all_gather", {"dim": len(head.shape) - 1, "size": vocab,
@@ -459,13 +457,8 @@ def partition_rank(graph: Graph, tp: int, rank: int) -> tuple[Graph, RankPlan]:
 
 
 def weight_bytes(graph: Graph) -> int:
-    total = 0
-    for spec in graph.weights.values():
-        n = 1
-        for s in spec.shape:
-            n *= s
-        total += n * to_torch_dtype(spec.dtype).itemsize
-    return total
+    return sum(math.prod(spec.shape) * to_torch_dtype(spec.dtype).itemsize
+               for spec in graph.weights.values())
 
 
 def partition_tp(graph: Graph, tp: int) -> tuple[list[Graph], PassReport]:

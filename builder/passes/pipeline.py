@@ -21,9 +21,9 @@ from builder.ir import Graph, Node
 from builder.passes.partition import split_sizes, weight_bytes
 from builder.passes.report import PassReport
 from kernels.dtypes import to_torch_dtype
+from runtime.pipeline import RECV_PREFIX  # the plan input names the runtime's stages feed
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-RECV_PREFIX = "pp."
 
 
 def _origin_layers(node: Node) -> list[int]:
@@ -80,7 +80,7 @@ def _needed(graph: Graph, stages: dict[str, int | None], roots: set[str]) -> set
 
 
 def stage_graph(graph: Graph, stages: dict[str, int | None], stage: int, pp: int,
-                crossing: list[list[str]]) -> Graph:
+                crossing: list[list[str]], first_layer: int) -> Graph:
     """The graph of one stage: its nodes, the free nodes they read, inputs for the values
     crossing into it and outputs for the values crossing out of it."""
     g = copy.deepcopy(graph)
@@ -113,7 +113,7 @@ def stage_graph(graph: Graph, stages: dict[str, int | None], stage: int, pp: int
                               "layers": [layers[n.attrs["layer"]] for n in attn]}
     for local, node in enumerate(attn):
         node.attrs["layer"] = local
-    g.meta["pipeline"] = {"pp": pp, "stage": stage, "first_layer": None}
+    g.meta["pipeline"] = {"pp": pp, "stage": stage, "first_layer": first_layer}
     return g
 
 
@@ -139,13 +139,7 @@ def partition_pp(graph: Graph, pp: int) -> tuple[list[Graph], PassReport]:
                 raise BuildError(f"pipeline parallelism: stage boundary {b} cuts through the "
                                  f"multi-output op {v}; try another --pp")
         crossing.append(live)
-    graphs = []
-    first = 0
-    for s in range(pp):
-        g = stage_graph(graph, stages, s, pp, crossing)
-        g.meta["pipeline"]["first_layer"] = first
-        first += sizes[s]
-        graphs.append(g)
+    graphs = [stage_graph(graph, stages, s, pp, crossing, sum(sizes[:s])) for s in range(pp)]
     sent = []
     for b, live in enumerate(crossing):
         per_token = 0
