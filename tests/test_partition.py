@@ -144,3 +144,25 @@ def test_errors(tp_engines):
         tp_engines("llama", 0)
     with pytest.raises(BuildError, match=r"do not fall on int4 group boundaries.*--group-size"):
         tp_engines("llama", 2, quant="int4-gptq", group_size=8)
+
+
+@pytest.mark.parametrize("args,fragment", [(["--tp", "0"], "--tp must be a positive integer"),
+                                           (["--pp", "0"], "--pp must be a positive integer"),
+                                           (["--tp", "64"], "exceeds the model's")])
+def test_build_parallel_bad_options(checkpoints, tmp_path, args, fragment):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+    from tests.cli_util import one_line_error
+
+    ckpt, _ = checkpoints("llama")
+    result = CliRunner().invoke(main, ["build", "--model", str(ckpt), "--output",
+                                       str(tmp_path / "e"), *args])
+    if args[0] == "--tp" and args[1] != "0":
+        # found by the partition pass, after the build's progress lines: the last line
+        assert result.exit_code == 2
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and fragment in last, last
+    else:
+        one_line_error(result, fragment)  # refused before any work
+    assert not (tmp_path / "e").exists()

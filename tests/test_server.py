@@ -508,3 +508,22 @@ def test_request_timeout_ends_requests_with_an_error(hasty):
     assert "request_timeout" in events[-2] and events[-1] == "data: [DONE]"
     free, total, busy = asyncio.run(_settled(hasty.ae))
     assert free == total and busy == 0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--max-n", "0"], "--max-n must be >= 1"),
+    (["--max-logprobs", "21"], "--max-logprobs must be in [0, 20]"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be >= 1"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
+    (["--max-concurrent-requests", "0"], "--max-concurrent-requests must be >= 1"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--api-key-file", "/nonexistent/keys.txt"], "cannot read --api-key-file"),
+])
+def test_serve_bad_options(engines, args, fragment):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+    from tests.cli_util import one_line_error
+
+    one_line_error(CliRunner().invoke(main, ["serve", str(engines("llama")), *args]), fragment)
+
