@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from builder.codegen import codegen
+from builder.onnx_export import ONNX_FILE, export_onnx
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
@@ -265,6 +266,15 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                                     source, traced.buffers, weight_bytes, ui)
             out.write_json(f"plan.rank{rank}.json", to_plan(rank_graph))
         lap("write_weights")
+        onnx_export = None
+        if len(graphs) == 1 and options.device == "cpu":
+            with ui.stage("onnx graph (CPU fast path)"):
+                onnx_export = export_onnx(to_plan(graph), out.path("weights.rank0.safetensors"),
+                                          out.path(ONNX_FILE))
+                if not onnx_export.written:
+                    ui.note(f"no ONNX graph: {onnx_export.reason}; the CPU runtime will use "
+                            "the reference executor")
+        lap("onnx")
         has_tokenizer = source.has_tokenizer()
         if has_tokenizer:
             with ui.stage("tokenizer"):
@@ -293,6 +303,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                if "report" in graph.meta.get("partition", {}) else {}),
             **({"quantization": graph.meta["quantization"]}
                if "quantization" in graph.meta else {}),
+            **({"onnx": onnx_export.to_json()} if onnx_export else {}),
             "timings_s": timings,
             "peak_rss_mb": _peak_rss_mb(),
         }

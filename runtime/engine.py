@@ -113,7 +113,12 @@ def kv_cache_blocks(layers: list[dict[str, Any]], config: EngineConfig,
 
 def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: str
                 ) -> PlanRunner:
-    """The plan bound to this rank's weights and (triton backend) verified kernels."""
+    """The plan bound to this rank's weights and (triton backend) verified kernels, or
+    (onnx backend) the engine's ONNX graph in an onnxruntime session."""
+    if backend == "onnx":
+        from runtime.onnx_backend import OnnxRunner
+
+        return OnnxRunner(files.path, files.plan, config.threads)
     sources = verify_kernels(files.path, files.plan)
     bound = {}
     if backend == "triton":
@@ -157,7 +162,8 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
                             max_seq_len=self.max_seq_len), self.blocks)
-        self.kernel_backend = choose_backend(config.kernels, device)
+        self.kernel_backend = choose_backend(config.kernels, device,
+                                             files.path if cluster is None else None)
         runner = make_runner(files, config, self.kernel_backend, device)
         graphs = None
         # Graphs are single-rank: every rank would have to replay them in lockstep.

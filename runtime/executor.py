@@ -43,6 +43,18 @@ class KVCache:
         self.spec = spec
         self.comm = comm  # the plan's collectives reach the other ranks through it (or None)
         self.kv_caches = []
+        # Layers alike (the usual case) share one [L, 2, blocks, block, kv_heads, head_dim]
+        # tensor, of which each layer's K and V are views: the ONNX backend reads the whole
+        # cache as one input and writes a step's K/V for every layer in one store.
+        self.stacked: torch.Tensor | None = None
+        kinds = {(la["num_kv_heads"], la["head_dim"], la["dtype"]) for la in spec.layers}
+        if len(kinds) == 1:
+            kvh, hd, dt = kinds.pop()
+            self.stacked = torch.zeros((len(spec.layers), 2, spec.num_blocks, spec.block_size,
+                                        kvh, hd), dtype=to_torch_dtype(dt), device=device)
+            self.kv_caches = [(self.stacked[i, 0], self.stacked[i, 1])
+                              for i in range(len(spec.layers))]
+            return
         for layer in spec.layers:
             shape = (spec.num_blocks, spec.block_size, layer["num_kv_heads"], layer["head_dim"])
             dtype = to_torch_dtype(layer["dtype"])

@@ -15,7 +15,7 @@ from typing import Any
 
 from runtime.engine_dir import EngineLoadError
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "onnx")
 
 
 def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
@@ -73,9 +73,28 @@ def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int
     return bound
 
 
-def choose_backend(requested: str, device: str) -> str:
+def choose_backend(requested: str, device: str, engine_dir: Path | None = None) -> str:
+    """The step backend. `engine_dir` is given for a single-rank engine, the only kind the
+    ONNX fast path runs: "auto" picks it on CPU when the engine has its graph."""
     if requested not in BACKENDS:
         raise ValueError(f"kernels={requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested == "onnx":
+        if device != "cpu":
+            raise EngineLoadError("kernels=onnx is the CPU backend; use triton on a GPU")
+        from runtime.onnx_backend import available
+
+        why = "a multi-rank engine" if engine_dir is None else available(engine_dir)
+        if why:
+            raise EngineLoadError(f"kernels=onnx cannot run this engine: {why}; "
+                                  "use kernels=reference")
+        return requested
     if requested == "auto":
-        return "triton" if device.startswith("cuda") else "reference"
+        if device.startswith("cuda"):
+            return "triton"
+        if engine_dir is not None:
+            from runtime.onnx_backend import available
+
+            if available(engine_dir) is None:
+                return "onnx"
+        return "reference"
     return requested

@@ -1,0 +1,586 @@
+"""Emit the engine's CPU graph: the whole step as one ONNX model run by onnxruntime.
+
+Why one graph: on a few CPU cores the reference executor spends most of a decode step in
+per-op Python dispatch, and onnxruntime sessions split at every attention op would wake
+their thread pool once per segment. One session per step, with attention expressed in
+standard ONNX ops over the paged cache, runs the whole step natively (the route
+onnxruntime-genai takes, but on our paged cache and flat in-flight batches).
+
+The model's contract with `runtime.onnx_backend`:
+
+* inputs: the plan's own inputs that ops other than attention read (input_ids,
+  position_ids, logits_indices), plus the per-step attention metadata the runtime builds
+  once for all layers: `attn.q_index` [B, Tq] (flat token of each padded query row),
+  `attn.ctx_slots` [B, C] (cache slot of each earlier context position), `attn.mask`
+  (and `attn.mask.w<W>` per sliding window W) [B, 1, Tq, C + Tq] additive,
+  `attn.out_index` [T] (padded row of each flat token), `attn.layer_stride` [1] (cache
+  slots per layer and K/V half) and `kv_cache` [2·L·S, kv_heads, head_dim], read only.
+* outputs: the plan's output (logits) and `kv_new` [L, 2, T, kv_heads, head_dim], the
+  step's keys (after RoPE) and values, which the runtime writes into the paged cache.
+
+Weights are not copied: initializers are external data pointing into the engine's
+safetensors file (offset and length of each tensor), so the engine gains a few hundred KB.
+Where onnxruntime's kernel wants another layout (int8 codes as offset uint8, transposed
+dense matrices), the graph states the conversion on the initializer and onnxruntime folds
+it once at load. Quantized GEMMs use `MatMulNBits` (4- and 8-bit, blockwise, activations
+quantized to int8 per block of K: accuracy_level 4), the kernel onnxruntime-genai uses.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+ONNX_FILE = "model.onnx"
+KV_OUTPUT = "kv_new"
+NEG = -1e30  # additive mask value: exp() underflows to 0 without the NaNs of -inf rows
+
+_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
+           "bfloat16": TensorProto.BFLOAT16, "int8": TensorProto.INT8,
+           "uint8": TensorProto.UINT8, "int32": TensorProto.INT32, "int64": TensorProto.INT64,
+           "bool": TensorProto.BOOL, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN}
+_ST_DTYPES = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16, "BF16": TensorProto.BFLOAT16,
+              "I8": TensorProto.INT8, "U8": TensorProto.UINT8, "I32": TensorProto.INT32,
+              "I64": TensorProto.INT64, "F8_E4M3": TensorProto.FLOAT8E4M3FN}
+_FLOATS = {"float32", "float16", "bfloat16"}
+_ATTN_INPUTS = ("slot_mapping", "block_tables", "context_lens", "query_start_loc")
+_UNARY = {"neg": "Neg", "sqrt": "Sqrt", "exp": "Exp", "log": "Log", "tanh": "Tanh",
+          "sigmoid": "Sigmoid", "relu": "Relu", "cos": "Cos", "sin": "Sin", "abs": "Abs",
+          "reciprocal": "Reciprocal", "erf": "Erf"}
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
+           "maximum": "Max", "minimum": "Min"}
+# MatMulNBits takes power-of-two blocks of K from 16 up.
+_NBITS_BLOCKS = (16, 32, 64, 128, 256)
+
+
+class Unsupported(Exception):
+    """The plan has something the ONNX graph cannot express; the engine keeps the reference
+    path on CPU and report.json says why."""
+
+
+@dataclass
+class OnnxExport:
+    written: bool
+    reason: str | None = None
+    nodes: int = 0
+    lowerings: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"written": self.written}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.written:
+            out |= {"file": ONNX_FILE, "nodes": self.nodes, "lowerings": self.lowerings}
+        return out
+
+
+def _safetensors_index(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, header
+
+
+class _Emitter:
+    def __init__(self, plan: dict[str, Any], weights_file: Path) -> None:
+        self.plan = plan
+        self.nodes_by_name = {n["name"]: n for n in plan["nodes"]}
+        self.weights_file = weights_file
+        self.data_start, self.st_header = _safetensors_index(weights_file)
+        self.onnx_nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.graph_inputs: list[onnx.ValueInfoProto] = []
+        self.values: dict[str, Any] = {}  # IR name -> ONNX name, or a tuple for multi-output
+        self.consts: dict[Any, str] = {}
+        self.lowerings: dict[str, int] = {}
+        self.counter = 0
+        self.kv_outputs: list[str] = []
+        self.windows: set[int] = set()
+        self.tiled: dict[tuple[str, int], str] = {}
+        self.syms = self._sym_sources()
+        self.kv_layers = plan["kv_cache"]["layers"]
+
+    # ---- helpers ------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}.{self.counter}"
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs
+             ) -> list[str]:
+        outs = [self.fresh(op.lower()) for _ in range(n_out)]
+        self.onnx_nodes.append(helper.make_node(op, inputs, outs, domain=domain or None,
+                                                **attrs))
+        return outs
+
+    def op(self, op: str, *inputs: str, domain: str = "", **attrs) -> str:
+        return self.node(op, list(inputs), 1, domain, **attrs)[0]
+
+    def const(self, value: Any, dtype: Any = np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.consts:
+            name = self.fresh("const")
+            self.inits.append(numpy_helper.from_array(arr, name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def add_input(self, name: str, elem: int, shape: list[Any]) -> str:
+        self.graph_inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def _sym_sources(self) -> dict[str, tuple[str, int]]:
+        """Symbolic size -> (an input that has it, which dimension)."""
+        out: dict[str, tuple[str, int]] = {}
+        for inp in self.plan["inputs"]:
+            if inp["name"] in _ATTN_INPUTS:
+                continue
+            for d, size in enumerate(inp["shape"]):
+                if isinstance(size, str) and size.isidentifier():
+                    out.setdefault(size, (inp["name"], d))
+        return out
+
+    def sym_value(self, expr: str) -> str:
+        """A 1-element int64 tensor holding a symbolic size ("T", "N", "4*T")."""
+        parts = [p.strip() for p in expr.split("*")]
+        factor, name = 1, None
+        for p in parts:
+            if p.isdigit():
+                factor *= int(p)
+            elif p in self.syms and name is None:
+                name = p
+            else:
+                raise Unsupported(f"symbolic size {expr!r}")
+        if name is None:
+            raise Unsupported(f"symbolic size {expr!r}")
+        src, dim = self.syms[name]
+        value = self.op("Shape", src, start=dim, end=dim + 1)
+        return value if factor == 1 else self.op("Mul", value, self.const([factor]))
+
+    def shape_tensor(self, shape: list[Any]) -> str:
+        if all(isinstance(s, int) for s in shape):
+            return self.const(shape)
+        parts = []
+        for s in shape:
+            if isinstance(s, int):
+                parts.append(self.const([s]))
+            elif isinstance(s, dict) and set(s) == {"sym"}:
+                parts.append(self.sym_value(str(s["sym"])))
+            else:
+                raise Unsupported(f"shape entry {s!r}")
+        return self.op("Concat", *parts, axis=0)
+
+    def weight(self, node: dict[str, Any]) -> str:
+        """An initializer backed by the safetensors file, no copy."""
+        key = node["attrs"]["name"]
+        entry = self.st_header.get(key)
+        if entry is None:
+            raise Unsupported(f"weight {key!r} is not in the weights file")
+        begin, end = entry["data_offsets"]
+        tensor = onnx.TensorProto()
+        tensor.name = node["name"]
+        tensor.data_type = _ST_DTYPES[entry["dtype"]]
+        tensor.dims.extend(entry["shape"])
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", self.weights_file.name),
+                     ("offset", str(self.data_start + begin)), ("length", str(end - begin))):
+            kv = tensor.external_data.add()
+            kv.key, kv.value = k, v
+        self.inits.append(tensor)
+        return node["name"]
+
+    def as_float(self, name: str, dtype: str) -> str:
+        return name if dtype == "float32" else self.op("Cast", name, to=TensorProto.FLOAT)
+
+    # ---- ops ----------------------------------------------------------------------------
+    def emit(self, n: dict[str, Any]) -> None:
+        op, attrs = n["op"], n["attrs"]
+        ins = [self.values[i] for i in n["inputs"]]
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            if op in _UNARY or op in _BINARY or op == "rsqrt" or op == "silu":
+                out = self.expr({"op": op, "args": [{"in": i} for i in range(len(ins))],
+                                 **({"scalar": attrs["scalar"]} if "scalar" in attrs else {})},
+                                ins)
+            else:
+                raise Unsupported(f"op {op!r} ({n['name']}) has no ONNX lowering")
+        else:
+            out = handler(n, ins, attrs)
+        self.values[n["name"]] = out
+
+    def op_input(self, n, ins, attrs):
+        if n["name"] in _ATTN_INPUTS:
+            return None
+        return self.add_input(n["name"], _DTYPES[n["dtype"]],
+                              [s if isinstance(s, int) and s >= 0 else str(s) if isinstance(
+                                  s, str) else None for s in n["shape"]])
+
+    def op_weight(self, n, ins, attrs):
+        return self.weight(n)
+
+    def op_reshape(self, n, ins, attrs):
+        return self.op("Reshape", ins[0], self.shape_tensor(attrs["shape"]))
+
+    def op_expand(self, n, ins, attrs):
+        shape = [1 if s == -1 else s for s in attrs["shape"]]
+        return self.op("Expand", ins[0], self.shape_tensor(shape))
+
+    def op_transpose(self, n, ins, attrs):
+        rank = len(n["shape"])
+        perm = list(range(rank))
+        a, b = attrs["dim0"] % rank, attrs["dim1"] % rank
+        perm[a], perm[b] = perm[b], perm[a]
+        return self.op("Transpose", ins[0], perm=perm)
+
+    def op_permute(self, n, ins, attrs):
+        return self.op("Transpose", ins[0], perm=[d % len(n["shape"]) for d in attrs["dims"]])
+
+    def op_unsqueeze(self, n, ins, attrs):
+        return self.op("Unsqueeze", ins[0], self.const([attrs["dim"]]))
+
+    def op_squeeze(self, n, ins, attrs):
+        return self.op("Squeeze", ins[0], self.const([attrs["dim"]]))
+
+    def op_slice(self, n, ins, attrs):
+        end = attrs["end"]
+        end = 2**62 if end is None else end
+        if not isinstance(end, int) or not isinstance(attrs["start"], int):
+            raise Unsupported(f"slice bounds {attrs}")
+        return self.op("Slice", ins[0], self.const([attrs["start"]]), self.const([end]),
+                       self.const([attrs["dim"]]), self.const([attrs.get("step", 1)]))
+
+    def op_select(self, n, ins, attrs):
+        return self.op("Gather", ins[0], self.const(attrs["index"]), axis=attrs["dim"])
+
+    def op_getitem(self, n, ins, attrs):
+        if not isinstance(ins[0], tuple) or not isinstance(attrs.get("index"), int):
+            raise Unsupported(f"getitem {attrs}")
+        return ins[0][attrs["index"]]
+
+    def op_cat(self, n, ins, attrs):
+        return self.op("Concat", *ins, axis=attrs["dim"])
+
+    def op_index_select(self, n, ins, attrs):
+        return self.op("Gather", ins[0], ins[1], axis=attrs["dim"])
+
+    def op_to_dtype(self, n, ins, attrs):
+        return self.cast_to(ins[0], attrs["dtype"])
+
+    def cast_to(self, name: str, dtype: str) -> str:
+        # Float activations are float32 throughout: onnxruntime's CPU kernels are fp32.
+        return self.op("Cast", name, to=TensorProto.FLOAT if dtype in _FLOATS else _DTYPES[dtype])
+
+    def op_embedding(self, n, ins, attrs):
+        if attrs.get("vocab_start") is not None:
+            raise Unsupported("vocabulary-sharded embedding (tensor parallel)")
+        fmt = attrs.get("b_format", "dense")
+        table = self.nodes_by_name[n["inputs"][0]]
+        if fmt == "dense":
+            rows = self.op("Gather", ins[0], ins[1], axis=0)
+            return self.as_float(rows, table["dtype"])
+        if fmt == "int8_channel":
+            q = self.op("Cast", self.op("Gather", ins[0], ins[1], axis=0), to=TensorProto.FLOAT)
+            s = self.op("Unsqueeze", self.op("Gather", ins[2], ins[1], axis=0), self.const([-1]))
+            return self.op("Mul", q, s)
+        raise Unsupported(f"embedding format {fmt!r}")
+
+    def op_linear(self, n, ins, attrs):
+        fmt = attrs.get("b_format", "dense")
+        operands = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
+                    "fp8_channel_a8": 3}.get(fmt)
+        if operands is None:
+            raise Unsupported(f"linear format {fmt!r}")
+        w_node = self.nodes_by_name[n["inputs"][1]]
+        n_out, k = w_node["shape"][0], w_node["shape"][-1] * (2 if fmt == "int4_group" else 1)
+        bias = ins[1 + operands] if len(ins) > 1 + operands else None
+        x = ins[0]
+        if fmt == "dense":
+            w = self.as_float(ins[1], w_node["dtype"])
+            y = self.op("MatMul", x, self.op("Transpose", w, perm=[1, 0]))
+            kind = "MatMul (fp32)"
+        elif fmt == "int4_group":
+            y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"])
+        elif fmt in ("int8_channel", "int8_channel_a8"):
+            y, kind = self.int8(x, ins[1], ins[2], n_out, k)
+        else:
+            y, kind = self.fp8(x, ins[1], ins[2], ins[3])
+        self.lowerings[kind] = self.lowerings.get(kind, 0) + 1
+        if bias is not None:
+            bias_dtype = self.nodes_by_name[n["inputs"][1 + operands]]["dtype"]
+            y = self.op("Add", y, self.as_float(bias, bias_dtype))
+        return y
+
+    def int4(self, x, packed, scales, zeros, n_out, k, group):
+        if group not in _NBITS_BLOCKS:
+            raise Unsupported(f"int4 group size {group} (MatMulNBits takes {_NBITS_BLOCKS})")
+        blocks = k // group
+        # Our packing is MatMulNBits' B byte for byte ([N, K/2], low nibble = even column);
+        # only the zero points need two to a byte, which the graph does on the initializer.
+        b = self.op("Reshape", packed, self.const([n_out, blocks, group // 2]))
+        s = self.op("Reshape", scales, self.const([-1]))
+        z = self.pack_zero_points(zeros, n_out, blocks)
+        y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out, bits=4,
+                    block_size=group, accuracy_level=4)
+        return y, f"MatMulNBits 4-bit g{group}"
+
+    def pack_zero_points(self, zeros: str, n_out: int, blocks: int) -> str:
+        if blocks % 2:
+            zeros = self.op("Pad", zeros, self.const([0, 0, 0, 1]))
+            blocks += 1
+        z = self.op("Cast", self.op("Reshape", zeros, self.const([n_out, blocks // 2, 2])),
+                    to=TensorProto.INT32)
+        lo = self.op("Gather", z, self.const(0), axis=2)
+        hi = self.op("Mul", self.op("Gather", z, self.const(1), axis=2), self.const(16, np.int32))
+        packed = self.op("Cast", self.op("Add", lo, hi), to=TensorProto.UINT8)
+        return self.op("Reshape", packed, self.const([-1]))
+
+    def int8(self, x, q, scale, n_out, k):
+        block = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+        if block is None:
+            raise Unsupported(f"int8 linear with K={k} (no block of 16..128 divides it)")
+        blocks = k // block
+        # Symmetric int8 codes -> MatMulNBits' unsigned codes with zero point 128.
+        u = self.op("Cast", self.op("Add", self.op("Cast", q, to=TensorProto.INT32),
+                                    self.const(128, np.int32)), to=TensorProto.UINT8)
+        b = self.op("Reshape", u, self.const([n_out, blocks, block]))
+        s = self.op("Reshape", self.op("Expand", self.op("Unsqueeze", scale, self.const([1])),
+                                       self.const([n_out, blocks])), self.const([-1]))
+        z = self.const(np.full(n_out * blocks, 128, np.uint8), np.uint8)
+        y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out, bits=8,
+                    block_size=block, accuracy_level=4)
+        return y, f"MatMulNBits 8-bit g{block}"
+
+    def fp8(self, x, q, scale, x_scale):
+        # Weights dequantized once at load; activations rounded through e4m3 with the static
+        # calibration scale, as the reference does.
+        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
+                    self.op("Unsqueeze", scale, self.const([1])))
+        xs = self.op("Clip", self.op("Div", x, x_scale), self.const(-448.0, np.float32),
+                     self.const(448.0, np.float32))
+        x8 = self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
+                     to=TensorProto.FLOAT)
+        y = self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
+        return self.op("Mul", y, x_scale), "MatMul (fp8 dequantized)"
+
+    def op_matmul(self, n, ins, attrs):
+        return self.op("MatMul", ins[0], ins[1])
+
+    def rms(self, x, w, w_dtype, eps):
+        return self.op("SimplifiedLayerNormalization", x, self.as_float(w, w_dtype), axis=-1,
+                       epsilon=float(eps))
+
+    def op_rms_norm(self, n, ins, attrs):
+        return self.rms(ins[0], ins[1], self.nodes_by_name[n["inputs"][1]]["dtype"],
+                        attrs["eps"])
+
+    def op_add_rms_norm(self, n, ins, attrs):
+        s = self.op("Add", ins[0], ins[1])
+        return (self.rms(s, ins[2], self.nodes_by_name[n["inputs"][2]]["dtype"], attrs["eps"]),
+                s)
+
+    def layer_norm(self, n, x, ins, attrs, w_index):
+        args = [x, self.as_float(ins[w_index], self.nodes_by_name[n["inputs"][w_index]]["dtype"])]
+        if len(ins) > w_index + 1:
+            args.append(self.as_float(ins[w_index + 1],
+                                      self.nodes_by_name[n["inputs"][w_index + 1]]["dtype"]))
+        return self.op("LayerNormalization", *args, axis=-1, epsilon=float(attrs["eps"]))
+
+    def op_layer_norm(self, n, ins, attrs):
+        return self.layer_norm(n, ins[0], ins, attrs, 1)
+
+    def op_add_layer_norm(self, n, ins, attrs):
+        s = self.op("Add", ins[0], ins[1])
+        return self.layer_norm(n, s, ins, attrs, 2), s
+
+    def act(self, x: str, act: str) -> str:
+        if act == "silu":
+            return self.op("Mul", x, self.op("Sigmoid", x))
+        if act == "relu":
+            return self.op("Relu", x)
+        if act in ("gelu", "gelu_tanh"):
+            return self.op("Gelu", x, approximate="tanh" if act == "gelu_tanh" else "none")
+        raise Unsupported(f"activation {act!r}")
+
+    def op_gated_act(self, n, ins, attrs):
+        gate, up = self.node("Split", [ins[0]], 2, axis=-1, num_outputs=2)
+        return self.op("Mul", self.act(gate, attrs["act"]), up)
+
+    def op_gelu(self, n, ins, attrs):
+        return self.act(ins[0], "gelu_tanh" if attrs.get("approximate") == "tanh" else "gelu")
+
+    def op_rope(self, n, ins, attrs):
+        return self.rope(ins[0], ins[1], ins[2], self.nodes_by_name[n["inputs"][0]]["shape"][-1])
+
+    def rope(self, x, cos, sin, dim):
+        half = dim // 2
+        lo, hi = self.node("Split", [x], 2, axis=-1, num_outputs=2) if dim % 2 == 0 else (
+            None, None)
+        if lo is None:
+            raise Unsupported(f"rotary embedding over an odd head size {dim}")
+        del half
+        rotated = self.op("Concat", self.op("Neg", hi), lo, axis=-1)
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+
+    def reduce(self, op, x, dims, keepdim):
+        return self.op(op, x, self.const(list(dims)), keepdims=int(bool(keepdim)))
+
+    def op_mean(self, n, ins, attrs):
+        return self.reduce("ReduceMean", ins[0], attrs["dims"], attrs.get("keepdim"))
+
+    def op_sum(self, n, ins, attrs):
+        return self.reduce("ReduceSum", ins[0], attrs["dims"], attrs.get("keepdim"))
+
+    def op_amax(self, n, ins, attrs):
+        return self.reduce("ReduceMax", ins[0], attrs["dims"], attrs.get("keepdim"))
+
+    def op_softmax(self, n, ins, attrs):
+        return self.op("Softmax", ins[0], axis=attrs["dim"])
+
+    def op_pointwise(self, n, ins, attrs):
+        out = self.expr(attrs["expr"], ins)
+        return out if attrs["dtype"] in _FLOATS else self.cast_to(out, attrs["dtype"])
+
+    def expr(self, e: dict[str, Any], ins: list[str]) -> str:
+        if "in" in e:
+            return ins[e["in"]]
+        if "const" in e:
+            return self.const(float(e["const"]), np.float32)
+        op = e["op"]
+        args = [self.expr(a, ins) for a in e.get("args", [])]
+        if "scalar" in e and e["scalar"] is not None:
+            args.append(self.const(float(e["scalar"]), np.float32))
+        if op == "to_dtype":
+            return self.cast_to(args[0], e["dtype"])
+        if op == "rsqrt":
+            return self.op("Reciprocal", self.op("Sqrt", args[0]))
+        if op == "silu":
+            return self.act(args[0], "silu")
+        if op in _UNARY:
+            return self.op(_UNARY[op], args[0])
+        if op in _BINARY:
+            return self.op(_BINARY[op], *args)
+        raise Unsupported(f"pointwise op {op!r}")
+
+    # ---- attention ----------------------------------------------------------------------
+    def op_paged_attention(self, n, ins, attrs):
+        if attrs.get("kv_head_map") is not None:
+            raise Unsupported("attention with a per-rank kv_head_map (tensor parallel)")
+        if attrs.get("kv_dtype"):
+            raise Unsupported(f"quantized KV cache ({attrs['kv_dtype']})")
+        q_shape = n["shape"]
+        if len(q_shape) != 4 or q_shape[0] != 1:
+            raise Unsupported(f"attention output shape {q_shape}")
+        layer = attrs["layer"]
+        h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+        if h is None or kvh is None or d is None or h % kvh:
+            raise Unsupported("attention without uniform head grouping")
+        g = h // kvh
+        q, k, v = ins[0], ins[1], ins[2]
+        if len(ins) > 7 and ins[7] is not None:
+            q, k = self.rope(q, ins[7], ins[8], d), self.rope(k, ins[7], ins[8], d)
+
+        def flat(x, heads):  # [1, heads, T, d] -> [T, heads, d]
+            return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]),
+                           self.const([-1, heads, d]))
+
+        qf, kf, vf = flat(q, h), flat(k, kvh), flat(v, kvh)
+        cache_dtype = _DTYPES[self.kv_layers[layer]["dtype"]]
+        k_store, v_store = kf, vf
+        if cache_dtype != TensorProto.FLOAT:
+            k_store = self.op("Cast", kf, to=cache_dtype)
+            v_store = self.op("Cast", vf, to=cache_dtype)
+        self.kv_outputs += [k_store, v_store]
+
+        q_index, ctx_slots = "attn.q_index", "attn.ctx_slots"
+        stride = "attn.layer_stride"
+        # [B, Tq, h, d] -> [B, kvh, g*Tq, d]: each KV head's query heads stacked by row.
+        qp = self.op("Gather", qf, q_index, axis=0)
+        qp = self.op("Reshape", self.op("Transpose", self.op(
+            "Reshape", qp, self.const([0, 0, kvh, g, d])), perm=[0, 2, 3, 1, 4]),
+            self.const([0, kvh, -1, d]))
+
+        def keys(new, half):  # past (from the cache) then this step's rows: [B, kvh, C+Tq, d]
+            offset = self.op("Mul", stride, self.const([2 * layer + half]))
+            past = self.op("Gather", "kv_cache", self.op("Add", ctx_slots, offset), axis=0)
+            if cache_dtype != TensorProto.FLOAT:
+                past = self.op("Cast", past, to=TensorProto.FLOAT)
+            cur = self.op("Gather", new, q_index, axis=0)
+            return self.op("Transpose", self.op("Concat", past, cur, axis=1), perm=[0, 2, 1, 3])
+
+        kall, vall = keys(kf, 0), keys(vf, 1)
+        scores = self.op("MatMul", qp, self.op("Transpose", kall, perm=[0, 1, 3, 2]))
+        scores = self.op("Mul", scores, self.const(float(attrs["scale"]), np.float32))
+        window = attrs.get("window")
+        mask = "attn.mask" if window is None else f"attn.mask.w{int(window)}"
+        if window is not None:
+            self.windows.add(int(window))
+        # Rows are (query head in group, query row): the [B, 1, Tq, C+Tq] mask tiled g times,
+        # once per step for all layers.
+        if (mask, g) not in self.tiled:
+            self.tiled[mask, g] = self.op("Tile", mask, self.const([1, 1, g, 1]))
+        probs = self.op("Softmax", self.op("Add", scores, self.tiled[mask, g]), axis=-1)
+        out = self.op("MatMul", probs, vall)  # [B, kvh, g*Tq, d]
+        out = self.op("Transpose", self.op("Reshape", out, self.const([0, kvh, g, -1, d])),
+                      perm=[0, 3, 1, 2, 4])  # [B, Tq, kvh, g, d]
+        out = self.op("Gather", self.op("Reshape", out, self.const([-1, h, d])),
+                      "attn.out_index", axis=0)  # [T, h, d]
+        return self.op("Transpose", self.op("Unsqueeze", out, self.const([0])),
+                       perm=[0, 2, 1, 3])
+
+    # ---- whole graph --------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        layers = self.kv_layers
+        if not layers:
+            raise Unsupported("the plan has no attention layers")
+        first = layers[0]
+        if any((lay["num_kv_heads"], lay["head_dim"], lay["dtype"]) !=
+               (first["num_kv_heads"], first["head_dim"], first["dtype"]) for lay in layers):
+            raise Unsupported("attention layers differ in KV heads, head size or cache dtype")
+        kvh, d = first["num_kv_heads"], first["head_dim"]
+        for n in self.plan["nodes"]:
+            self.emit(n)
+        outputs = self.plan["outputs"]
+        if len(outputs) != 1:
+            raise Unsupported(f"{len(outputs)} plan outputs")
+        logits = self.values[outputs[0]]
+        if self.nodes_by_name[outputs[0]]["dtype"] != "float32":
+            logits = self.op("Cast", logits, to=TensorProto.FLOAT)
+        self.onnx_nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        parts = [self.op("Unsqueeze", kv, self.const([0])) for kv in self.kv_outputs]
+        kv = self.op("Concat", *parts, axis=0)  # [2L, T, kvh, d]
+        self.onnx_nodes.append(helper.make_node("Reshape", [kv, self.const(
+            [len(layers), 2, -1, kvh, d])], [KV_OUTPUT]))
+        cache_elem = _DTYPES[first["dtype"]]
+        self.add_input("attn.q_index", TensorProto.INT64, ["B", "Tq"])
+        self.add_input("attn.ctx_slots", TensorProto.INT64, ["B", "C"])
+        self.add_input("attn.out_index", TensorProto.INT64, ["T"])
+        self.add_input("attn.layer_stride", TensorProto.INT64, [1])
+        self.add_input("kv_cache", cache_elem, ["S", kvh, d])
+        for name in ["attn.mask"] + [f"attn.mask.w{w}" for w in sorted(self.windows)]:
+            self.add_input(name, TensorProto.FLOAT, ["B", 1, "Tq", "CTq"])
+        graph = helper.make_graph(
+            self.onnx_nodes, "llm_engine_step", self.graph_inputs,
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info(KV_OUTPUT, cache_elem, None)], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        return model
+
+
+def export_onnx(plan: dict[str, Any], weights_file: Path, target: Path) -> OnnxExport:
+    """Write `target` (next to `weights_file`) or say why the plan cannot be expressed."""
+    emitter = _Emitter(plan, weights_file)
+    try:
+        model = emitter.build()
+    except Unsupported as e:
+        return OnnxExport(False, str(e))
+    target.write_bytes(model.SerializeToString())
+    return OnnxExport(True, nodes=len(model.graph.node), lowerings=dict(emitter.lowerings))
