@@ -15,6 +15,7 @@ import torch
 
 from builder.codegen import codegen
 from builder.onnx_export import ONNX_FILE, export_onnx
+from runtime.onnx_backend import plan_digest
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
@@ -331,6 +332,9 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "ranks": len(graphs),
             "parallel": {"tp": options.tp, "pp": options.pp},
             "tokenizer": "tokenizer" if has_tokenizer else None,
+            "cpu_graph": ({"file": ONNX_FILE, "plan_sha256": plan_digest(
+                json.loads(out.path("plan.rank0.json").read_text()))}
+                          if onnx_export and onnx_export.written else None),
             "kv_cache": graph.meta.get("kv_cache"),
             "generation": {"eos_token_ids": _eos_ids(source),
                            "bos_token_id": getattr(source.config, "bos_token_id", None),

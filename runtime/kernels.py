@@ -73,17 +73,16 @@ def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int
     return bound
 
 
-def choose_backend(requested: str, device: str, engine_dir: Path | None = None) -> str:
-    """The step backend. `engine_dir` is given for a single-rank engine, the only kind the
-    ONNX fast path runs: "auto" picks it on CPU when the engine has its graph."""
+def choose_backend(requested: str, device: str, files: Any = None) -> str:
+    """The step backend. `files` (runtime.engine_dir.EngineFiles) is given for a single-rank
+    engine, the only kind the ONNX fast path runs: "auto" picks it on CPU when the engine
+    has a graph for its plan."""
     if requested not in BACKENDS:
         raise ValueError(f"kernels={requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "onnx":
         if device != "cpu":
             raise EngineLoadError("kernels=onnx is the CPU backend; use triton on a GPU")
-        from runtime.onnx_backend import available
-
-        why = "a multi-rank engine" if engine_dir is None else available(engine_dir)
+        why = "a multi-rank engine" if files is None else _onnx_unavailable(files)
         if why:
             raise EngineLoadError(f"kernels=onnx cannot run this engine: {why}; "
                                   "use kernels=reference")
@@ -91,10 +90,13 @@ def choose_backend(requested: str, device: str, engine_dir: Path | None = None) 
     if requested == "auto":
         if device.startswith("cuda"):
             return "triton"
-        if engine_dir is not None:
-            from runtime.onnx_backend import available
-
-            if available(engine_dir) is None:
-                return "onnx"
+        if files is not None and _onnx_unavailable(files) is None:
+            return "onnx"
         return "reference"
     return requested
+
+
+def _onnx_unavailable(files: Any) -> str | None:
+    from runtime.onnx_backend import available
+
+    return available(files.path, files.meta, files.plan)

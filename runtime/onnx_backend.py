@@ -11,6 +11,8 @@ Only onnxruntime is imported here (not onnx): the runtime reads what the builder
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,26 @@ ONNX_FILE = "model.onnx"
 KV_OUTPUT = "kv_new"
 NEG = -1e30
 
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-       torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8}
+# torch dtype -> the element type io_binding takes: a numpy type, or the ONNX type number
+# where numpy has none (TensorProto.BFLOAT16 = 16, FLOAT8E4M3FN = 17).
+_ELEM: dict[torch.dtype, Any] = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+    torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8, torch.bfloat16: 16,
+    torch.float8_e4m3fn: 17}
 
 
-def available(engine_dir: Path) -> str | None:
+def plan_digest(plan: dict[str, Any]) -> str:
+    """What engine.json's `cpu_graph` records, so a graph is never run for another plan."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def available(engine_dir: Path, meta: dict[str, Any], plan: dict[str, Any]) -> str | None:
     """None when the fast path can run this engine, else why not."""
-    if not (engine_dir / ONNX_FILE).is_file():
-        return f"the engine has no {ONNX_FILE} (see report.json 'onnx')"
+    graph = meta.get("cpu_graph")
+    if not graph or not (engine_dir / graph["file"]).is_file():
+        return "the engine has no ONNX graph (report.json 'onnx' says why)"
+    if graph.get("plan_sha256") != plan_digest(plan):
+        return "the engine's ONNX graph was built for another plan"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -103,9 +117,9 @@ class OnnxRunner:
 
     def _bind(self, io, name: str, t: torch.Tensor, output: bool = False) -> None:
         t = t if t.is_contiguous() else t.contiguous()
-        dtype = _NP.get(t.dtype)
+        dtype = _ELEM.get(t.dtype)
         if dtype is None:
-            raise TypeError(f"onnx backend: no numpy type for {t.dtype} ({name})")
+            raise TypeError(f"onnx backend: no ONNX element type for {t.dtype} ({name})")
         bind = io.bind_output if output else io.bind_input
         bind(name, "cpu", 0, dtype, list(t.shape), t.data_ptr())
 

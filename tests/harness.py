@@ -27,18 +27,30 @@ class _Seq:
 
 class PagedRunner:
     def __init__(self, engine_dir: Path, block_size: int = 4, num_blocks: int = 512,
-                 seed: int = 0, rank: int = 0, comm=None) -> None:
-        """`rank` and `comm` run one rank of a tensor-parallel engine (see ThreadGroup)."""
+                 seed: int = 0, rank: int = 0, comm=None, backend: str = "reference") -> None:
+        """`rank` and `comm` run one rank of a tensor-parallel engine (see ThreadGroup);
+        backend="onnx" runs the engine's ONNX graph (the CPU fast path) instead of the plan."""
         files = load_engine_dir(engine_dir, rank=rank)
         self.comm = comm
         self.meta = files.meta
-        self.runner = PlanRunner(files.plan, files.weights)
         self.block_size = block_size
-        self.kv_caches = []
-        for layer in files.plan["kv_cache"]["layers"]:
-            shape = (num_blocks, block_size, layer["num_kv_heads"], layer["head_dim"])
-            dtype = to_torch_dtype(layer["dtype"])
-            self.kv_caches.append((torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)))
+        self.onnx = None
+        if backend == "onnx":
+            from runtime.executor import KVCache, KVCacheSpec
+            from runtime.onnx_backend import OnnxRunner
+
+            self.cache = KVCache(KVCacheSpec(num_blocks, block_size,
+                                             files.plan["kv_cache"]["layers"]))
+            self.onnx = OnnxRunner(Path(engine_dir), files.plan, threads=1)
+            self.kv_caches = self.cache.kv_caches
+        else:
+            self.runner = PlanRunner(files.plan, files.weights)
+            self.kv_caches = []
+            for layer in files.plan["kv_cache"]["layers"]:
+                shape = (num_blocks, block_size, layer["num_kv_heads"], layer["head_dim"])
+                dtype = to_torch_dtype(layer["dtype"])
+                self.kv_caches.append((torch.zeros(shape, dtype=dtype),
+                                       torch.zeros(shape, dtype=dtype)))
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.seqs: dict[int, _Seq] = {}
@@ -85,6 +97,9 @@ class PagedRunner:
         return out
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx.run(feeds, self.cache)[0]
+
         class Ctx:
             kv_caches = self.kv_caches
             comm = self.comm

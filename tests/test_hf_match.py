@@ -1,6 +1,7 @@
 """Engines built from tiny random models of every supported architecture compute the same
 function as HF transformers: logits within 1e-4 (fp32) on a mixed prefill/decode batch, and
-greedy decoding token-identical to `generate`."""
+greedy decoding token-identical to `generate`, through the plan's reference executor and
+through the engine's ONNX graph (the CPU fast path)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def _hf_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0]
 
 
+@pytest.mark.parametrize("backend", ["reference", "onnx"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batch_logits_match_hf(arch, checkpoints, engines):
+def test_mixed_batch_logits_match_hf(arch, backend, checkpoints, engines):
     _, hf = checkpoints(arch)
-    runner = PagedRunner(engines(arch))
+    runner = PagedRunner(engines(arch), backend=backend)
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randint(0, 320, (n,), generator=g).tolist() for n in (9, 11, 6))
     # step 1: two prefills; step 2: a decodes, b continues its prompt, c starts
@@ -36,12 +38,13 @@ def test_mixed_batch_logits_match_hf(arch, checkpoints, engines):
     torch.testing.assert_close(second[2], ref_c, atol=FP32_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "onnx"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf_generate(arch, checkpoints, engines):
+def test_greedy_matches_hf_generate(arch, backend, checkpoints, engines):
     _, hf = checkpoints(arch)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (3, 12, 7, 1)]
-    ours = PagedRunner(engines(arch)).greedy(prompts, max_new=32)
+    ours = PagedRunner(engines(arch), backend=backend).greedy(prompts, max_new=32)
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
