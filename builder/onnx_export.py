@@ -318,9 +318,22 @@ class _Emitter:
         return y
 
     def int4(self, x, packed, scales, zeros, n_out, k, group):
-        if group not in _NBITS_BLOCKS:
-            raise Unsupported(f"int4 group size {group} (MatMulNBits takes {_NBITS_BLOCKS})")
         blocks = k // group
+        if group not in _NBITS_BLOCKS:
+            # MatMulNBits takes power-of-two groups only: dequantize once at load instead.
+            lo = self.op("BitwiseAnd", packed, self.const(15, np.uint8))
+            hi = self.op("BitShift", packed, self.const(4, np.uint8), direction="RIGHT")
+            q = self.op("Concat", self.op("Unsqueeze", lo, self.const([-1])),
+                        self.op("Unsqueeze", hi, self.const([-1])), axis=-1)
+            q = self.op("Cast", self.op("Reshape", q, self.const([n_out, blocks, group])),
+                        to=TensorProto.FLOAT)
+            z = self.op("Cast", self.op("Unsqueeze", zeros, self.const([-1])),
+                        to=TensorProto.FLOAT)
+            w = self.op("Mul", self.op("Sub", q, z),
+                        self.op("Unsqueeze", scales, self.const([-1])))
+            w = self.op("Reshape", w, self.const([n_out, k]))
+            return (self.op("MatMul", x, self.op("Transpose", w, perm=[1, 0])),
+                    f"MatMul (int4 g{group} dequantized)")
         # Our packing is MatMulNBits' B byte for byte ([N, K/2], low nibble = even column);
         # only the zero points need two to a byte, which the graph does on the initializer.
         b = self.op("Reshape", packed, self.const([n_out, blocks, group // 2]))
@@ -342,13 +355,15 @@ class _Emitter:
         return self.op("Reshape", packed, self.const([-1]))
 
     def int8(self, x, q, scale, n_out, k):
-        block = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
-        if block is None:
-            raise Unsupported(f"int8 linear with K={k} (no block of 16..128 divides it)")
-        blocks = k // block
+        # One scale per channel, repeated over blocks of K (zero-padded where none divides K).
+        block = next((b for b in (128, 64, 32, 16) if k % b == 0), 16)
+        blocks = -(-k // block)
         # Symmetric int8 codes -> MatMulNBits' unsigned codes with zero point 128.
         u = self.op("Cast", self.op("Add", self.op("Cast", q, to=TensorProto.INT32),
                                     self.const(128, np.int32)), to=TensorProto.UINT8)
+        if blocks * block != k:
+            u = self.op("Pad", u, self.const([0, 0, 0, blocks * block - k]),
+                        self.const(128, np.uint8))
         b = self.op("Reshape", u, self.const([n_out, blocks, block]))
         s = self.op("Reshape", self.op("Expand", self.op("Unsqueeze", scale, self.const([1])),
                                        self.const([n_out, blocks])), self.const([-1]))

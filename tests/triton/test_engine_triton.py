@@ -76,9 +76,10 @@ def test_unknown_backend_is_rejected(engines):
         Engine.load(engines("llama"), kv_cache_memory=1 << 20, kernels="cuda-magic")
 
 
-def test_reference_backend_is_the_cpu_default(engines):
+def test_default_backend(engines):
+    """GPU: Triton; CPU: the engine's ONNX graph (the fast path)."""
     engine = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
-    assert engine.kernel_backend == ("triton" if torch.cuda.is_available() else "reference")
+    assert engine.kernel_backend == ("triton" if torch.cuda.is_available() else "onnx")
 
 
 def test_inspect_lists_kernels(engines):

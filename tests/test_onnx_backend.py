@@ -1,0 +1,135 @@
+"""The CPU fast path: the engine's ONNX graph run by onnxruntime computes what the plan's
+reference executor computes (HF-match for float engines is in test_hf_match.py), for every
+quantized format, sliding windows and mixed prefill/decode batches; engines the graph cannot
+express say why and run on the reference executor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from runtime.engine import Engine
+from runtime.engine_dir import EngineLoadError
+from runtime.onnx_backend import NEG, attention_metadata
+from tests.harness import PagedRunner
+from tests.models import build_tiny_engine
+
+FAST_CALIB = {"calib_samples": 4, "calib_seq_len": 128, "calib_cache": None}
+
+
+def _mixed_batches(runner: PagedRunner) -> list[torch.Tensor]:
+    """Two steps: two prefills, then a decode, a continued prompt and a new prompt."""
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, 320, (n,), generator=g).tolist() for n in (9, 11, 6))
+    first = runner.step([(0, a[:8]), (1, b[:5])], all_rows=True)
+    second = runner.step([(0, a[8:]), (1, b[5:]), (2, c)], all_rows=True)
+    return [*first.values(), *second.values()]
+
+
+def _compare(path, atol: float, rel: float) -> None:
+    ref = _mixed_batches(PagedRunner(path))
+    ours = _mixed_batches(PagedRunner(path, backend="onnx"))
+    for r, o in zip(ref, ours):
+        err = (o - r).norm() / r.norm()
+        assert err <= rel, f"relative error {err:.2e} > {rel}"
+        assert (o - r).abs().max() <= atol
+
+
+def test_attention_metadata_layout():
+    # seq 0 decodes its 6th token (5 cached), seq 1 prefills 3 tokens after 2 cached ones
+    feeds = {"query_start_loc": torch.tensor([0, 1, 4], dtype=torch.int32),
+             "context_lens": torch.tensor([6, 5], dtype=torch.int32),
+             "block_tables": torch.tensor([[7, 2], [5, 0]], dtype=torch.int32)}
+    m = attention_metadata(feeds, block_size=4, windows=[2])
+    assert m["attn.q_index"].tolist() == [[0, 0, 0], [1, 2, 3]]  # padding repeats a real row
+    assert m["attn.out_index"].tolist() == [0, 3, 4, 5]
+    # context slots: block 7 holds positions 0-3 (slots 28-31), block 2 position 4 (slot 8)
+    assert m["attn.ctx_slots"].tolist() == [[28, 29, 30, 31, 8], [20, 21, 0, 0, 0]]
+    allowed = m["attn.mask"][:, 0] == 0  # [B, Tq, C + Tq]
+    # seq 0 row 0: its 5 cached positions and itself
+    assert allowed[0, 0].tolist() == [True] * 5 + [True, False, False]
+    # seq 1 row 1 (position 3): cached 0-1, new rows 0-1 (positions 2-3), causal
+    assert allowed[1, 1].tolist() == [True, True, False, False, False, True, True, False]
+    window = m["attn.mask.w2"][:, 0] == 0  # positions > q - 2 only
+    assert window[1, 1].tolist() == [False] * 5 + [True, True, False]
+    assert m["attn.mask"].min() == NEG
+
+
+# Quantized engines keep an int8 LM head, which MatMulNBits runs with activations quantized to
+# int8 per block of K (accuracy level 4), like the 8-bit body GEMMs: relative error ~0.5%, as
+# llama.cpp's Q8 activations; the int4 and fp8 bodies are otherwise computed as the reference.
+@pytest.mark.parametrize(("mode", "arch", "options"), [
+    ("int8-wo", "llama_tied", {}),  # K = 144: MatMulNBits 8-bit, blocks of 16
+    ("int8-sq", "llama", {}),  # K = 72: blocks of 16, zero-padded
+    ("int4-gptq", "llama_tied", {"group_size": 16}),  # MatMulNBits 4-bit
+    ("int4-awq", "llama", {}),  # group 72: dequantized at load
+    ("fp8", "llama", {}),  # dequantized weights, e4m3-rounded activations
+])
+def test_quantized_graph_matches_reference(mode, arch, options, checkpoints, tmp_path):
+    ckpt, _ = checkpoints(arch)
+    ids = tmp_path / "ids.jsonl"  # llama_tied ships no tokenizer
+    gen = torch.Generator().manual_seed(0)
+    ids.write_text("\n".join(json.dumps({"input_ids": torch.randint(0, 320, (200,),
+                                                                    generator=gen).tolist()})
+                             for _ in range(6)))
+    path = build_tiny_engine(ckpt, tmp_path / mode, quant=mode, calib_data=ids, **FAST_CALIB,
+                             **options)
+    report = json.loads((path / "report.json").read_text())["onnx"]
+    assert report["written"], report
+    _compare(path, atol=0.5, rel=0.02)
+
+
+def test_sliding_window_matches_hf(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=320, hidden_size=72, intermediate_size=160,
+                           num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                           max_position_embeddings=512, sliding_window=4)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                          attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "ckpt")
+    path = build_tiny_engine(tmp_path / "ckpt", tmp_path / "engine")
+    plan = json.loads((path / "plan.rank0.json").read_text())
+    assert {n["attrs"]["window"] for n in plan["nodes"] if n["op"] == "paged_attention"} == {4}
+    tokens = torch.randint(0, 320, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    runner = PagedRunner(path, backend="onnx")
+    got = torch.cat([runner.step([(0, tokens[:9])], all_rows=True)[0],
+                     runner.step([(0, tokens[9:])], all_rows=True)[0]])
+    with torch.no_grad():
+        want = hf(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_engines_the_graph_cannot_express_run_on_reference(built):
+    path = built("llama", kv_cache_dtype="int8", calib_samples=4, calib_seq_len=128,
+                 calib_cache=None)
+    report = json.loads((path / "report.json").read_text())["onnx"]
+    assert not report["written"] and "KV cache" in report["reason"]
+    assert json.loads((path / "engine.json").read_text())["cpu_graph"] is None
+    assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "reference"
+    with pytest.raises(EngineLoadError, match="kernels=onnx cannot run this engine: the engine "
+                                              "has no ONNX graph"):
+        Engine.load(path, kv_cache_memory=1 << 20, kernels="onnx")
+
+
+def test_multi_rank_engines_have_no_graph(built):
+    path = built("llama", tp=2)
+    assert "onnx" not in json.loads((path / "report.json").read_text())
+    assert not (path / "model.onnx").exists()
+
+
+def test_engine_generates_the_same_on_both_backends(engines):
+    from runtime import SamplingParams
+
+    path = engines("llama")
+    params = SamplingParams(temperature=0, max_tokens=16)
+    prompts = [[5, 6, 7], list(range(30, 52)), [9]]
+    outs = {}
+    for kernels in ("reference", "onnx"):
+        engine = Engine.load(path, kv_cache_memory=1 << 20, kernels=kernels, block_size=4)
+        assert engine.kernel_backend == kernels
+        outs[kernels] = [o.token_ids for o in engine.generate(prompts, params)]
+    assert outs["reference"] == outs["onnx"]
