@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from builder.codegen import codegen
-from builder.onnx_export import ONNX_FILE, export_onnx
-from runtime.onnx_backend import plan_digest
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
+from builder.onnx_export import ONNX_FILE, export_onnx
 from builder.passes.fuse import RULES as FUSE_RULES
 from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
@@ -33,6 +32,7 @@ from builder.verify import VerifyError, verify
 from builder.weights import make_weight
 from builder.writer import EngineWriter, write_safetensors_streaming
 from runtime.engine_dir import sha256_file
+from runtime.onnx_backend import plan_digest
 
 BUILDER_VERSION = "0.1.0"
 FORMAT_VERSION = 1
