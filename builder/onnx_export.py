@@ -23,7 +23,8 @@ safetensors file (offset and length of each tensor), so the engine gains a few h
 Where onnxruntime's kernel wants another layout (int8 codes as offset uint8, transposed
 dense matrices), the graph states the conversion on the initializer and onnxruntime folds
 it once at load. Quantized GEMMs use `MatMulNBits` (4- and 8-bit, blockwise, activations
-quantized to int8 per block of K: accuracy_level 4), the kernel onnxruntime-genai uses.
+quantized to int8 per block of K: accuracy_level 4), the kernel onnxruntime-genai uses;
+SmoothQuant's W8A8 uses the u8s8 `DynamicQuantizeMatMul`, much faster for many rows.
 """
 
 from __future__ import annotations
@@ -307,8 +308,11 @@ class _Emitter:
             kind = "MatMul (fp32)"
         elif fmt == "int4_group":
             y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"])
-        elif fmt in ("int8_channel", "int8_channel_a8"):
+        elif fmt == "int8_channel":
             y, kind = self.int8(x, ins[1], ins[2], n_out, k)
+        elif fmt in ("int8_channel", "int8_channel_a8"):
+            rank = len(self.nodes_by_name[n["inputs"][0]]["shape"])
+            y, kind = self.int8_a8(x, ins[1], ins[2], n_out, k, rank)
         else:
             y, kind = self.fp8(x, ins[1], ins[2], ins[3])
         self.lowerings[kind] = self.lowerings.get(kind, 0) + 1
@@ -371,6 +375,26 @@ class _Emitter:
         y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out, bits=8,
                     block_size=block, accuracy_level=4)
         return y, f"MatMulNBits 8-bit g{block}"
+
+    def int8_a8(self, x, q, scale, n_out, k, rank):
+        """W8A8 with per-token dynamic activation scales on onnxruntime's u8s8 GEMM, whose
+        activation quantization is per tensor: rows are scaled to amax 1 and an anchor row
+        (1, -1, 0, ...) pins the tensor's range to [-1, 1], so every token gets the same
+        255-level grid over its own range whatever else is in the batch."""
+        amax = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]),
+                                      keepdims=1), self.const(1e-30, np.float32))
+        anchor = np.zeros((1,) * (rank - 1) + (k,), np.float32)
+        anchor[..., 0], anchor[..., 1 % k] = 1.0, -1.0
+        rows = self.op("Concat", self.op("Div", x, amax), self.const(anchor, np.float32),
+                       axis=-2)
+        # u8s8 on AVX2 multiplies with VPMADDUBSW, whose int16 pair sums saturate with full
+        # 8-bit weights; unsigned weights (zero point 128) take the u8u8 kernel, which does not.
+        u = self.op("Cast", self.op("Add", self.op("Cast", q, to=TensorProto.INT32),
+                                    self.const(128, np.int32)), to=TensorProto.UINT8)
+        y = self.op("DynamicQuantizeMatMul", rows, self.op("Transpose", u, perm=[1, 0]), scale,
+                    self.const(np.full(n_out, 128, np.uint8), np.uint8), domain="com.microsoft")
+        y = self.op("Slice", y, self.const([0]), self.const([-1]), self.const([-2]))
+        return self.op("Mul", y, amax), "DynamicQuantizeMatMul (per-token int8)"
 
     def fp8(self, x, q, scale, x_scale):
         # Weights dequantized once at load; activations rounded through e4m3 with the static
