@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import resource
 import time
@@ -17,7 +18,6 @@ from builder.codegen import codegen
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
-from builder.onnx_export import ONNX_FILE, export_onnx
 from builder.passes.fuse import RULES as FUSE_RULES
 from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
@@ -220,6 +220,19 @@ def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes:
     write_safetensors_streaming(path, specs, stream(), on_tensor=tick)
 
 
+def _export_onnx(out: EngineWriter):
+    """The CPU fast path's graph, from the plan as written (needs the `onnx` package, in the
+    cpu and gpu extras; without it the engine runs on the reference executor)."""
+    from builder.onnx_export_report import ONNX_FILE, OnnxExport
+
+    if importlib.util.find_spec("onnx") is None:
+        return OnnxExport(False, "the onnx package is not installed (pip install onnx)")
+    from builder.onnx_export import export_onnx
+
+    plan = json.loads(out.path("plan.rank0.json").read_text())
+    return export_onnx(plan, out.path("weights.rank0.safetensors"), out.path(ONNX_FILE))
+
+
 def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
     ui = ui or BuildUI()
     timings: dict[str, float] = {}
@@ -270,8 +283,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         onnx_export = None
         if len(graphs) == 1 and options.device == "cpu":
             with ui.stage("onnx graph (CPU fast path)"):
-                onnx_export = export_onnx(to_plan(graph), out.path("weights.rank0.safetensors"),
-                                          out.path(ONNX_FILE))
+                onnx_export = _export_onnx(out)
                 if not onnx_export.written:
                     ui.note(f"no ONNX graph: {onnx_export.reason}; the CPU runtime will use "
                             "the reference executor")
@@ -332,7 +344,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "ranks": len(graphs),
             "parallel": {"tp": options.tp, "pp": options.pp},
             "tokenizer": "tokenizer" if has_tokenizer else None,
-            "cpu_graph": ({"file": ONNX_FILE, "plan_sha256": plan_digest(
+            "cpu_graph": ({"file": "model.onnx", "plan_sha256": plan_digest(
                 json.loads(out.path("plan.rank0.json").read_text()))}
                           if onnx_export and onnx_export.written else None),
             "kv_cache": graph.meta.get("kv_cache"),

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from builder.onnx_export_report import OnnxExport
+
 OPSET = 21
-ONNX_FILE = "model.onnx"
 KV_OUTPUT = "kv_new"
 NEG = -1e30  # additive mask value: exp() underflows to 0 without the NaNs of -inf rows
 
@@ -67,22 +67,6 @@ class Unsupported(Exception):
     path on CPU and report.json says why."""
 
 
-@dataclass
-class OnnxExport:
-    written: bool
-    reason: str | None = None
-    nodes: int = 0
-    lowerings: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"written": self.written}
-        if self.reason:
-            out["reason"] = self.reason
-        if self.written:
-            out |= {"file": ONNX_FILE, "nodes": self.nodes, "lowerings": self.lowerings}
-        return out
-
-
 def _safetensors_index(path: Path) -> tuple[int, dict[str, Any]]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -105,7 +89,7 @@ class _Emitter:
         self.counter = 0
         self.kv_outputs: list[str] = []
         self.windows: set[int] = set()
-        self.tiled: dict[tuple[str, int], str] = {}
+        self.shared: dict[tuple, str] = {}
         self.syms = self._sym_sources()
         self.kv_layers = plan["kv_cache"]["layers"]
 
@@ -520,7 +504,6 @@ class _Emitter:
         h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
         if h is None or kvh is None or d is None or h % kvh:
             raise Unsupported("attention without uniform head grouping")
-        g = h // kvh
         q, k, v = ins[0], ins[1], ins[2]
         if len(ins) > 7 and ins[7] is not None:
             q, k = self.rope(q, ins[7], ins[8], d), self.rope(k, ins[7], ins[8], d)
@@ -537,41 +520,104 @@ class _Emitter:
             v_store = self.op("Cast", vf, to=cache_dtype)
         self.kv_outputs += [k_store, v_store]
 
-        q_index, ctx_slots = "attn.q_index", "attn.ctx_slots"
-        stride = "attn.layer_stride"
-        # [B, Tq, h, d] -> [B, kvh, g*Tq, d]: each KV head's query heads stacked by row.
-        qp = self.op("Gather", qf, q_index, axis=0)
-        qp = self.op("Reshape", self.op("Transpose", self.op(
-            "Reshape", qp, self.const([0, 0, kvh, g, d])), perm=[0, 2, 3, 1, 4]),
-            self.const([0, kvh, -1, d]))
-
-        def keys(new, half):  # past (from the cache) then this step's rows: [B, kvh, C+Tq, d]
-            offset = self.op("Mul", stride, self.const([2 * layer + half]))
-            past = self.op("Gather", "kv_cache", self.op("Add", ctx_slots, offset), axis=0)
-            if cache_dtype != TensorProto.FLOAT:
-                past = self.op("Cast", past, to=TensorProto.FLOAT)
-            cur = self.op("Gather", new, q_index, axis=0)
-            return self.op("Transpose", self.op("Concat", past, cur, axis=1), perm=[0, 2, 1, 3])
-
-        kall, vall = keys(kf, 0), keys(vf, 1)
-        scores = self.op("MatMul", qp, self.op("Transpose", kall, perm=[0, 1, 3, 2]))
-        scores = self.op("Mul", scores, self.const(float(attrs["scale"]), np.float32))
         window = attrs.get("window")
         mask = "attn.mask" if window is None else f"attn.mask.w{int(window)}"
         if window is not None:
             self.windows.add(int(window))
-        # Rows are (query head in group, query row): the [B, 1, Tq, C+Tq] mask tiled g times,
-        # once per step for all layers.
-        if (mask, g) not in self.tiled:
-            self.tiled[mask, g] = self.op("Tile", mask, self.const([1, 1, g, 1]))
-        probs = self.op("Softmax", self.op("Add", scores, self.tiled[mask, g]), axis=-1)
-        out = self.op("MatMul", probs, vall)  # [B, kvh, g*Tq, d]
-        out = self.op("Transpose", self.op("Reshape", out, self.const([0, kvh, g, -1, d])),
-                      perm=[0, 3, 1, 2, 4])  # [B, Tq, kvh, g, d]
+        qp = self.op("Gather", qf, "attn.q_index", axis=0)  # [B, Tq, h, d]
+
+        def past(half):  # this layer's K or V of the earlier context: [B, C, kvh, d]
+            offset = self.op("Mul", "attn.layer_stride", self.const([2 * layer + half]))
+            rows = self.op("Gather", "kv_cache", self.op("Add", "attn.ctx_slots", offset), axis=0)
+            return rows if cache_dtype == TensorProto.FLOAT else self.op(
+                "Cast", rows, to=TensorProto.FLOAT)
+
+        kp, vp = past(0), past(1)
+        kc = self.op("Gather", kf, "attn.q_index", axis=0)  # [B, Tq, kvh, d]
+        vc = self.op("Gather", vf, "attn.q_index", axis=0)
+        scale = self.const(float(attrs["scale"]), np.float32)
+        if kvh <= 4:
+            out = self.attend_grouped(qp, kp, vp, kc, vc, mask, scale, h, kvh, d)
+        else:
+            out = self.attend_heads(qp, kp, vp, kc, vc, mask, scale, h, kvh, d)
+        # [B, Tq, h, d] -> the flat tokens -> the op's [1, h, T, d]
         out = self.op("Gather", self.op("Reshape", out, self.const([-1, h, d])),
-                      "attn.out_index", axis=0)  # [T, h, d]
+                      "attn.out_index", axis=0)
         return self.op("Transpose", self.op("Unsqueeze", out, self.const([0])),
                        perm=[0, 2, 1, 3])
+
+    def step_once(self, key: tuple, make) -> str:
+        """A value computed once per step and shared by every layer (mask layouts)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
+
+    def attend_grouped(self, qp, kp, vp, kc, vc, mask, scale, h, kvh, d):
+        """Few KV heads (GQA/MQA): keys and values stay in the cache's [B, C, kvh*d] layout,
+        which costs no transpose or concat of the large tensors. Each query is spread over
+        all kvh*d columns with zeros outside its KV head's block, so one GEMM per sequence
+        gives every head's scores (kvh times the small attention FLOPs), softmax axis last."""
+        g = h // kvh
+        own = np.zeros((h, kvh), np.float32)
+        for head in range(h):
+            own[head, head // g] = 1.0
+        own5 = self.const(own.reshape(1, h, 1, kvh, 1), np.float32)
+        qt = self.op("Transpose", qp, perm=[0, 2, 1, 3])  # [B, h, Tq, d]
+        qbd = self.op("Mul", self.op("Unsqueeze", qt, self.const([3])), own5)
+        qbd = self.op("Reshape", qbd, self.const([0, 0, 0, kvh * d]))  # [B, h, Tq, kvh*d]
+        flat = self.const([0, 0, kvh * d])
+
+        def rows(x):  # [B, n, kvh, d] -> [B, 1, n, kvh*d], broadcast over the heads
+            return self.op("Unsqueeze", self.op("Reshape", x, flat), self.const([1]))
+
+        kp2, vp2 = rows(kp), rows(vp)
+        # This step's own keys (few for decode, a chunk for prefill) take per-KV-head GEMMs:
+        # no wasted FLOPs where a prefill chunk's Tq x Tq block is the big one.
+        q_kv = self.op("Reshape", self.op("Transpose", self.op(
+            "Reshape", qp, self.const([0, 0, kvh, g, d])), perm=[0, 2, 3, 1, 4]),
+            self.const([0, kvh, -1, d]))  # [B, kvh, g*Tq, d]
+        kc_t = self.op("Transpose", kc, perm=[0, 2, 1, 3])  # [B, kvh, Tq, d]
+        vc_t = self.op("Transpose", vc, perm=[0, 2, 1, 3])
+        heads = self.const([0, h, -1, 0])  # [B, kvh, g*Tq, n] -> [B, h, Tq, n]
+
+        def nt(a, b):
+            return self.op("FusedMatMul", a, b, domain="com.microsoft", transA=0, transB=1,
+                           alpha=1.0)
+
+        s_cur = self.op("Reshape", nt(q_kv, kc_t), heads)
+        scores = self.op("Concat", nt(qbd, kp2), s_cur, axis=-1)  # [B, h, Tq, C+Tq]
+        probs = self.op("Softmax", self.op("Add", self.op("Mul", scores, scale), mask), axis=-1)
+        n_past = self.op("Shape", kp, start=1, end=2)
+        p_past = self.op("Slice", probs, self.const([0]), n_past, self.const([3]))
+        p_cur = self.op("Slice", probs, n_past, self.const([2**62]), self.const([3]))
+        past = self.op("Reshape", self.op("MatMul", p_past, vp2), self.const([0, 0, 0, kvh, d]))
+        # [B, h, Tq, kvh, d]: keep each head's own KV head
+        out = self.op("ReduceSum", self.op("Mul", past, own5), self.const([3]), keepdims=0)
+        p_cur = self.op("Reshape", p_cur, self.const([0, kvh, -1, 0]))
+        cur = self.op("Reshape", self.op("MatMul", p_cur, vc_t), self.const([0, h, -1, d]))
+        out = self.op("Add", out, cur)
+        return self.op("Transpose", out, perm=[0, 2, 1, 3])  # [B, Tq, h, d]
+
+    def attend_heads(self, qp, kp, vp, kc, vc, mask, scale, h, kvh, d):
+        """Many KV heads (MHA): batched per-head GEMMs over [B, kvh, C+Tq, d] keys."""
+        g = h // kvh
+        q = self.op("Reshape", self.op("Transpose", self.op(
+            "Reshape", qp, self.const([0, 0, kvh, g, d])), perm=[0, 2, 3, 1, 4]),
+            self.const([0, kvh, -1, d]))  # [B, kvh, g*Tq, d]: a KV head's query heads by row
+
+        def heads(p, c):
+            return self.op("Transpose", self.op("Concat", p, c, axis=1), perm=[0, 2, 1, 3])
+
+        keys, values = heads(kp, kc), heads(vp, vc)
+        scores = self.op("Mul", self.op("FusedMatMul", q, keys, domain="com.microsoft",
+                                        transA=0, transB=1, alpha=1.0), scale)
+        tiled = self.step_once(("tiled", mask, g), lambda: self.op(
+            "Tile", mask, self.const([1, 1, g, 1])))
+        probs = self.op("Softmax", self.op("Add", scores, tiled), axis=-1)
+        out = self.op("MatMul", probs, values)  # [B, kvh, g*Tq, d]
+        return self.op("Reshape", self.op("Transpose", self.op(
+            "Reshape", out, self.const([0, kvh, g, -1, d])), perm=[0, 3, 1, 2, 4]),
+            self.const([0, 0, h, d]))  # [B, Tq, h, d]
 
     # ---- whole graph --------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
