@@ -451,6 +451,61 @@ class _Emitter:
         rotated = self.op("Concat", self.op("Neg", hi), lo, axis=-1)
         return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
 
+    def token_rows(self, name: str, heads: int, d: int) -> str | None:
+        """The [1, T, heads*d] ONNX value behind an attention input that the plan formed as
+        transpose(reshape([1, T, heads*d] -> [1, T, heads, d]), 1, 2), so the graph can skip
+        the round trip through [1, heads, T, d]; None for any other producer."""
+        node = self.nodes_by_name[name]
+        if node["op"] != "transpose" or {node["attrs"]["dim0"] % 4, node["attrs"]["dim1"] % 4} \
+                != {1, 2}:
+            return None
+        view = self.nodes_by_name[node["inputs"][0]]
+        src = self.nodes_by_name[view["inputs"][0]] if view["op"] == "reshape" else None
+        if src is None or view["shape"][2:] != [heads, d] or len(src["shape"]) != 3 \
+                or src["shape"][2] != heads * d or src["shape"][0] != 1:
+            return None
+        return self.values[src["name"]]
+
+    def rope_tables_ok(self, cos: str, sin: str, dim: int) -> bool:
+        """onnxruntime's RotaryEmbedding takes half-width tables: usable when the plan's
+        [1, 1, T, d] cos/sin are elementwise functions of cat(f, f) on the last axis (HF's
+        rotate-half tables), so both halves are equal."""
+        for name in (cos, sin):
+            shape = self.nodes_by_name[name]["shape"]
+            if len(shape) != 4 or shape[:2] != [1, 1] or shape[3] != dim or dim % 2:
+                return False
+            for _ in range(8):
+                node = self.nodes_by_name[name]
+                rank = len(node["shape"]) if isinstance(node["shape"][0], (int, str)) else 0
+                if node["op"] == "cat":
+                    ins = node["inputs"]
+                    if not (len(ins) == 2 and ins[0] == ins[1]
+                            and node["attrs"]["dim"] in (-1, rank - 1)):
+                        return False
+                    break
+                if (node["op"] == "unsqueeze" and node["attrs"]["dim"] not in (-1, rank - 1)) or (node["op"] in ("pointwise", "to_dtype") and len(node["inputs"]) == 1):
+                    name = node["inputs"][0]
+                else:
+                    return False
+            else:
+                return False
+        return True
+
+    def rotary(self, x, cos, sin, dim, heads):
+        """RoPE as one onnxruntime RotaryEmbedding node on [1, heads, T, d]: the step's own
+        tables (rows 0..T-1, first halves) with positions 0..T-1 select row t for token t."""
+        def table(t):
+            return self.step_once(("rope", t), lambda: self.op(
+                "Slice", self.op("Reshape", t, self.const([-1, dim])), self.const([0]),
+                self.const([dim // 2]), self.const([1])))
+
+        positions = self.step_once(("rope_pos", cos), lambda: self.op(
+            "Unsqueeze", self.op("Range", self.const(0), self.op(
+                "Squeeze", self.op("Shape", cos, start=2, end=3), self.const([0])),
+                self.const(1)), self.const([0])))
+        return self.op("RotaryEmbedding", x, positions, table(cos), table(sin),
+                       domain="com.microsoft", interleaved=0, num_heads=heads)
+
     def reduce(self, op, x, dims, keepdim):
         return self.op(op, x, self.const(list(dims)), keepdims=int(bool(keepdim)))
 
@@ -505,14 +560,29 @@ class _Emitter:
         if h is None or kvh is None or d is None or h % kvh:
             raise Unsupported("attention without uniform head grouping")
         q, k, v = ins[0], ins[1], ins[2]
-        if len(ins) > 7 and ins[7] is not None:
-            q, k = self.rope(q, ins[7], ins[8], d), self.rope(k, ins[7], ins[8], d)
+        rows = [self.token_rows(name, heads, d) for name, heads in
+                zip(n["inputs"][:3], (h, kvh, kvh))]
+        fast_rope = len(ins) > 7 and ins[7] is not None and self.rope_tables_ok(
+            n["inputs"][7], n["inputs"][8], d)
 
         def flat(x, heads):  # [1, heads, T, d] -> [T, heads, d]
             return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]),
                            self.const([-1, heads, d]))
 
-        qf, kf, vf = flat(q, h), flat(k, kvh), flat(v, kvh)
+        def prepared(x, heads, token_rows, rotate):  # -> [T, heads, d], RoPE applied
+            if token_rows is not None:  # [1, T, heads*d] straight from the projection
+                if rotate:
+                    token_rows = self.rotary(token_rows, ins[7], ins[8], d, heads)
+                return self.op("Reshape", token_rows, self.const([-1, heads, d]))
+            if rotate:
+                x = (self.rotary(x, ins[7], ins[8], d, heads) if fast_rope
+                     else self.rope(x, ins[7], ins[8], d))
+            return flat(x, heads)
+
+        has_rope = len(ins) > 7 and ins[7] is not None
+        qf = prepared(q, h, rows[0] if fast_rope else None, has_rope)
+        kf = prepared(k, kvh, rows[1] if fast_rope else None, has_rope)
+        vf = prepared(v, kvh, rows[2], False)
         cache_dtype = _DTYPES[self.kv_layers[layer]["dtype"]]
         k_store, v_store = kf, vf
         if cache_dtype != TensorProto.FLOAT:
@@ -651,13 +721,26 @@ class _Emitter:
         for name in ["attn.mask"] + [f"attn.mask.w{w}" for w in sorted(self.windows)]:
             self.add_input(name, TensorProto.FLOAT, ["B", 1, "Tq", "CTq"])
         graph = helper.make_graph(
-            self.onnx_nodes, "llm_engine_step", self.graph_inputs,
+            _live(self.onnx_nodes, ["logits", KV_OUTPUT]), "llm_engine_step",
+            self.graph_inputs,
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
              helper.make_tensor_value_info(KV_OUTPUT, cache_elem, None)], self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 10
         return model
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in order: plan ops a shortcut bypassed (the
+    [1, heads, T, d] views of q/k/v) are dropped rather than left to the session."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    return keep[::-1]
 
 
 def export_onnx(plan: dict[str, Any], weights_file: Path, target: Path) -> OnnxExport:

@@ -106,6 +106,9 @@ class OnnxRunner:
         # each of a step's ~400 kernels pays a wake-up.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3
+        for entry in filter(None, os.environ.get("LLM_ENGINE_ORT_CONFIG", "").split(",")):
+            key, _, value = entry.partition("=")
+            opts.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(engine_dir / ONNX_FILE), opts,
                                             providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
