@@ -90,6 +90,7 @@ class _Emitter:
         self.kv_outputs: list[str] = []
         self.windows: set[int] = set()
         self.shared: dict[tuple, str] = {}
+        self.attn_rows: dict[str, str] = {}  # attention node -> its [1, T, h*d] rows
         self.syms = self._sym_sources()
         self.kv_layers = plan["kv_cache"]["layers"]
 
@@ -211,7 +212,25 @@ class _Emitter:
         return self.weight(n)
 
     def op_reshape(self, n, ins, attrs):
+        rows = self.attention_rows(n)
+        if rows is not None:
+            return rows
         return self.op("Reshape", ins[0], self.shape_tensor(attrs["shape"]))
+
+    def attention_rows(self, n: dict[str, Any]) -> str | None:
+        """The plan turns attention's [1, h, T, d] back into [1, T, h*d] with
+        reshape(transpose(attention, 1, 2)) (an identity reshape may sit in between); the
+        graph already has those rows, so the chain costs nothing."""
+        t = self.nodes_by_name[n["inputs"][0]]
+        if len(n["shape"]) != 3 or t["op"] != "transpose" \
+                or {t["attrs"]["dim0"] % 4, t["attrs"]["dim1"] % 4} != {1, 2}:
+            return None
+        src = self.nodes_by_name[t["inputs"][0]]
+        if src["op"] == "reshape" and src["shape"] == self.nodes_by_name[src["inputs"][0]]["shape"]:
+            src = self.nodes_by_name[src["inputs"][0]]
+        if src["name"] not in self.attn_rows or n["shape"][2] != src["shape"][1] * src["shape"][3]:
+            return None
+        return self.attn_rows[src["name"]]
 
     def op_expand(self, n, ins, attrs):
         shape = [1 if s == -1 else s for s in attrs["shape"]]
@@ -611,9 +630,10 @@ class _Emitter:
         else:
             out = self.attend_heads(qp, kp, vp, kc, vc, mask, scale, h, kvh, d)
         # [B, Tq, h, d] -> the flat tokens -> the op's [1, h, T, d]
-        out = self.op("Gather", self.op("Reshape", out, self.const([-1, h, d])),
-                      "attn.out_index", axis=0)
-        return self.op("Transpose", self.op("Unsqueeze", out, self.const([0])),
+        out = self.op("Gather", self.op("Reshape", out, self.const([-1, h * d])),
+                      "attn.out_index", axis=0)  # [T, h*d]
+        self.attn_rows[n["name"]] = self.op("Unsqueeze", out, self.const([0]))
+        return self.op("Transpose", self.op("Reshape", out, self.const([1, -1, h, d])),
                        perm=[0, 2, 1, 3])
 
     def step_once(self, key: tuple, make) -> str:
