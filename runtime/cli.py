@@ -35,13 +35,15 @@ def engine_options(fn):
         click.option("--max-batch-tokens", type=int, default=None,
                      help="Most tokens in one batch (default: the engine's build setting)."),
         click.option("--no-prefix-caching", is_flag=True, help="Disable prefix caching."),
-        click.option("--kernels", type=click.Choice(["auto", "reference", "triton"]),
+        click.option("--kernels", type=click.Choice(["auto", "reference", "triton", "onnx"]),
                      default="auto", show_default=True,
-                     help="Op implementations: the engine's Triton kernels (default on CUDA) "
-                          "or the torch reference ops (default on CPU)."),
+                     help="Step backend: the engine's Triton kernels (default on CUDA), its "
+                          "ONNX graph on onnxruntime (default on CPU when the engine has one), "
+                          "or the torch reference ops."),
         click.option("--threads", type=int, default=None,
-                     help="CPU threads for torch ops, per rank (default: torch's choice, one "
-                          "per core; a multi-rank engine divides the cores among its ranks)."),
+                     help="CPU threads per rank: onnxruntime's pool on the ONNX backend, "
+                          "torch's otherwise (default: the cores; a multi-rank engine divides "
+                          "them among its ranks)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -133,3 +133,16 @@ def test_engine_generates_the_same_on_both_backends(engines):
         assert engine.kernel_backend == kernels
         outs[kernels] = [o.token_ids for o in engine.generate(prompts, params)]
     assert outs["reference"] == outs["onnx"]
+
+
+def test_cli_kernels_onnx_without_a_graph_is_one_line_error(built):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+    from tests.cli_util import one_line_error
+
+    path = built("llama", kv_cache_dtype="int8", calib_samples=4, calib_seq_len=128,
+                 calib_cache=None)
+    result = CliRunner().invoke(main, ["run", str(path), "--kernels", "onnx", "-p", "hi",
+                                       "--kv-cache-memory", "4MiB"])
+    one_line_error(result, "kernels=onnx cannot run this engine", "use kernels=reference")
