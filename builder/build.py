@@ -18,6 +18,7 @@ from builder.codegen import codegen
 from builder.errors import BuildError
 from builder.frontend import open_model, trace_model
 from builder.ir import Graph
+from builder.onnx_export_report import OnnxExport
 from builder.passes.fuse import RULES as FUSE_RULES
 from builder.passes.fuse import fuse
 from builder.passes.kv_cache import kv_cache, select_logits
@@ -32,7 +33,7 @@ from builder.verify import VerifyError, verify
 from builder.weights import make_weight
 from builder.writer import EngineWriter, write_safetensors_streaming
 from runtime.engine_dir import sha256_file
-from runtime.onnx_backend import plan_digest
+from runtime.onnx_backend import ONNX_FILE, plan_digest
 
 BUILDER_VERSION = "0.1.0"
 FORMAT_VERSION = 1
@@ -220,16 +221,13 @@ def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes:
     write_safetensors_streaming(path, specs, stream(), on_tensor=tick)
 
 
-def _export_onnx(out: EngineWriter):
+def _export_onnx(out: EngineWriter, plan: dict) -> OnnxExport:
     """The CPU fast path's graph, from the plan as written (needs the `onnx` package, in the
     cpu and gpu extras; without it the engine runs on the reference executor)."""
-    from builder.onnx_export_report import ONNX_FILE, OnnxExport
-
     if importlib.util.find_spec("onnx") is None:
         return OnnxExport(False, "the onnx package is not installed (pip install onnx)")
     from builder.onnx_export import export_onnx
 
-    plan = json.loads(out.path("plan.rank0.json").read_text())
     return export_onnx(plan, out.path("weights.rank0.safetensors"), out.path(ONNX_FILE))
 
 
@@ -280,10 +278,13 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                                     source, traced.buffers, weight_bytes, ui)
             out.write_json(f"plan.rank{rank}.json", to_plan(rank_graph))
         lap("write_weights")
-        onnx_export = None
+        onnx_export, cpu_graph = None, None
         if len(graphs) == 1 and options.device == "cpu":
             with ui.stage("onnx graph (CPU fast path)"):
-                onnx_export = _export_onnx(out)
+                plan = json.loads(out.path("plan.rank0.json").read_text())
+                onnx_export = _export_onnx(out, plan)
+                if onnx_export.written:
+                    cpu_graph = {"file": ONNX_FILE, "plan_sha256": plan_digest(plan)}
                 if not onnx_export.written:
                     ui.note(f"no ONNX graph: {onnx_export.reason}; the CPU runtime will use "
                             "the reference executor")
@@ -344,9 +345,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             "ranks": len(graphs),
             "parallel": {"tp": options.tp, "pp": options.pp},
             "tokenizer": "tokenizer" if has_tokenizer else None,
-            "cpu_graph": ({"file": "model.onnx", "plan_sha256": plan_digest(
-                json.loads(out.path("plan.rank0.json").read_text()))}
-                          if onnx_export and onnx_export.written else None),
+            "cpu_graph": cpu_graph,
             "kv_cache": graph.meta.get("kv_cache"),
             "generation": {"eos_token_ids": _eos_ids(source),
                            "bos_token_id": getattr(source.config, "bos_token_id", None),

@@ -39,10 +39,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.onnx_export_report import OnnxExport
+from runtime.onnx_backend import KV_OUTPUT
 
 OPSET = 21
-KV_OUTPUT = "kv_new"
-NEG = -1e30  # additive mask value: exp() underflows to 0 without the NaNs of -inf rows
 
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
            "bfloat16": TensorProto.BFLOAT16, "int8": TensorProto.INT8,
@@ -204,9 +203,9 @@ class _Emitter:
     def op_input(self, n, ins, attrs):
         if n["name"] in _ATTN_INPUTS:
             return None
-        return self.add_input(n["name"], _DTYPES[n["dtype"]],
-                              [s if isinstance(s, int) and s >= 0 else str(s) if isinstance(
-                                  s, str) else None for s in n["shape"]])
+        # plan dims: a size, a symbol ("T") or -1 (any); ONNX: int, named dim or None
+        dims = [None if s == -1 else s for s in n["shape"]]
+        return self.add_input(n["name"], _DTYPES[n["dtype"]], dims)
 
     def op_weight(self, n, ins, attrs):
         return self.weight(n)
@@ -461,12 +460,9 @@ class _Emitter:
         return self.rope(ins[0], ins[1], ins[2], self.nodes_by_name[n["inputs"][0]]["shape"][-1])
 
     def rope(self, x, cos, sin, dim):
-        half = dim // 2
-        lo, hi = self.node("Split", [x], 2, axis=-1, num_outputs=2) if dim % 2 == 0 else (
-            None, None)
-        if lo is None:
+        if dim % 2:
             raise Unsupported(f"rotary embedding over an odd head size {dim}")
-        del half
+        lo, hi = self.node("Split", [x], 2, axis=-1, num_outputs=2)
         rotated = self.op("Concat", self.op("Neg", hi), lo, axis=-1)
         return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
 

@@ -92,18 +92,16 @@ def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
 class OnnxRunner:
     """Same call as runtime.plan.PlanRunner: run(feeds, cache) -> [logits]."""
 
-    def __init__(self, engine_dir: Path, plan: dict[str, Any], threads: int | None = None,
-                 spinning: bool | None = None) -> None:
+    def __init__(self, engine_dir: Path, plan: dict[str, Any], threads: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if spinning is None:
-            spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
         # Spinning keeps the pool's threads awake between kernels of one step; without it
-        # each of a step's ~400 kernels pays a wake-up.
+        # each of a step's ~2000 kernels pays a wake-up.
+        spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3
         for entry in filter(None, os.environ.get("LLM_ENGINE_ORT_CONFIG", "").split(",")):

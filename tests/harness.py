@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.dtypes import to_torch_dtype
 from runtime.engine_dir import load_engine_dir
+from runtime.executor import KVCache, KVCacheSpec
 from runtime.plan import PlanRunner
 
 
@@ -31,26 +31,18 @@ class PagedRunner:
         """`rank` and `comm` run one rank of a tensor-parallel engine (see ThreadGroup);
         backend="onnx" runs the engine's ONNX graph (the CPU fast path) instead of the plan."""
         files = load_engine_dir(engine_dir, rank=rank)
-        self.comm = comm
         self.meta = files.meta
         self.block_size = block_size
-        self.onnx = None
+        # The runtime's cache object: it carries the KV tensors and `comm` the plan's ops read.
+        self.cache = KVCache(KVCacheSpec(num_blocks, block_size,
+                                         files.plan["kv_cache"]["layers"]), comm=comm)
+        self.kv_caches = self.cache.kv_caches
         if backend == "onnx":
-            from runtime.executor import KVCache, KVCacheSpec
             from runtime.onnx_backend import OnnxRunner
 
-            self.cache = KVCache(KVCacheSpec(num_blocks, block_size,
-                                             files.plan["kv_cache"]["layers"]))
-            self.onnx = OnnxRunner(Path(engine_dir), files.plan, threads=1)
-            self.kv_caches = self.cache.kv_caches
+            self.runner = OnnxRunner(Path(engine_dir), files.plan, threads=1)
         else:
             self.runner = PlanRunner(files.plan, files.weights)
-            self.kv_caches = []
-            for layer in files.plan["kv_cache"]["layers"]:
-                shape = (num_blocks, block_size, layer["num_kv_heads"], layer["head_dim"])
-                dtype = to_torch_dtype(layer["dtype"])
-                self.kv_caches.append((torch.zeros(shape, dtype=dtype),
-                                       torch.zeros(shape, dtype=dtype)))
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.seqs: dict[int, _Seq] = {}
@@ -97,14 +89,7 @@ class PagedRunner:
         return out
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.onnx is not None:
-            return self.onnx.run(feeds, self.cache)[0]
-
-        class Ctx:
-            kv_caches = self.kv_caches
-            comm = self.comm
-
-        return self.runner.run(feeds, Ctx())[0]
+        return self.runner.run(feeds, self.cache)[0]
 
     def greedy(self, prompts: list[list[int]], max_new: int, chunk: int = 5) -> list[list[int]]:
         """Greedy decoding of all prompts together: prompt i arrives at step i and is
@@ -172,18 +157,14 @@ class PipelineRunner(PagedRunner):
 
     def __init__(self, engine_dir: Path, stages: int, **kwargs) -> None:
         super().__init__(engine_dir, **kwargs)
-        self.stages = [(self.runner, self.kv_caches)]
+        self.stages = [(self.runner, self.cache)]
         for rank in range(1, stages):
             other = PagedRunner(engine_dir, rank=rank, **kwargs)
-            self.stages.append((other.runner, other.kv_caches))
+            self.stages.append((other.runner, other.cache))
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
-        for runner, caches in self.stages:
-            class Ctx:
-                kv_caches = caches
-                comm = None
-
-            outs = runner.run({**feeds, **values}, Ctx())
+        for runner, cache in self.stages:
+            outs = runner.run({**feeds, **values}, cache)
             values = {"pp." + name: v for name, v in zip(runner.outputs, outs)}
         return outs[0]

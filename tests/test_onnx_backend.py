@@ -146,3 +146,21 @@ def test_cli_kernels_onnx_without_a_graph_is_one_line_error(built):
     result = CliRunner().invoke(main, ["run", str(path), "--kernels", "onnx", "-p", "hi",
                                        "--kv-cache-memory", "4MiB"])
     one_line_error(result, "kernels=onnx cannot run this engine", "use kernels=reference")
+
+
+def test_build_without_onnx_package_keeps_the_reference_path(checkpoints, tmp_path,
+                                                             monkeypatch):
+    import importlib.util
+
+    import builder.build
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(builder.build.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    ckpt, _ = checkpoints("llama")
+    path = build_tiny_engine(ckpt, tmp_path / "e")
+    report = json.loads((path / "report.json").read_text())["onnx"]
+    assert report == {"written": False,
+                      "reason": "the onnx package is not installed (pip install onnx)"}
+    assert not (path / "model.onnx").exists()
+    assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "reference"
