@@ -262,12 +262,17 @@ def _read_eval_text(text: str) -> str:
 @click.option("--max-tokens", type=int, default=None,
               help="Score only the first N tokens of the text (default: all of a file, the "
                    "first 8192 of the builtin text).")
+@click.option("--skip-tokens", type=int, default=0, show_default=True,
+              help="Start N tokens into the text, e.g. past what a quantized build "
+                   "calibrated on (the first --calib-samples x --calib-seq-len tokens of "
+                   "the builtin text).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Engine dir to compare against: mean KL(ref || eval) and greedy agreement.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (perplexity, tokens, window, ... kl, agreement).")
 @engine_options
-def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw) -> None:
+def eval_(engine_dir, text, window, max_tokens, skip_tokens, reference, as_json,
+          **engine_kw) -> None:
     """Perplexity of ENGINE_DIR on a text (and its divergence from --reference)."""
     from runtime.evaluate import evaluate
 
@@ -275,6 +280,8 @@ def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw)
         _fail(f"--window must be >= 2, got {window}")
     if max_tokens is not None and max_tokens < 2:
         _fail(f"--max-tokens must be >= 2, got {max_tokens}")
+    if skip_tokens < 0:
+        _fail(f"--skip-tokens must be >= 0, got {skip_tokens}")
     for path in (engine_dir, reference):
         # evaluate() runs the plan in its own cache on this process: one rank only.
         if path is not None and engine_ranks(path) > 1:
@@ -288,6 +295,10 @@ def eval_(engine_dir, text, window, max_tokens, reference, as_json, **engine_kw)
     if engine.tokenizer is None:
         _fail(f"{engine_dir} has no tokenizer; eval needs one to tokenize the text")
     ids = engine.tokenizer.encode(content, add_special_tokens=False)
+    if skip_tokens >= len(ids) - 1:
+        _fail(f"--skip-tokens {skip_tokens} leaves nothing to score: the text is {len(ids)} "
+              "tokens")
+    ids = ids[skip_tokens:]
     if max_tokens is None and text == "builtin":
         max_tokens = 8192  # the whole builtin text is ~100k tokens: minutes on a CPU
     if max_tokens is not None:

@@ -155,6 +155,21 @@ def test_cli_reference_and_builtin_text(engine_dir):
     assert f"over {out['tokens']} tokens, window 64" in plain.stdout
 
 
+def test_cli_skip_tokens_scores_the_text_further_in(engine_dir, engine, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(builtin_text(3000))
+    ids = engine.tokenizer.encode(text.read_text(), add_special_tokens=False)
+    result = _eval(engine_dir, "--text", text, "--skip-tokens", 100, "--max-tokens", 150,
+                   "--window", WINDOW, "--json", *KV)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["perplexity"] == pytest.approx(
+        perplexity(engine, ids[100:250], WINDOW), rel=1e-9)
+    one_line_error(_eval(engine_dir, "--text", text, "--skip-tokens", len(ids), *KV),
+                   "--skip-tokens")
+    one_line_error(_eval(engine_dir, "--skip-tokens", -1, *KV), "--skip-tokens")
+
+
 def test_cli_short_text_is_one_window(engine_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.")

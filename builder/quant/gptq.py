@@ -9,11 +9,13 @@ nibbles, fp32 scales, uint8 zeros), so every consumer of that format takes it un
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels.quant import INT4_MAX, pack_int4
 
-__all__ = ["gptq_quantize", "hessian_error"]
+__all__ = ["gptq_quantize", "gptq_rounded", "hessian_error"]
 
 
 def _group_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,3 +188,59 @@ def gptq_quantize(
     else:
         scales, zeros = s_dyn, z_dyn
     return pack_int4(Q.to(torch.uint8)), scales.contiguous(), zeros.to(torch.uint8)
+
+
+def gptq_rounded(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    rounder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> torch.Tensor:
+    """GPTQ for any format whose grid is fixed per column before quantizing (per-channel int8,
+    per-channel fp8): returns Ŵ [N, K] float32, every column of it the rounder's output.
+
+    rounder(cols, wc): cols [n] original column indices, wc [N, n] columns as updated so far ->
+    the dequantized grid values (the caller re-derives the stored codes from Ŵ, exactly, with
+    the same per-row scales). Same error feedback and lazy batches as `gptq_quantize`."""
+    if w.dim() != 2:
+        raise ValueError(f"gptq: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    N, K = w.shape
+    if tuple(hessian.shape) != (K, K):
+        raise ValueError(f"gptq: hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}")
+    W = w.detach().float().clone()
+    H = hessian.detach().to(torch.float64).clone()
+    if not torch.isfinite(H).all() or not torch.isfinite(W).all():
+        raise ValueError("gptq: w and hessian must be finite")
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    if bool(dead.all()):
+        return rounder(torch.arange(K), W)
+    H = H / diag[~dead].mean()
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order \
+        else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, damp).to(torch.float32)
+    Q = torch.empty(N, K, dtype=torch.float32)
+    bs = max(block_size, 1)
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.empty(N, i2 - i1, dtype=torch.float32)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            wc = W1[:, i]
+            qc = rounder(perm[i1 + i:i1 + i + 1], wc[:, None])[:, 0]
+            Q[:, i1 + i] = qc
+            err = (wc - qc) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            E1[:, i] = err
+        if i2 < K:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out

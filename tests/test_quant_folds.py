@@ -1,0 +1,74 @@
+"""The smoothing folds of the quantize pass are exact: dividing a GEMM's input by s at its
+producer and multiplying the GEMM's weight columns by s leaves the model's logits unchanged.
+Covers the norm folds (q/k/v, gate/up), the up-rows fold (down) and the GQA-tied fold of
+o_proj's scale into the V rows (query heads sharing a KV head share a scale)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from builder.passes.quantize import QuantEnv, _fold_target, _Weights
+from builder.quant import calibrate as cal
+from tests.test_kv_quant import build_graph
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoints):
+    ckpt, _ = checkpoints("llama")  # 6 query heads over 2 KV heads, q/k/v fused
+    return build_graph(ckpt)
+
+
+def _logits(graph, values, ids):
+    return cal.GraphRunner(graph, values).logits(ids)
+
+
+def test_every_fold_is_exact(llama):
+    graph0, weights = llama
+    graph = copy.deepcopy(graph0)
+    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
+    w = _Weights(graph, env, dict(weights))
+    gen = torch.Generator().manual_seed(0)
+    kinds = set()
+    for act, readers in cal.linear_inputs(graph).items():
+        fold, tie = _fold_target(graph, w, act, readers)
+        node = graph.node(readers[0])
+        if fold is None:
+            continue
+        K = graph.producer(node, 1).shape[1]
+        s = torch.rand(K, generator=gen) * 1.5 + 0.5
+        if tie is not None:
+            s = tie(s)
+            kinds.add("v")
+        else:
+            kinds.add(graph.node(act).op)
+        fold(s)
+        for r in readers:
+            name = graph.producer(graph.node(r), 1).attrs["name"]
+            w.set(name, w.values[name].float() * s)
+    # Every GEMM input of a Llama layer has a fold: norms (q/k/v, gate/up), up rows (down),
+    # and V rows (o_proj).
+    assert {"v", "gated_act"} <= kinds and kinds & {"rms_norm", "getitem"}
+    ids = torch.randint(0, 320, (40,), generator=gen).tolist()
+    want, got = _logits(graph0, weights, ids), _logits(graph, w.values, ids)
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_o_proj_scales_are_tied_per_kv_group(llama):
+    graph0, weights = llama
+    graph = copy.deepcopy(graph0)
+    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
+    w = _Weights(graph, env, dict(weights))
+    ties = [tie for act, readers in cal.linear_inputs(graph).items()
+            for _, tie in [_fold_target(graph, w, act, readers)] if tie is not None]
+    assert ties, "o_proj should have a V-rows fold"
+    heads, kv_heads = 6, 2
+    K = next(graph.producer(graph.node(r), 1).shape[1]
+             for act, readers in cal.linear_inputs(graph).items()
+             for r in readers if "o_proj" in graph.producer(graph.node(r), 1).attrs["name"])
+    d = K // heads
+    t = ties[0](torch.arange(K, dtype=torch.float32)).reshape(kv_heads, heads // kv_heads, d)
+    assert torch.equal(t, t[:, :1].expand_as(t))  # equal across the heads of one KV group
+    assert not torch.equal(t[0], t[1])  # but free across KV heads and dims
