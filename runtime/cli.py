@@ -295,7 +295,7 @@ def eval_(engine_dir, text, window, max_tokens, skip_tokens, reference, as_json,
     if engine.tokenizer is None:
         _fail(f"{engine_dir} has no tokenizer; eval needs one to tokenize the text")
     ids = engine.tokenizer.encode(content, add_special_tokens=False)
-    if skip_tokens >= len(ids) - 1:
+    if skip_tokens and skip_tokens >= len(ids) - 1:
         _fail(f"--skip-tokens {skip_tokens} leaves nothing to score: the text is {len(ids)} "
               "tokens")
     ids = ids[skip_tokens:]

@@ -10,23 +10,41 @@ import copy
 import pytest
 import torch
 
-from builder.passes.quantize import QuantEnv, _fold_target, _Weights
+from builder.passes.quantize import QuantEnv, _fold_target, _through_reshapes, _Weights
 from builder.quant import calibrate as cal
 from tests.test_kv_quant import build_graph
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoints):
-    ckpt, _ = checkpoints("llama")  # 6 query heads over 2 KV heads, q/k/v fused
-    return build_graph(ckpt)
+def graphs(checkpoints):
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = build_graph(checkpoints(arch)[0])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llama(graphs):
+    return graphs("llama")  # 6 query heads over 2 KV heads, q/k/v fused
 
 
 def _logits(graph, values, ids):
     return cal.GraphRunner(graph, values).logits(ids)
 
 
-def test_every_fold_is_exact(llama):
-    graph0, weights = llama
+# (arch, the fold kinds its graph must offer): Qwen2's q/k/v carry biases, SmolLM2's shape
+# has 9 query heads over 3 KV heads, GPT-2 is multi-head with LayerNorm and a fused c_attn.
+ARCHS = [("llama", {"v", "gated_act"}), ("llama_tied", {"v", "gated_act"}),
+         ("qwen2", {"v", "gated_act"}), ("mistral", {"v", "gated_act"}), ("gpt2", {"v"})]
+
+
+@pytest.mark.parametrize("arch, kinds_wanted", ARCHS)
+def test_every_fold_is_exact(graphs, arch, kinds_wanted):
+    graph0, weights = graphs(arch)
     graph = copy.deepcopy(graph0)
     env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
     w = _Weights(graph, env, dict(weights))
@@ -43,14 +61,13 @@ def test_every_fold_is_exact(llama):
             s = tie(s)
             kinds.add("v")
         else:
-            kinds.add(graph.node(act).op)
+            kinds.add(_through_reshapes(graph, graph.node(act)).op)
         fold(s)
         for r in readers:
             name = graph.producer(graph.node(r), 1).attrs["name"]
             w.set(name, w.values[name].float() * s)
-    # Every GEMM input of a Llama layer has a fold: norms (q/k/v, gate/up), up rows (down),
-    # and V rows (o_proj).
-    assert {"v", "gated_act"} <= kinds and kinds & {"rms_norm", "getitem"}
+    # Besides the norms (q/k/v, gate/up): the up rows (down) and the V rows (o_proj).
+    assert kinds_wanted <= kinds and kinds & {"rms_norm", "getitem"}, kinds
     ids = torch.randint(0, 320, (40,), generator=gen).tolist()
     want, got = _logits(graph0, weights, ids), _logits(graph, w.values, ids)
     assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()

@@ -19,9 +19,10 @@ pytestmark = [
 ]
 
 # Perplexity increase (%) allowed per mode, and engine size as a fraction of the fp32 engine.
-# Measured (1022 held-out tokens): int8-wo +0.39, int8-sq +1.0, fp8 +4.5, int4-awq +16.7,
-# int4-gptq +4.7; plain round-to-nearest int4 at group 128 is +33 on this model.
-PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.5, "fp8": 6.0, "int4-awq": 20.0, "int4-gptq": 8.0}
+# Measured (the build's 4 held-out windows, 2046 tokens): int8-wo +0.37, int8-sq +1.02,
+# fp8 +1.87, int4-awq +12.8, int4-gptq +4.7; plain round-to-nearest int4 at group 128 is +33
+# on this model.
+PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.5, "fp8": 3.0, "int4-awq": 16.0, "int4-gptq": 8.0}
 # Modes whose greedy answer still names Paris within 12 tokens; the W8A8 ones start listing
 # Paris's landmarks instead ("L'Étoile, la Cité, ...").
 ANSWERS_PARIS = ("int8-wo", "int4-awq", "int4-gptq")
@@ -67,7 +68,7 @@ def test_quality_size_and_generation(mode, built, fp32_bytes):
     path = built(mode)
     report = _report(path)
     quality = report["quantization"]["quality"]
-    assert quality["tokens"] >= 1000
+    assert quality["tokens"] >= 2000
     assert quality["ppl_increase_pct"] < PPL_BOUND[mode], quality
     size = report["weights"]["bytes"] / fp32_bytes
     assert size <= SIZE_BOUND[mode], size

@@ -150,6 +150,18 @@ def _only_user(graph: Graph, name: str, user: str) -> bool:
 _LAYOUT_OPS = ("reshape", "transpose")
 
 
+def _through_reshapes(graph: Graph, node: Node) -> Node:
+    """Back through reshapes that keep the last (channel) dimension and are their input's only
+    reader (GPT-2 flattens [1, T, C] to [T, C] around its GEMMs): a per-channel scale applies
+    to the node returned exactly as to `node`."""
+    while node.op == "reshape":
+        src = graph.node(node.inputs[0])
+        if len(graph.users(src.name)) != 1 or not src.shape or src.shape[-1] != node.shape[-1]:
+            break
+        node = src
+    return node
+
+
 def _dense_weight_names(graph: Graph, linear: Node) -> list[str] | None:
     """The weight (and bias) tensor names of a dense linear whose tensors nothing else reads."""
     if linear.op != "linear" or linear.attrs.get("b_format", "dense") != "dense":
@@ -198,6 +210,7 @@ def _fold_attention_v(graph: Graph, w: _Weights, act: Node) \
                     (u.attrs["start"] < rows[1] and u.attrs["end"] > rows[0] and
                      (u.attrs["start"], u.attrs["end"]) != rows):
                 return None
+        v = _through_reshapes(graph, v)
     elif len(graph.users(v.name)) != 1:
         return None
     names = _dense_weight_names(graph, v)
@@ -230,7 +243,10 @@ def _fold_target(graph: Graph, w: _Weights, act: str, readers: list[str]) \
         return None, None
     p = graph.node(act)
     if p.op in _LAYOUT_OPS:
-        return _fold_attention_v(graph, w, p) or (None, None)
+        found = _fold_attention_v(graph, w, p)
+        if found is not None:
+            return found
+        p = _through_reshapes(graph, p)
     norm, w_i, b_i = None, 0, None
     if p.op == "getitem" and p.attrs.get("index") == 0:
         base = graph.node(p.inputs[0])
