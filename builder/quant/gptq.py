@@ -38,6 +38,25 @@ def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -
     return float(((d @ hessian.double()) * d).sum())
 
 
+def _check_shapes(w: torch.Tensor, hessian: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"gptq: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    K = w.shape[1]
+    if tuple(hessian.shape) != (K, K):
+        raise ValueError(f"gptq: hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}")
+
+
+def _working_copies(w: torch.Tensor, hessian: torch.Tensor) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W float32 and H float64 copies to update in place, and the dead columns (H[i, i] <= 0:
+    the input is always 0 there)."""
+    W = w.detach().float().clone()
+    H = hessian.detach().to(torch.float64).clone()
+    if not torch.isfinite(H).all() or not torch.isfinite(W).all():
+        raise ValueError("gptq: w and hessian must be finite")
+    return W, H, torch.diagonal(H) <= 0
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64.
 
@@ -93,11 +112,8 @@ def gptq_quantize(
 
     Works in float32, with the Hessian inverse and its Cholesky factor computed in float64.
     """
-    if w.dim() != 2:
-        raise ValueError(f"gptq: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    _check_shapes(w, hessian)
     N, K = w.shape
-    if tuple(hessian.shape) != (K, K):
-        raise ValueError(f"gptq: hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}")
     if group_size <= 0 or K % group_size:
         raise ValueError(
             f"gptq: group size {group_size} does not divide K={K}; "
@@ -110,12 +126,8 @@ def gptq_quantize(
     G = group_size
     bs = -(-max(block_size, 1) // G) * G
 
-    W = w.detach().float().clone()
-    H = hessian.detach().to(torch.float64).clone()
-    if not torch.isfinite(H).all() or not torch.isfinite(W).all():
-        raise ValueError("gptq: w and hessian must be finite")
+    W, H, dead = _working_copies(w, hessian)
     diag = torch.diagonal(H)
-    dead = diag <= 0
     if bool(dead.all()):
         # No information at all: every input is zero; any weight is exact. Store zeros.
         if group_params is None:
@@ -205,17 +217,10 @@ def gptq_rounded(
     rounder(cols, wc): cols [n] original column indices, wc [N, n] columns as updated so far ->
     the dequantized grid values (the caller re-derives the stored codes from Ŵ, exactly, with
     the same per-row scales). Same error feedback and lazy batches as `gptq_quantize`."""
-    if w.dim() != 2:
-        raise ValueError(f"gptq: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    _check_shapes(w, hessian)
     N, K = w.shape
-    if tuple(hessian.shape) != (K, K):
-        raise ValueError(f"gptq: hessian must be [K, K] = [{K}, {K}], got {tuple(hessian.shape)}")
-    W = w.detach().float().clone()
-    H = hessian.detach().to(torch.float64).clone()
-    if not torch.isfinite(H).all() or not torch.isfinite(W).all():
-        raise ValueError("gptq: w and hessian must be finite")
+    W, H, dead = _working_copies(w, hessian)
     diag = torch.diagonal(H)
-    dead = diag <= 0
     if bool(dead.all()):
         return rounder(torch.arange(K), W)
     H = H / diag[~dead].mean()
