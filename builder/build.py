@@ -285,7 +285,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
                 onnx_export = _export_onnx(out, plan)
                 if onnx_export.written:
                     cpu_graph = {"file": ONNX_FILE, "plan_sha256": plan_digest(plan)}
-                if not onnx_export.written:
+                else:
                     ui.note(f"no ONNX graph: {onnx_export.reason}; the CPU runtime will use "
                             "the reference executor")
         lap("onnx")

@@ -8,23 +8,23 @@ Modes (the `linear` b_formats they produce are defined in `kernels.quant`):
               channel and int8 activations per token, dynamic ("int8_channel_a8").
 - `fp8`       e4m3 weights per channel and e4m3 activations with one static scale per GEMM
               input from calibration (max|x| / 448) ("fp8_channel_a8").
-
-The per-channel modes keep round-to-nearest's scales (amax / qmax per row) but choose each
-weight's code with GPTQ's error feedback through the calibration Hessian (GPTQ_MODES): on
-SmolLM2 that took fp8 from +3.7% to +2.8% perplexity and int8-sq from +1.2% to +1.0% on
-held-out text, for the same stored format.
 - `int4-awq`  4-bit asymmetric groups; AWQ searches per-input-channel scales and per-group
               clipping on calibration activations ("int4_group").
 - `int4-gptq` 4-bit asymmetric groups; GPTQ quantizes column by column, correcting the
               remaining columns with the calibration Hessian ("int4_group").
 
+The 8-bit per-channel modes keep round-to-nearest's scales (amax / qmax per row) but choose each
+weight's code with GPTQ's error feedback through the calibration Hessian (GPTQ_MODES): on
+SmolLM2 that took fp8 from +3.7% to +2.8% perplexity and int8-sq from +1.2% to +1.0% on
+held-out text, for the same stored format.
+
 The 1/s of SmoothQuant and AWQ is folded into whatever produces the GEMM's input where that is
 exact: the weight (and bias) of the RMS/Layer norm before q/k/v and gate/up, the `up` rows
 of the gate/up GEMM before down (act(gate) * up / s), and for o_proj the V rows of the KV head
 each query head reads (so s is tied over the query heads of one KV group; SmoothQuant only).
-A GEMM whose input has no such producer gets s = 1. The embedding table and the LM head (one shared table
-when tied) are int8 per row in every mode: the head is the most sensitive GEMM and 4-bit there
-costs more quality than it saves.
+A GEMM whose input has no such producer gets s = 1. The embedding table and the LM head (one
+shared table when tied) are int8 per row in every mode: the head is the most sensitive GEMM and
+4-bit there costs more quality than it saves.
 
 Everything is computed here, from the calibration run (`builder.quant.calibrate`); the values go
 to the writer as buffers. Afterwards the quantized graph is scored against the unquantized one on

@@ -57,6 +57,29 @@ def _working_copies(w: torch.Tensor, hessian: torch.Tensor) \
     return W, H, torch.diagonal(H) <= 0
 
 
+def _error_feedback(W: torch.Tensor, U: torch.Tensor, bs: int,
+                    quantize_column: Callable[[int, torch.Tensor, int], torch.Tensor]) -> None:
+    """GPTQ's column loop over W [N, K] (columns in quantization order; U the upper Cholesky
+    factor of H^-1 in that order), in lazy batches of `bs` columns.
+
+    quantize_column(col, W1, i) quantizes column `col` = W1[:, i] of the current batch W1 (the
+    batch as updated so far, for rules that look ahead within it) and returns its dequantized
+    value; its rounding error, scaled by U, is pushed onto the columns not yet quantized."""
+    N, K = W.shape
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.empty(N, i2 - i1, dtype=torch.float32)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            wc = W1[:, i]
+            err = (wc - quantize_column(i1 + i, W1, i)) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            E1[:, i] = err
+        if i2 < K:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64.
 
@@ -169,27 +192,20 @@ def gptq_quantize(
 
     Q = torch.empty(N, K, dtype=torch.float32)
     scale = zero = None
-    for i1 in range(0, K, bs):
-        i2 = min(i1 + bs, K)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.empty(N, i2 - i1, dtype=torch.float32)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static:
-                g = int(col_group[col])
-                scale, zero = s_static[:, g], z_static[:, g]
-            elif col % G == 0:
-                scale, zero = _group_params(W1[:, i:i + G])
-                s_dyn[:, col // G], z_dyn[:, col // G] = scale, zero
-            wc = W1[:, i]
-            q = (torch.round(wc / scale) + zero).clamp_(0, INT4_MAX)
-            Q[:, col] = q
-            err = (wc - (q - zero) * scale) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            E1[:, i] = err
-        if i2 < K:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+
+    def quantize_column(col: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal scale, zero
+        if static:
+            g = int(col_group[col])
+            scale, zero = s_static[:, g], z_static[:, g]
+        elif col % G == 0:
+            scale, zero = _group_params(W1[:, i:i + G])
+            s_dyn[:, col // G], z_dyn[:, col // G] = scale, zero
+        q = (torch.round(W1[:, i] / scale) + zero).clamp_(0, INT4_MAX)
+        Q[:, col] = q
+        return (q - zero) * scale
+
+    _error_feedback(W, U, bs, quantize_column)
 
     if act_order:
         q_orig = torch.empty_like(Q)
@@ -231,21 +247,12 @@ def gptq_rounded(
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, damp).to(torch.float32)
     Q = torch.empty(N, K, dtype=torch.float32)
-    bs = max(block_size, 1)
-    for i1 in range(0, K, bs):
-        i2 = min(i1 + bs, K)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.empty(N, i2 - i1, dtype=torch.float32)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            wc = W1[:, i]
-            qc = rounder(perm[i1 + i:i1 + i + 1], wc[:, None])[:, 0]
-            Q[:, i1 + i] = qc
-            err = (wc - qc) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            E1[:, i] = err
-        if i2 < K:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+
+    def quantize_column(col: int, W1: torch.Tensor, i: int) -> torch.Tensor:
+        Q[:, col] = rounder(perm[col:col + 1], W1[:, i:i + 1])[:, 0]
+        return Q[:, col]
+
+    _error_feedback(W, U, max(block_size, 1), quantize_column)
     out = torch.empty_like(Q)
     out[:, perm] = Q
     return out
