@@ -37,7 +37,11 @@ from benchmarks.throughput import build_prompts, engine_pass, log  # noqa: E402
 
 EVAL_WINDOW = 512
 MODES = ["fp32", "int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq"]
-BUILD_EXTRA = {"int8-sq+kv8": {"quant": "int8-sq", "kv_cache_dtype": "int8"}}
+BUILD_EXTRA = {"int8-sq+kv8": {"quant": "int8-sq", "kv_cache_dtype": "int8"},
+               # int8-sq's default rotates the model (--rotation auto = online); these show
+               # what each rotation buys and costs.
+               "int8-sq-rotation-none": {"quant": "int8-sq", "rotation": "none"},
+               "int8-sq-rotation-offline": {"quant": "int8-sq", "rotation": "offline"}}
 
 
 def engine_dir(root: Path, mode: str) -> Path:

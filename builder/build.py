@@ -86,6 +86,7 @@ class BuildOptions:
     group_size: int | None = None  # None: 128, falling back silently where it does not fit
     kv_cache_dtype: str | None = None
     smoothquant_alpha: float | str = 0.5
+    rotation: str = "auto"  # none | offline | online | auto (builder.quant.rotate)
     calib_data: Path | None = None
     calib_samples: int = 8
     calib_seq_len: int = 512

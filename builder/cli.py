@@ -90,6 +90,10 @@ def main() -> None:
 @click.option("--smoothquant-alpha", default="0.5", show_default=True,
               help="int8-sq: how much of the activation range moves into the weights, in "
                    "[0, 1], or 'auto' to search it per layer on the calibration activations.")
+@click.option("--rotation", default="auto", show_default=True,
+              help="Rotate the model before quantizing: none, offline (residual stream and "
+                   "heads, folded into the weights), online (also a block Hadamard before each "
+                   "down projection at run time), or auto (the best measured for --quant).")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text (.txt) or JSONL ({\"text\"} or {\"input_ids\"} lines); "
                    "default: English text that ships with Python.")
@@ -108,7 +112,7 @@ def main() -> None:
               help="Pipeline stages: consecutive layers per rank.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
 def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, quant,
-          quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, calib_data,
+          quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, rotation, calib_data,
           calib_samples, calib_seq_len, max_ppl_increase, min_greedy_agreement, tp,
           pp, force) -> None:
     """Compile MODEL into an engine directory."""
@@ -128,7 +132,8 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
                                disabled_passes=tuple(disabled), device=device, quant=quant,
                                quant_exclude=tuple(quant_exclude), group_size=group_size,
                                kv_cache_dtype=kv_cache_dtype,
-                               smoothquant_alpha=smoothquant_alpha, calib_data=calib_data,
+                               smoothquant_alpha=smoothquant_alpha, rotation=rotation,
+                               calib_data=calib_data,
                                calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                max_ppl_increase=max_ppl_increase,
                                min_greedy_agreement=min_greedy_agreement, tp=tp, pp=pp,

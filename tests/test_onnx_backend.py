@@ -66,6 +66,8 @@ def test_attention_metadata_layout():
     ("int4-gptq", "llama_tied", {"group_size": 16}),  # MatMulNBits 4-bit
     ("int4-awq", "llama", {}),  # group 72: dequantized at load
     ("fp8", "llama", {}),  # dequantized weights, e4m3-rounded activations
+    # the rotations' GEMMs: before the tied head, and the block Hadamard on [1, T, K/b, b]
+    ("int8-sq", "llama_tied", {"rotation": "online"}),
 ])
 def test_quantized_graph_matches_reference(mode, arch, options, checkpoints, tmp_path):
     ckpt, _ = checkpoints(arch)

@@ -216,6 +216,8 @@ def test_accuracy_gate_passes(quant_engines):
     (["--quant", "int8-sq", "--smoothquant-alpha", "1.5"], ["outside [0, 1]"]),
     (["--max-ppl-increase", "1"], ["need --quant"]),
     (["--quant", "int8-wo", "--calib-data", "missing.txt"], ["no such file"]),
+    (["--quant", "int8-sq", "--rotation", "spin"], ["--rotation 'spin' is not one of"]),
+    (["--rotation", "online"], ["--rotation online needs --quant"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")

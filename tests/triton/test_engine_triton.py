@@ -95,10 +95,12 @@ def test_inspect_lists_kernels(engines):
     assert all(row["nodes"] for row in table["kernels"])
 
 
-@pytest.mark.parametrize("quant, kv", [
-    ("int8-wo", None), ("int8-sq", None), ("fp8", None), ("int4-awq", None),
-    pytest.param("int4-gptq", "int8", marks=pytest.mark.slow)])
-def test_quantized_engine_on_kernels(quant, kv, checkpoints, tmp_path):
+@pytest.mark.parametrize("quant, kv, rotation", [
+    ("int8-wo", None, "none"), ("int8-sq", None, "none"), ("fp8", None, "none"),
+    ("int4-awq", None, "none"),
+    ("int8-sq", None, "online"),  # the block Hadamard GEMM on [1, T, K/b, b] rows
+    pytest.param("int4-gptq", "int8", "none", marks=pytest.mark.slow)])
+def test_quantized_engine_on_kernels(quant, kv, rotation, checkpoints, tmp_path):
     """The rendered quantized GEMMs (dequantizing in the kernel; int8/fp8 activations
     quantized in the kernel) and the int8 embedding table give the reference executor's
     outputs on a quantized engine."""
@@ -106,7 +108,8 @@ def test_quantized_engine_on_kernels(quant, kv, checkpoints, tmp_path):
 
     ckpt, _ = checkpoints("llama")
     path = build_tiny_engine(ckpt, tmp_path / "q", quant=quant, kv_cache_dtype=kv,
-                             calib_samples=2, calib_seq_len=64, calib_cache=None)
+                             rotation=rotation, calib_samples=2, calib_seq_len=64,
+                             calib_cache=None)
     plan = json.loads((path / "plan.rank0.json").read_text())
     on_kernels = {n["op"] for n in plan["nodes"] if n.get("kernel")}
     assert {"linear", "embedding"} <= on_kernels
