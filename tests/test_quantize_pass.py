@@ -65,7 +65,9 @@ def test_mode_builds_and_generates(mode, quant_engines, engines):
     plan = _plan(path)
     linears = [n for n in plan["nodes"] if n["op"] == "linear"]
     # Every decoder GEMM takes the mode's format; the LM head is the int8 per-row table.
-    body = [n for n in linears if not any("lm_head" in o for o in n["origin"])]
+    # (int8-sq rotates by default: its block Hadamard GEMMs before down stay fp32.)
+    body = [n for n in linears if not any("lm_head" in o for o in n["origin"])
+            and not n["inputs"][1].startswith("rotation_")]
     assert body and all(n["attrs"]["b_format"] == FORMATS[mode] for n in body)
     head = [n for n in linears if any("lm_head" in o for o in n["origin"])]
     assert [n["attrs"]["b_format"] for n in head] == ["int8_channel"]
@@ -133,14 +135,42 @@ def test_tied_embedding_shares_one_int8_table(quant_engines):
 def test_smoothing_is_folded_into_the_norms(quant_engines, engines):
     """int8-sq moves 1/s into the RMSNorm weights (and the up rows before down, the V rows
     before o_proj) instead of adding ops: the graph has as many nodes as the int8-wo one."""
-    sq, wo = _plan(quant_engines("int8-sq")), _plan(quant_engines("int8-wo"))
+    sq, wo = _plan(quant_engines("int8-sq", rotation="none")), _plan(quant_engines("int8-wo"))
     assert len(sq["nodes"]) == len(wo["nodes"])
-    layers = _quant_report(quant_engines("int8-sq"))["layers"]
+    layers = _quant_report(quant_engines("int8-sq", rotation="none"))["layers"]
     smoothed = [n for n, e in layers.items() if "smoothing" in e]
     assert any("q_proj" in n for n in smoothed) and any("down_proj" in n for n in smoothed)
     # o_proj's input is attention's output: its scale goes into the V rows, tied over the
     # query heads of each KV head (tests/test_quant_folds.py checks the fold is exact).
     assert any("o_proj" in n for n in smoothed)
+
+
+def test_int8_sq_rotates_by_default(quant_engines):
+    """--rotation auto rotates int8-sq online: the residual stream and heads in the weights
+    (no ops), a reshape / block Hadamard GEMM / reshape before each down projection, whose
+    input is then no longer smoothed; the others still are."""
+    rotated, plain = quant_engines("int8-sq"), quant_engines("int8-sq", rotation="none")
+    report = _quant_report(rotated)
+    assert report["rotation"]["kind"] == "online" and report["rotation"]["mlp"] == 2
+    assert report["rotation"]["residual"]["matrix"] in ("hadamard", "random")
+    # 3 ops per layer and the one Hadamard matrix they share
+    assert len(_plan(rotated)["nodes"]) == len(_plan(plain)["nodes"]) + 3 * 2 + 1
+    smoothed = [n for n, e in report["layers"].items() if "smoothing" in e]
+    assert any("q_proj" in n for n in smoothed) and any("o_proj" in n for n in smoothed)
+    assert not any("down_proj" in n for n in smoothed)
+    assert _quant_report(quant_engines("int8-wo"))["rotation"]["kind"] == "none"
+
+
+@pytest.mark.parametrize("quant, rotation, tp, want", [
+    ("int8-sq", "auto", 1, "online"), ("int8-wo", "auto", 1, "none"),
+    ("int4-gptq", "online", 1, "online"), ("int8-sq", "auto", 2, "offline"),
+    ("fp8", "offline", 2, "offline")])
+def test_rotation_choice(quant, rotation, tp, want):
+    from types import SimpleNamespace
+
+    from builder.passes.quantize import rotation_for
+
+    assert rotation_for(SimpleNamespace(quant=quant, rotation=rotation, tp=tp)) == want
 
 
 def test_kv_cache_int8(quant_engines, engines):
@@ -179,10 +209,13 @@ def test_calibration_cache_and_jsonl_ids(checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")
     data = _ids_file(tmp_path / "calib.jsonl")
     opts = {**FAST, "calib_cache": tmp_path / "cache", "calib_data": data}
-    first = build_tiny_engine(ckpt, tmp_path / "a", quant="int8-sq", **opts)
+    first = build_tiny_engine(ckpt, tmp_path / "a", quant="int8-sq", rotation="none", **opts)
     second = build_tiny_engine(ckpt, tmp_path / "b", quant="fp8", **opts)
     a, b = _quant_report(first)["calibration"], _quant_report(second)["calibration"]
     assert not a["cached"] and b["cached"] and a["tokens"] == b["tokens"] == 4 * 128
+    # A rotated model has other activations: its statistics are not the cached ones.
+    third = build_tiny_engine(ckpt, tmp_path / "c", quant="int8-sq", **opts)
+    assert not _quant_report(third)["calibration"]["cached"]
     assert a["source"] == str(data)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 

@@ -26,6 +26,10 @@ A GEMM whose input has no such producer gets s = 1. The embedding table and the 
 shared table when tied) are int8 per row in every mode: the head is the most sensitive GEMM and
 4-bit there costs more quality than it saves.
 
+Before calibration the model may be rotated (`--rotation`, `builder.quant.rotate`): orthogonal
+matrices folded into the weights spread activation outliers over all channels; `auto` does this
+for int8-sq, the mode it helps.
+
 Everything is computed here, from the calibration run (`builder.quant.calibrate`); the values go
 to the writer as buffers. Afterwards the quantized graph is scored against the unquantized one on
 held-out windows, which fills the report and the optional build gates.

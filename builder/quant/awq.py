@@ -205,16 +205,27 @@ def _clip_search(
         wg = ws[n0:n0 + chunk].reshape(-1, ng, G)  # [n, ng, G]
         lo = wg.amin(dim=2, keepdim=True).clamp(max=0.0)
         hi = wg.amax(dim=2, keepdim=True).clamp(min=0.0)
-        best_err = torch.full(wg.shape[:2], float("inf"))
-        best_r = torch.ones(wg.shape[:2])
-        for r in ratios:
-            lo_r, hi_r = lo * r, hi * r
-            dq = _quant_range(wg.clamp(lo_r, hi_r), lo_r, hi_r)
-            d = wg - dq  # [n, ng, G]
-            err = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(dim=2)  # [n, ng]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        r = best_r[..., None]
-        out[n0:n0 + chunk] = wg.clamp(lo * r, hi * r).reshape(-1, K)
+        # The symmetric shrink, then each end on its own (a group's tails are rarely equal).
+        r_sym = _best_ratio(wg, lo, hi, blocks, ratios, None, None)
+        r_lo = _best_ratio(wg, lo, hi, blocks, ratios, None, r_sym)
+        r_hi = _best_ratio(wg, lo, hi, blocks, ratios, r_lo, None)
+        out[n0:n0 + chunk] = wg.clamp(lo * r_lo[..., None], hi * r_hi[..., None]).reshape(-1, K)
     return out
+
+
+def _best_ratio(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, blocks: torch.Tensor,
+                ratios: list[float], r_lo: torch.Tensor | None,
+                r_hi: torch.Tensor | None) -> torch.Tensor:
+    """The shrink ratio per (row, group) [n, ng] minimising the group's output error: of the
+    ends given as None (both together when both are), the others kept at their given ratio."""
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best_r = torch.ones(wg.shape[:2])
+    for r in ratios:
+        lo_r = lo * (r if r_lo is None else r_lo[..., None])
+        hi_r = hi * (r if r_hi is None else r_hi[..., None])
+        d = wg - _quant_range(wg.clamp(lo_r, hi_r), lo_r, hi_r)  # [n, ng, G]
+        err = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(dim=2)  # [n, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_r
