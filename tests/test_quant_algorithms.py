@@ -223,6 +223,31 @@ def test_awq_clip_stays_in_range_and_chunks_agree(problem):
     assert not torch.equal(a.weight, w)
 
 
+def test_awq_clip_each_end_beats_symmetric(problem):
+    """After the symmetric shrink each end of a group's range is searched on its own: the
+    output error is never above the symmetric search's, and skewed groups clip one side."""
+    from builder.quant.awq import _best_ratio, _quant_range
+
+    w, x_cal, _ = problem
+    gram = (x_cal.double().t() @ x_cal.double())
+    clipped = awq_search(w, x_cal, G, search_scales=False).weight
+    wg = w.reshape(N, -1, G)
+    lo, hi = wg.amin(2, keepdim=True).clamp(max=0), wg.amax(2, keepdim=True).clamp(min=0)
+    blocks = torch.stack([gram[g * G:(g + 1) * G, g * G:(g + 1) * G] for g in range(K // G)])
+    blocks = (blocks / blocks.diagonal(dim1=1, dim2=2).mean()).float()
+    ratios = [1.0 - 0.5 * i / 19 for i in range(20)]
+    r = _best_ratio(wg, lo, hi, blocks, ratios, None, None)[..., None]
+    symmetric = _quant_range(wg.clamp(lo * r, hi * r), lo * r, hi * r).reshape(N, K)
+
+    def err(q):
+        return float(((q - w).double() @ gram * (q - w).double()).sum())
+
+    assert err(fake_quant_int4(clipped, G)) <= err(symmetric) * (1 + 1e-6)
+    cg = clipped.reshape(N, -1, G)
+    shrink_lo, shrink_hi = cg.amin(2) / wg.amin(2), cg.amax(2) / wg.amax(2)
+    assert ((shrink_lo - shrink_hi).abs() > 1e-3).any()
+
+
 def test_awq_stats_and_input_shapes(problem):
     w, x_cal, _ = problem
     a = awq_search(w, x_cal.reshape(4, -1, K), G)
