@@ -28,6 +28,21 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def graphs(checkpoints):
+    """arch name -> (the graph `engine build` makes, fp32, and its weights)."""
+    from tests.test_kv_quant import build_graph
+
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = build_graph(checkpoints(arch)[0])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def engines(tmp_path_factory, checkpoints):
     """(arch, dtype) -> engine dir built with default options."""
     root = tmp_path_factory.mktemp("engines")

@@ -12,19 +12,6 @@ import torch
 
 from builder.passes.quantize import QuantEnv, _fold_target, _through_reshapes, _Weights
 from builder.quant import calibrate as cal
-from tests.test_kv_quant import build_graph
-
-
-@pytest.fixture(scope="module")
-def graphs(checkpoints):
-    cache: dict = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = build_graph(checkpoints(arch)[0])
-        return cache[arch]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,6 @@ from builder.passes.quantize import QuantEnv, _Weights
 from builder.quant import calibrate as cal
 from builder.quant.hadamard import hadamard_pm1, rotation_matrix
 from builder.quant.rotate import find_stream, is_rotation_linear, rotate
-from tests.test_kv_quant import build_graph
-
-
-@pytest.fixture(scope="module")
-def graphs(checkpoints):
-    cache: dict = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            cache[arch] = build_graph(checkpoints(arch)[0])
-        return cache[arch]
-
-    return get
 
 
 # Hidden sizes of real models (SmolLM2 576, Llama 4096, Mistral 14336 intermediate, ...).
@@ -52,6 +39,13 @@ def test_no_hadamard_for_odd_orders():
     assert hadamard_pm1(9) is None and rotation_matrix(9)[1] == "random"
 
 
+def _rotated(graph0, weights, kind: str):
+    graph = copy.deepcopy(graph0)
+    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
+    w = _Weights(graph, env, dict(weights))
+    return graph, w, rotate(graph, w, kind)
+
+
 # (arch, residual rotated?, attention blocks rotated, mlp blocks rotated)
 ARCHS = [("llama", True, 2, 2), ("llama_tied", True, 2, 2), ("qwen2", True, 2, 2),
          ("mistral", True, 2, 2), ("gpt2", False, 2, 0)]
@@ -60,10 +54,7 @@ ARCHS = [("llama", True, 2, 2), ("llama_tied", True, 2, 2), ("qwen2", True, 2, 2
 @pytest.mark.parametrize("arch, residual, heads, mlp", ARCHS)
 def test_rotation_is_exact(graphs, arch, residual, heads, mlp):
     graph0, weights = graphs(arch)
-    graph = copy.deepcopy(graph0)
-    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
-    w = _Weights(graph, env, dict(weights))
-    report = rotate(graph, w, "online")
+    graph, w, report = _rotated(graph0, weights, "online")
     assert (report["residual"] is not None) == residual, report
     assert report["heads"] == heads and report["mlp"] == mlp, report
     ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -76,12 +67,9 @@ def test_rotation_is_exact(graphs, arch, residual, heads, mlp):
 
 def test_tied_head_keeps_one_table(graphs):
     graph0, weights = graphs("llama_tied")
-    graph = copy.deepcopy(graph0)
-    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
-    w = _Weights(graph, env, dict(weights))
-    stream, _ = find_stream(graph)
+    stream, _ = find_stream(graph0)
     assert stream is not None and len(stream.tied_heads) == 1
-    report = rotate(graph, w, "offline")
+    graph, _, report = _rotated(graph0, weights, "offline")
     assert report["residual"]["head_gemms_added"] == 1 and report["mlp"] == 0
     head = graph.node(graph.outputs[0])
     while head.op != "linear":
@@ -95,10 +83,6 @@ def test_tied_head_keeps_one_table(graphs):
 
 
 def test_untied_head_gets_no_gemm(graphs):
-    graph0, weights = graphs("llama")
-    graph = copy.deepcopy(graph0)
-    env = QuantEnv(source=None, buffers={}, tokenizer=None, vocab_size=320, max_seq_len=512)
-    w = _Weights(graph, env, dict(weights))
-    report = rotate(graph, w, "offline")
+    graph, _, report = _rotated(*graphs("llama"), "offline")
     assert report["residual"]["head_gemms_added"] == 0
     assert not any(is_rotation_linear(graph, n) for n in graph.nodes() if n.op == "linear")
