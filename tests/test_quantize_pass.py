@@ -161,6 +161,15 @@ def test_int8_sq_rotates_by_default(quant_engines):
     assert _quant_report(quant_engines("int8-wo"))["rotation"]["kind"] == "none"
 
 
+def test_rotation_plot(quant_engines, tmp_path):
+    from benchmarks.rotation_plot import main as plot
+
+    out = tmp_path / "outliers.png"
+    assert plot(["--engine", f"none={quant_engines('int8-sq', rotation='none')}",
+                 "--engine", f"online={quant_engines('int8-sq')}", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("quant, rotation, tp, want", [
     ("int8-sq", "auto", 1, "online"), ("int8-wo", "auto", 1, "none"),
     ("int4-gptq", "online", 1, "online"), ("int8-sq", "auto", 2, "offline"),
