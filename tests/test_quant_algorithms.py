@@ -3,6 +3,8 @@ with outlier channels and correlated features both beat round-to-nearest on held
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,11 +142,17 @@ def test_gptq_all_dead_and_rank_deficient():
     w = torch.randn(16, 64)
     packed, scales, zeros = gptq_quantize(w, torch.zeros(64, 64, dtype=torch.float64), 32)
     assert (check_format(packed, scales, zeros, 16, 64, 32) == 0).all()
-    # Fewer samples than features: H is singular, the dampening makes it invertible.
-    x = torch.randn(8, 64)
-    w_hat = check_format(*gptq_quantize(w, hessian(x), 32, damp=1e-6), 16, 64, 32)
-    assert hessian_error(w, w_hat, hessian(x)) <= hessian_error(
-        w, Q.dequantize_int4_group(*Q.quantize_int4_group(w, 32), 32), hessian(x))
+    # Fewer samples than features: H is singular, the dampening makes it invertible. With a
+    # dampening this small GPTQ loses to RTN on a few problems in a hundred (seeded here: the
+    # global RNG state depends on which tests ran before), so the claim is about the typical one.
+    ratios = []
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        w, x = torch.randn(16, 64, generator=gen), torch.randn(8, 64, generator=gen)
+        w_hat = check_format(*gptq_quantize(w, hessian(x), 32, damp=1e-6), 16, 64, 32)
+        rtn = Q.dequantize_int4_group(*Q.quantize_int4_group(w, 32), 32)
+        ratios.append(hessian_error(w, w_hat, hessian(x)) / hessian_error(w, rtn, hessian(x)))
+    assert all(map(math.isfinite, ratios)) and sorted(ratios)[10] < 0.3, ratios
 
 
 def test_gptq_errors():
