@@ -10,8 +10,9 @@ import copy
 import pytest
 import torch
 
-from builder.passes.quantize import QuantEnv, _fold_target, _through_reshapes, _Weights
+from builder.passes.quantize import QuantEnv, _fold_target, _Weights
 from builder.quant import calibrate as cal
+from builder.quant.patterns import through_reshapes
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_every_fold_is_exact(graphs, arch, kinds_wanted):
             s = tie(s)
             kinds.add("v")
         else:
-            kinds.add(_through_reshapes(graph, graph.node(act)).op)
+            kinds.add(through_reshapes(graph, graph.node(act)).op)
         fold(s)
         for r in readers:
             name = graph.producer(graph.node(r), 1).attrs["name"]

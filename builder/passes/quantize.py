@@ -54,6 +54,13 @@ from builder.ir import Graph, Node, WeightSpec
 from builder.passes.report import PassReport
 from builder.quant import calibrate as cal
 from builder.quant.calib_data import load_calib_data
+from builder.quant.patterns import (
+    LAYOUT_OPS,
+    attention_v_rows,
+    dense_weight_names,
+    only_user,
+    through_reshapes,
+)
 from builder.quant.quality import compare, output_error
 from builder.quant.rotate import ROTATIONS, is_rotation_linear, rotate
 from builder.weights import make_weight
@@ -148,96 +155,6 @@ class _Weights:
                                                 {"buffer": key}), origin=origin)
 
 
-def _only_user(graph: Graph, name: str, user: str) -> bool:
-    return [u.name for u in graph.users(name)] == [user]
-
-
-_LAYOUT_OPS = ("reshape", "transpose")
-
-
-def _through_reshapes(graph: Graph, node: Node) -> Node:
-    """Back through reshapes that keep the last (channel) dimension and are their input's only
-    reader (GPT-2 flattens [1, T, C] to [T, C] around its GEMMs): a per-channel scale applies
-    to the node returned exactly as to `node`."""
-    while node.op == "reshape":
-        src = graph.node(node.inputs[0])
-        if len(graph.users(src.name)) != 1 or not src.shape or src.shape[-1] != node.shape[-1]:
-            break
-        node = src
-    return node
-
-
-def _dense_weight_names(graph: Graph, linear: Node) -> list[str] | None:
-    """The weight (and bias) tensor names of a dense linear whose tensors nothing else reads."""
-    if linear.op != "linear" or linear.attrs.get("b_format", "dense") != "dense":
-        return None
-    targets = linear.inputs[1:]
-    if not all(graph.node(t).op == "weight" and _only_user(graph, t, linear.name)
-               for t in targets):
-        return None
-    return [graph.node(t).attrs["name"] for t in targets]
-
-
-@dataclass
-class AttentionV:
-    """Where o_proj's input comes from: the rows [start, end) of the dense linear whose weight
-    (and bias) tensors are `names` hold V, `kv_heads` heads of `head_dim` read by `heads` query
-    heads (query head h reads KV head h // (heads // kv_heads))."""
-
-    names: list[str]
-    start: int
-    end: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-def attention_v_rows(graph: Graph, act: Node) -> AttentionV | None:
-    """o_proj's input is attention's output, heads side by side: softmax(qk) @ v per query
-    head. The V rows behind the activation `act`, or None for any other shape."""
-    node, seen = act, []
-    while node.op in _LAYOUT_OPS:
-        seen.append(node)
-        if len(graph.users(node.name)) != 1:
-            return None
-        node = graph.node(node.inputs[0])
-    if node.op != "paged_attention" or len(graph.users(node.name)) != 1 or \
-            [n.op for n in seen].count("transpose") != 1:
-        return None
-    attrs = node.attrs
-    heads, kv_heads, d = attrs.get("num_heads"), attrs.get("num_kv_heads"), attrs.get("head_dim")
-    if attrs.get("kv_head_map") is not None or not heads or not kv_heads or heads % kv_heads \
-            or act.shape[-1] != heads * d:
-        return None
-    v = graph.node(node.inputs[2])  # back through the layout ops to V's rows of a linear
-    while v.op in _LAYOUT_OPS:
-        if len(graph.users(v.name)) != 1:
-            return None
-        v = graph.node(v.inputs[0])
-    rows = None
-    if v.op == "slice":
-        if len(graph.users(v.name)) != 1 or v.attrs.get("step", 1) != 1 or \
-                v.attrs.get("dim") not in (-1, len(v.shape) - 1):
-            return None
-        rows = (v.attrs["start"], v.attrs["end"])
-        v = graph.node(v.inputs[0])
-        for u in graph.users(v.name):  # the other slices (q, k) must not overlap V's rows
-            if u.op != "slice" or u.attrs.get("dim") not in (-1, len(u.shape) - 1) or \
-                    (u.attrs["start"] < rows[1] and u.attrs["end"] > rows[0] and
-                     (u.attrs["start"], u.attrs["end"]) != rows):
-                return None
-        v = _through_reshapes(graph, v)
-    elif len(graph.users(v.name)) != 1:
-        return None
-    names = _dense_weight_names(graph, v)
-    if names is None:
-        return None
-    start, end = rows or (0, kv_heads * d)
-    if end - start != kv_heads * d:
-        return None
-    return AttentionV(names, start, end, heads, kv_heads, d)
-
-
 def _fold_attention_v(graph: Graph, w: _Weights, act: Node) \
         -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], torch.Tensor]] | None:
     """Dividing the V rows of KV head j by s divides every query head that reads KV head j by
@@ -271,11 +188,11 @@ def _fold_target(graph: Graph, w: _Weights, act: str, readers: list[str]) \
     if sorted(u.name for u in graph.users(act)) != sorted(readers):
         return None, None
     p = graph.node(act)
-    if p.op in _LAYOUT_OPS:
+    if p.op in LAYOUT_OPS:
         found = _fold_attention_v(graph, w, p)
         if found is not None:
             return found
-        p = _through_reshapes(graph, p)
+        p = through_reshapes(graph, p)
     norm, w_i, b_i = None, 0, None
     if p.op == "getitem" and p.attrs.get("index") == 0:
         base = graph.node(p.inputs[0])
@@ -285,7 +202,7 @@ def _fold_target(graph: Graph, w: _Weights, act: str, readers: list[str]) \
         norm, w_i, b_i = p, 1, 2 if p.op == "layer_norm" else None
     if norm is not None:
         targets = [norm.inputs[i] for i in (w_i, b_i) if i is not None and i < len(norm.inputs)]
-        if not all(graph.node(t).op == "weight" and _only_user(graph, t, norm.name)
+        if not all(graph.node(t).op == "weight" and only_user(graph, t, norm.name)
                    for t in targets):
             return None, None
         names = [graph.node(t).attrs["name"] for t in targets]
@@ -297,7 +214,7 @@ def _fold_target(graph: Graph, w: _Weights, act: str, readers: list[str]) \
         return fold_norm, None
     if p.op == "gated_act":
         up = graph.node(p.inputs[0])
-        names = _dense_weight_names(graph, up) if _only_user(graph, up.name, p.name) else None
+        names = dense_weight_names(graph, up) if only_user(graph, up.name, p.name) else None
         if names is None:
             return None, None
 

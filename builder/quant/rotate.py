@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from builder.ir import Graph, Node
+from builder.quant.calibrate import linear_inputs
 from builder.quant.hadamard import rotation_matrix
+from builder.quant.patterns import LAYOUT_OPS, attention_v_rows, dense_weight_names, only_user
 
 ROTATIONS = ("none", "offline", "online")
 MLP_BLOCK = 128
@@ -50,16 +52,6 @@ class _Stream:
     writers: list[Node] = field(default_factory=list)  # linears whose output adds into x
     norms: list[tuple[Node, int, list[Node]]] = field(default_factory=list)  # norm, g index, readers
     tied_heads: list[Node] = field(default_factory=list)  # readers of the embedding table
-
-
-def _only_user(graph: Graph, name: str, user: str) -> bool:
-    return [u.name for u in graph.users(name)] == [user]
-
-
-def _dense_weights(graph: Graph, linear: Node) -> list[str] | None:
-    from builder.passes.quantize import _dense_weight_names
-
-    return _dense_weight_names(graph, linear)
 
 
 def _readers(graph: Graph, value: str) -> list[Node] | None:
@@ -96,8 +88,8 @@ def find_stream(graph: Graph) -> tuple[_Stream | None, str]:
             elif u.op == "add_rms_norm" and v in u.inputs[:2] and u.name not in seen:
                 seen.add(u.name)
                 other = graph.node(u.inputs[1] if u.inputs[0] == v else u.inputs[0])
-                if other.name in members or _dense_weights(graph, other) is None \
-                        or not _only_user(graph, other.name, u.name):
+                if other.name in members or dense_weight_names(graph, other) is None \
+                        or not only_user(graph, other.name, u.name):
                     return None, f"{other.name} adds into the residual stream and is not a " \
                                  "dense GEMM of its own"
                 stream.writers.append(other)
@@ -116,13 +108,13 @@ def find_stream(graph: Graph) -> tuple[_Stream | None, str]:
         if readers is None or len(norm.inputs) <= g_i:
             return None, f"{value} is read by something other than GEMMs"
         g = graph.node(norm.inputs[g_i])
-        if g.op != "weight" or not _only_user(graph, g.name, norm.name):
+        if g.op != "weight" or not only_user(graph, g.name, norm.name):
             return None, f"{norm.name}'s weight is shared or computed"
         for r in readers:
             w = graph.producer(r, 1)
             if w.name == stream.table.name:
                 stream.tied_heads.append(r)
-            elif w.op != "weight" or not _only_user(graph, w.name, r.name) or \
+            elif w.op != "weight" or not only_user(graph, w.name, r.name) or \
                     r.attrs.get("b_format", "dense") != "dense":
                 return None, f"{r.name}'s weight is shared or not dense"
         stream.norms.append((norm, g_i, readers))
@@ -140,7 +132,7 @@ def _rotate_stream(graph: Graph, w, stream: _Stream, Q: torch.Tensor) -> int:
     table = stream.table.attrs["name"]
     w.set(table, _f64(w, table) @ Q)
     for writer in stream.writers:
-        names = _dense_weights(graph, writer)
+        names = dense_weight_names(graph, writer)
         w.set(names[0], Q.T @ _f64(w, names[0]))
         for bias in names[1:]:
             w.set(bias, _f64(w, bias) @ Q)
@@ -167,20 +159,19 @@ def _rotate_stream(graph: Graph, w, stream: _Stream, Q: torch.Tensor) -> int:
 
 
 def _rotate_heads(graph: Graph, w, seed: int) -> int:
-    from builder.passes.quantize import _LAYOUT_OPS, attention_v_rows
-    from builder.quant.calibrate import linear_inputs
-
-    done = 0
+    done, matrices = 0, {}
     for act, readers in linear_inputs(graph).items():
         node = graph.node(act)
-        if node.op not in _LAYOUT_OPS:
+        if node.op not in LAYOUT_OPS:
             continue
         found = attention_v_rows(graph, node)
-        outs = [_dense_weights(graph, graph.node(r)) for r in readers]
+        outs = [dense_weight_names(graph, graph.node(r)) for r in readers]
         if found is None or any(o is None for o in outs):
             continue
         d, kv = found.head_dim, found.kv_heads
-        R, _ = rotation_matrix(d, seed)
+        if d not in matrices:  # one R per head size, shared by every layer
+            matrices[d] = rotation_matrix(d, seed)[0]
+        R = matrices[d]
         for name in found.names:  # V's rows per KV head: Rᵀ W_j, bias b_j R
             t = _f64(w, name).clone()
             block = t[found.start:found.end]
@@ -214,8 +205,10 @@ def _rotate_mlp(graph: Graph, w, seed: int) -> tuple[int, int | None]:
         if node.op != "linear" or not node.inputs:
             continue
         act = graph.node(node.inputs[0])
-        names = _dense_weights(graph, node)
-        if act.op != "gated_act" or names is None or not _only_user(graph, act.name, node.name):
+        if act.op != "gated_act" or not only_user(graph, act.name, node.name):
+            continue
+        names = dense_weight_names(graph, node)
+        if names is None:
             continue
         K = graph.producer(node, 1).shape[1]
         b = _block(K)
