@@ -41,7 +41,9 @@ BUILD_EXTRA = {"int8-sq+kv8": {"quant": "int8-sq", "kv_cache_dtype": "int8"},
                # int8-sq's default rotates the model (--rotation auto = online); these show
                # what each rotation buys and costs.
                "int8-sq-rotation-none": {"quant": "int8-sq", "rotation": "none"},
-               "int8-sq-rotation-offline": {"quant": "int8-sq", "rotation": "offline"}}
+               "int8-sq-rotation-offline": {"quant": "int8-sq", "rotation": "offline"},
+               # fp8 with each token's own activation scale instead of one static scale
+               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"}}
 
 
 def engine_dir(root: Path, mode: str) -> Path:

@@ -67,6 +67,8 @@ def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
         return list(quant.quantize_int4_group(w, p["group_size"]))
     if fmt == "fp8_channel_a8":
         return [*quant.quantize_fp8_channel(w), torch.full((1,), 4.0 / 448, device=device)]
+    if fmt == "fp8_channel_a8_token":
+        return list(quant.quantize_fp8_channel(w))
     raise ValueError(f"autotune: no operands for b_format {fmt!r}")
 
 

@@ -94,6 +94,9 @@ def main() -> None:
               help="Rotate the model before quantizing: none, offline (residual stream and "
                    "heads, folded into the weights), online (also a block Hadamard before each "
                    "down projection at run time), or auto (the best measured for --quant).")
+@click.option("--fp8-act-scales", default="static", show_default=True,
+              help="fp8: scale the activations with one static per-tensor scale from "
+                   "calibration, or per-token (each token's own scale, computed at run time).")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text (.txt) or JSONL ({\"text\"} or {\"input_ids\"} lines); "
                    "default: English text that ships with Python.")
@@ -112,7 +115,8 @@ def main() -> None:
               help="Pipeline stages: consecutive layers per rank.")
 @click.option("--force", is_flag=True, help="Replace an existing engine at --output.")
 def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device, quant,
-          quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, rotation, calib_data,
+          quant_exclude, group_size, kv_cache_dtype, smoothquant_alpha, rotation,
+          fp8_act_scales, calib_data,
           calib_samples, calib_seq_len, max_ppl_increase, min_greedy_agreement, tp,
           pp, force) -> None:
     """Compile MODEL into an engine directory."""
@@ -133,6 +137,7 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
                                quant_exclude=tuple(quant_exclude), group_size=group_size,
                                kv_cache_dtype=kv_cache_dtype,
                                smoothquant_alpha=smoothquant_alpha, rotation=rotation,
+                               fp8_act_scales=fp8_act_scales,
                                calib_data=calib_data,
                                calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                max_ppl_increase=max_ppl_increase,

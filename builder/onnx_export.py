@@ -300,7 +300,7 @@ class _Emitter:
     def op_linear(self, n, ins, attrs):
         fmt = attrs.get("b_format", "dense")
         operands = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
-                    "fp8_channel_a8": 3}.get(fmt)
+                    "fp8_channel_a8": 3, "fp8_channel_a8_token": 2}.get(fmt)
         if operands is None:
             raise Unsupported(f"linear format {fmt!r}")
         w_node = self.nodes_by_name[n["inputs"][1]]
@@ -318,6 +318,8 @@ class _Emitter:
         elif fmt in ("int8_channel", "int8_channel_a8"):
             rank = len(self.nodes_by_name[n["inputs"][0]]["shape"])
             y, kind = self.int8_a8(x, ins[1], ins[2], n_out, k, rank)
+        elif fmt == "fp8_channel_a8_token":
+            y, kind = self.fp8_token(x, ins[1], ins[2])
         else:
             y, kind = self.fp8(x, ins[1], ins[2], ins[3])
         self.lowerings[kind] = self.lowerings.get(kind, 0) + 1
@@ -415,6 +417,20 @@ class _Emitter:
                      to=TensorProto.FLOAT)
         y = self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
         return self.op("Mul", y, x_scale), "MatMul (fp8 dequantized)"
+
+    def fp8_token(self, x, q, scale):
+        # As fp8, with each row's own scale amax|x_row| / 448 (an all-zero row stays zero).
+        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
+                    self.op("Unsqueeze", scale, self.const([1])))
+        amax = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]),
+                                      keepdims=1), self.const(1e-30, np.float32))
+        a = self.op("Div", amax, self.const(448.0, np.float32))
+        xs = self.op("Clip", self.op("Div", x, a), self.const(-448.0, np.float32),
+                     self.const(448.0, np.float32))
+        x8 = self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
+                     to=TensorProto.FLOAT)
+        y = self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
+        return self.op("Mul", y, a), "MatMul (fp8 per-token, dequantized)"
 
     def op_matmul(self, n, ins, attrs):
         return self.op("MatMul", ins[0], ins[1])

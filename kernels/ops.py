@@ -161,6 +161,8 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
                          (dynamic, symmetric) and multiplied in integers (SmoothQuant W8A8)
     - "fp8_channel_a8":  q float8_e4m3fn [N, K], scale fp32 [N], x_scale fp32 [1]; x
                          quantized to e4m3 with the static per-tensor x_scale (FP8 W8A8)
+    - "fp8_channel_a8_token": q float8_e4m3fn [N, K], scale fp32 [N]; x quantized to e4m3
+                         per token (dynamic scale amax|x_row| / 448)
 
     followed by the optional bias [N]."""
     if b_format == "dense":
@@ -177,6 +179,8 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
         return quant.int4_linear(x, *ops, group_size, bias)
     if b_format == "int8_channel_a8":
         return quant.int8_a8_linear(x, *ops, bias)
+    if b_format == "fp8_channel_a8_token":
+        return quant.fp8_a8_token_linear(x, *ops, bias)
     return quant.fp8_a8_linear(x, *ops, bias)
 
 

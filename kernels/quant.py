@@ -12,15 +12,18 @@ layout, w [N, K] (N output channels, K input features), and every format dequant
   column 2j + 1 in its HIGH nibble.
 * fp8 per channel: q float8_e4m3fn [N, K], scale float32 [N]; W = q.float() * scale[:, None].
 
-Two formats also quantize the activations (W8A8), computing the product in low precision:
+Three formats also quantize the activations (W8A8), computing the product in low precision:
 
 * int8_channel_a8: the int8 per-channel weight; x is quantized per token (row), dynamically:
   a = amax|x_row| / 127, xq = round(x / a) in -127..127; y = (xq @ q^T) * a[:, None] * scale.
 * fp8_channel_a8: the fp8 per-channel weight; x is quantized with one static fp32 scale
   x_scale (from calibration): xq = e4m3(clamp(x / x_scale, ±448));
   y = (xq.float() @ q.float()^T) * x_scale * scale.
+* fp8_channel_a8_token: the fp8 per-channel weight; x is quantized per token (row),
+  dynamically: a = amax|x_row| / 448 (1 for an all-zero row), xq = e4m3(x / a);
+  y = (xq.float() @ q.float()^T) * a[:, None] * scale. Each row's largest value is exact.
 
-`int8_linear`, `int4_linear`, `int8_a8_linear` and `fp8_a8_linear` compute x @ W^T (+ bias). On
+`int8_linear`, `int4_linear`, `int8_a8_linear`, `fp8_a8_linear` and `fp8_a8_token_linear` compute x @ W^T (+ bias). On
 CPU each takes the path measured fastest for its row count (`KERNEL_MAX_ROWS`): torch's packed
 kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where
 they exist and agree with the reference (checked once, on a tiny case, at first use), else the
@@ -63,7 +66,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # linear b_format -> number of weight operands (bias, if any, follows them); see kernels.ops.
 FORMAT_OPERANDS = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
-                   "fp8_channel_a8": 3}
+                   "fp8_channel_a8": 3, "fp8_channel_a8_token": 2}
 
 
 def _check_2d(w: torch.Tensor, name: str = "w") -> None:
@@ -546,6 +549,33 @@ def fp8_a8_linear(x, q, scale, x_scale, bias=None):
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def quantize_fp8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (xq float8_e4m3fn [M, K], a fp32 [M]): one scale per row, dynamic,
+    a = amax|x_row| / 448. An all-zero row gets a = 1 (no 0/0)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    a = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    xq = (xf / a[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_fp8_dtype())
+    return xq, a
+
+
+def fp8_a8_token_linear(x, q, scale, bias=None):
+    """The definition of fp8_channel_a8_token (module doc): fp8 activations with one dynamic
+    scale per token times fp8 weights, accumulated in fp32; the CPU path is fp8_a8_linear's
+    (both operands dequantized exactly through `_fp8_div256`)."""
+    _record("fp8_a8_token_linear")
+    N = q.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, a = quantize_fp8_token(x2)
+    if x.device.type == "cpu" and _verified("fp8_bits"):
+        acc = _rows_linear(_fp8_div256(xq), N, lambda i, j: _fp8_div256(q[i:j]))
+        y = acc * (a * 256.0)[:, None] * (scale.float() * 256.0)[None, :]
+    else:
+        y = F.linear(xq.float(), q.float()) * a[:, None] * scale.float()[None, :]
+    y = _finish(y.to(x.dtype), x, N)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Path choice and first-use checks
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +613,7 @@ def _use_kernel(op: str, x2: torch.Tensor) -> bool:
 def _fallback(op: str) -> str:
     if op == "int8_a8_linear":
         return "exact float32 linear" if _verified("int8_a8_exact") else "float64 reference"
-    if op == "fp8_a8_linear":
+    if op in ("fp8_a8_linear", "fp8_a8_token_linear"):
         return DEQUANTIZE + (" (float16 bit cast)" if _verified("fp8_bits") else "")
     return DEQUANTIZE
 
@@ -602,7 +632,8 @@ def _record(op: str) -> None:
 def cpu_paths() -> dict[str, str]:
     """Runs the first-use checks the paths need now and returns the path each op takes on CPU
     (a copy of `PATHS`)."""
-    for op in ("int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear"):
+    for op in ("int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear",
+               "fp8_a8_token_linear"):
         PATHS.pop(op, None)
         _record(op)
     return dict(PATHS)

@@ -343,7 +343,8 @@ def linear_tolerance(x: torch.Tensor, w: torch.Tensor, rel: float) -> torch.Tens
 
 def test_cpu_paths_reported():
     paths = Q.cpu_paths()
-    assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear"}
+    assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear",
+                          "fp8_a8_token_linear"}
     kernels = {"int8_linear": "torch._weight_int8pack_mm",
                "int4_linear": "torch._weight_int4pack_mm_for_cpu",
                "int8_a8_linear": "torch._int_mm"}
@@ -358,6 +359,7 @@ def test_cpu_paths_reported():
     assert paths["int8_a8_linear"] != "float64 reference"
     if hasattr(torch, "float8_e4m3fn"):
         assert paths["fp8_a8_linear"] == "dequantize+linear (float16 bit cast)"
+        assert paths["fp8_a8_token_linear"] == "dequantize+linear (float16 bit cast)"
 
 
 def test_cpu_paths_name_the_kernels_when_enabled(monkeypatch):
@@ -510,6 +512,33 @@ def test_fp8_a8_linear_vs_float64(path, M, N, K, seed, log_scale, saturate, bias
     sum_abs = (xq.abs() @ q.double().abs().t()) * c[None, :]
     assume(fits(y64, b, dtype))
     y = Q.fp8_a8_linear(x, q, scale, x_scale, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = a8_tolerance(y64, sum_abs, K, b, dtype)
+    assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
+
+
+@needs_fp8
+@LINEAR_SETTINGS
+@given(M=st.integers(1, 6), N=st.integers(1, 40), K=st.integers(1, 80), seed=seeds,
+       log_scale=log_scales, zero_row=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_fp8_a8_token_linear_vs_float64(path, M, N, K, seed, log_scale, zero_row, bias, dtype):
+    """Per-token fp8: rows at magnitudes 2**-3 apart each get their own scale (so each row's
+    largest value is exact); an all-zero row gives the bias. Bound as for the static scale."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2.0 ** (log_scale - 3 * torch.arange(M, dtype=torch.float32))
+    x = (torch.randn(M, K, generator=gen) * rows[:, None]).to(dtype)
+    if zero_row:
+        x[0] = 0
+    q, scale = Q.quantize_fp8_channel(weight(N, K, seed + 1, 0, "mixed"))
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    xq, a = Q.quantize_fp8_token(x)
+    assert (xq.float().abs().amax(dim=1)[x.float().abs().amax(dim=1) > 0] == 448).all()
+    c = a.double()[:, None] * scale.double()[None, :]
+    y64 = (xq.double() @ q.double().t()) * c
+    sum_abs = (xq.double().abs() @ q.double().abs().t()) * c
+    assume(fits(y64, b, dtype))
+    y = Q.fp8_a8_token_linear(x, q, scale, b)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, sum_abs, K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()

@@ -22,7 +22,16 @@ from tests.models import build_tiny_engine
 FAST = {"calib_samples": 4, "calib_seq_len": 128, "calib_cache": None}
 MODES = ["int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq"]
 FORMATS = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
-           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
+           "int4-awq": "int4_group", "int4-gptq": "int4_group",
+           "fp8-per-token": "fp8_channel_a8_token"}
+# Build variants tested like modes: case -> (mode, build options).
+VARIANTS = {"fp8-per-token": ("fp8", {"fp8_act_scales": "per-token"})}
+CASES = [*MODES, *VARIANTS]
+
+
+def _case(quant_engines, case: str):
+    mode, options = VARIANTS.get(case, (case, {}))
+    return mode, quant_engines(mode, **options)
 
 
 def _plan(path):
@@ -59,16 +68,16 @@ def quant_engines(checkpoints, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_mode_builds_and_generates(mode, quant_engines, engines):
-    path = quant_engines(mode)
+@pytest.mark.parametrize("case", CASES)
+def test_mode_builds_and_generates(case, quant_engines, engines):
+    mode, path = _case(quant_engines, case)
     plan = _plan(path)
     linears = [n for n in plan["nodes"] if n["op"] == "linear"]
     # Every decoder GEMM takes the mode's format; the LM head is the int8 per-row table.
     # (int8-sq rotates by default: its block Hadamard GEMMs before down stay fp32.)
     body = [n for n in linears if not any("lm_head" in o for o in n["origin"])
             and not n["inputs"][1].startswith("rotation_")]
-    assert body and all(n["attrs"]["b_format"] == FORMATS[mode] for n in body)
+    assert body and all(n["attrs"]["b_format"] == FORMATS[case] for n in body)
     head = [n for n in linears if any("lm_head" in o for o in n["origin"])]
     assert [n["attrs"]["b_format"] for n in head] == ["int8_channel"]
     report = _quant_report(path)
@@ -92,18 +101,19 @@ def test_mode_builds_and_generates(mode, quant_engines, engines):
 
 # Perplexity increase allowed per mode on the tiny llama (fp32 reference, 512 held-out tokens).
 # The int4 bounds sit well under plain round-to-nearest's, measured on the same model below.
-PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.0, "fp8": 3.0, "int4-awq": 10.0, "int4-gptq": 10.0}
+PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.0, "fp8": 3.0, "int4-awq": 10.0, "int4-gptq": 10.0,
+             "fp8-per-token": 3.0}
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_perplexity_close_to_fp32(mode, quant_engines, engines):
+@pytest.mark.parametrize("case", CASES)
+def test_perplexity_close_to_fp32(case, quant_engines, engines):
     ref = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
-    q = Engine.load(quant_engines(mode), kv_cache_memory=1 << 20)
+    q = Engine.load(_case(quant_engines, case)[1], kv_cache_memory=1 << 20)
     ids = ref.tokenizer.encode(builtin_text(20_000), add_special_tokens=False)[:512]
     base = evaluate(ref, ids, 128)
     result = evaluate(q, ids, 128, reference=ref)
     increase = 100 * (result.perplexity / base.perplexity - 1)
-    assert increase < PPL_BOUND[mode], (mode, increase)
+    assert increase < PPL_BOUND[case], (case, increase)
     assert result.agreement > 0.8
 
 
@@ -260,6 +270,8 @@ def test_accuracy_gate_passes(quant_engines):
     (["--quant", "int8-wo", "--calib-data", "missing.txt"], ["no such file"]),
     (["--quant", "int8-sq", "--rotation", "spin"], ["--rotation 'spin' is not one of"]),
     (["--rotation", "online"], ["--rotation online needs --quant"]),
+    (["--quant", "fp8", "--fp8-act-scales", "token"], ["--fp8-act-scales 'token' is not one of"]),
+    (["--quant", "int8-sq", "--fp8-act-scales", "per-token"], ["needs --quant fp8"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")

@@ -131,7 +131,8 @@ def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
 
 def _take_in_cols(slicer: _Slicer, node: Node, cols: range, keep_bias: bool) -> None:
     fmt, ops, bias = _operands(node)
-    if fmt in ("dense", "int8_channel", "int8_channel_a8", "fp8_channel_a8"):
+    if fmt in ("dense", "int8_channel", "int8_channel_a8", "fp8_channel_a8",
+               "fp8_channel_a8_token"):
         slicer.take(ops[0], 1, list(cols))  # per-row scales stay whole
     elif fmt == "int4_group":
         g = node.attrs["group_size"]

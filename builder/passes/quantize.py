@@ -7,7 +7,9 @@ Modes (the `linear` b_formats they produce are defined in `kernels.quant`):
               activation outliers into the weights (W * s, x / s), then int8 weights per
               channel and int8 activations per token, dynamic ("int8_channel_a8").
 - `fp8`       e4m3 weights per channel and e4m3 activations with one static scale per GEMM
-              input from calibration (max|x| / 448) ("fp8_channel_a8").
+              input from calibration (max|x| / 448) ("fp8_channel_a8"); with
+              `--fp8-act-scales per-token`, one scale per token computed at run time
+              ("fp8_channel_a8_token").
 - `int4-awq`  4-bit asymmetric groups; AWQ searches per-input-channel scales and per-group
               clipping on calibration activations ("int4_group").
 - `int4-gptq` 4-bit asymmetric groups; GPTQ quantizes column by column, correcting the
@@ -70,6 +72,7 @@ from kernels import quant as Q
 MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
 KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 KV_QMAX = {"int8": Q.INT8_MAX, "fp8": Q.FP8_E4M3_MAX}
+FP8_ACT_SCALES = ("static", "per-token")
 FORMAT = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
 TABLE_FORMAT = "int8_channel"
@@ -291,10 +294,18 @@ def _search_alpha(x: torch.Tensor, x_absmax: torch.Tensor, W: torch.Tensor,
     return best
 
 
+def format_for(mode: str, options: Any) -> str:
+    """The `linear` b_format a mode's GEMMs get."""
+    if mode == "fp8" and getattr(options, "fp8_act_scales", "static") == "per-token":
+        return "fp8_channel_a8_token"
+    return FORMAT[mode]
+
+
 def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
                    x_scale: torch.Tensor | None, hessian: torch.Tensor | None) \
         -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """The stored operands of W [N, K] in the mode's format, and what to report."""
+    """The stored operands of W [N, K] in the mode's format (fp8: x_scale None means
+    per-token activation scales), and what to report."""
     if mode in ("int8-wo", "int8-sq"):
         q, scale = _gptq_channel(W, hessian, "int8") if hessian is not None else \
             Q.quantize_int8_channel(W)
@@ -302,8 +313,10 @@ def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
     if mode == "fp8":
         q, scale = _gptq_channel(W, hessian, "fp8") if hessian is not None else \
             Q.quantize_fp8_channel(W)
-        return [q, scale, x_scale], {"x_scale": x_scale.item(),
-                                     "rounding": "gptq" if hessian is not None else "nearest"}
+        rounding = {"rounding": "gptq" if hessian is not None else "nearest"}
+        if x_scale is None:
+            return [q, scale], rounding
+        return [q, scale, x_scale], {"x_scale": x_scale.item(), **rounding}
     if mode == "int4-gptq":
         from builder.quant.awq import awq_search_stats
         from builder.quant.gptq import gptq_quantize
@@ -388,8 +401,9 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
     if s is not None:
         g.fold(s)
         extra["smoothing"] = {"min": round(s.min().item(), 5), "max": round(s.max().item(), 5)}
+    fmt = format_for(mode, options)
     x_scale = None
-    if mode == "fp8":
+    if fmt == "fp8_channel_a8":
         x_scale = (stats.absmax.max().clamp_min(1e-12) / Q.FP8_E4M3_MAX).reshape(1).float()
     hessian = stats.hessian.float() if mode in GPTQ_MODES else None
     if hessian is not None and s is not None:  # x / s: H_ij / (s_i s_j)
@@ -403,14 +417,14 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         row += n
         operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian)
         parts = [w.add(f"{name}.{p}", t, wnode.origin)
-                 for p, t in zip(_PART_NAMES[FORMAT[mode]], operands, strict=True)]
+                 for p, t in zip(_PART_NAMES[fmt], operands, strict=True)]
         bias = node.inputs[2:]
         graph.set_inputs(node, [node.inputs[0], *(p.name for p in parts), *bias])
-        node.attrs["b_format"] = FORMAT[mode]
+        node.attrs["b_format"] = fmt
         if group:
             node.attrs["group_size"] = group
         deq = _dequantized(mode, operands, group)
-        attrs = {"b_format": FORMAT[mode], **({"group_size": group} if group else {})}
+        attrs = {"b_format": fmt, **({"group_size": group} if group else {})}
         y_ref = F.linear(x, W0i)
         y_q = ops.linear(xq, *operands, **attrs)
         if group:  # what plain round-to-nearest would have given, for the report
@@ -418,7 +432,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
             info["rtn_output_rel_error"] = round(output_error(y_ref, ops.linear(x, *rtn, **attrs)), 6)
         scales = operands[1].float()
         report[name] = {
-            "format": FORMAT[mode], **info, **extra,
+            "format": fmt, **info, **extra,
             "weight_rel_error": round(((deq - Wi).norm() / Wi.norm().clamp_min(1e-30)).item(), 6),
             "output_rel_error": round(output_error(y_ref, y_q), 6),
             "act_absmax": round(stats.absmax.max().item(), 4),
@@ -430,6 +444,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
 
 _PART_NAMES = {"int8_channel": ("int8", "scale"), "int8_channel_a8": ("int8", "scale"),
                "fp8_channel_a8": ("fp8", "scale", "x_scale"),
+               "fp8_channel_a8_token": ("fp8", "scale"),
                "int4_group": ("int4", "scales", "zeros")}
 
 
@@ -543,6 +558,13 @@ def check_options(options) -> None:
     if mode is None and rotation not in ("none", "auto"):
         raise BuildError(f"--rotation {rotation} needs --quant: it prepares weights and "
                          "activations for quantization")
+    act_scales = getattr(options, "fp8_act_scales", "static")
+    if act_scales not in FP8_ACT_SCALES:
+        raise BuildError(f"--fp8-act-scales {act_scales!r} is not one of "
+                         f"{', '.join(FP8_ACT_SCALES)}")
+    if act_scales != "static" and mode != "fp8":
+        raise BuildError(f"--fp8-act-scales {act_scales} needs --quant fp8 (int8-sq's "
+                         "activations are always per token)")
     if options.calib_samples < 1 or options.calib_seq_len < 16:
         raise BuildError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
     if options.calib_data is not None and not Path(options.calib_data).is_file():
@@ -635,6 +657,7 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
         "kv_cache_dtype": KV_DTYPES.get(kv) if kv else None,
         "group_size": (options.group_size or DEFAULT_GROUP) if mode and mode.startswith("int4")
         else None,
+        "fp8_act_scales": getattr(options, "fp8_act_scales", "static") if mode == "fp8" else None,
         "calibration": {"source": data.source, "samples": len(data.samples),
                         "seq_len": data.seq_len, "tokens": calib.tokens, "cached": calib.cached,
                         "seconds": round(t_cal, 2), "notes": data.notes + env.notes},

@@ -32,6 +32,9 @@ the reference op):
     - "fp8_channel_a8": w float8_e4m3fn [N, K], w_scale float32 [N], x_scale float32 [1]: the
                       activations quantized to e4m3 with the static x_scale, an fp8 dot with
                       fp32 accumulation, scaled by x_scale * w_scale after the loop
+    - "fp8_channel_a8_token": w float8_e4m3fn [N, K], w_scale float32 [N], and the
+                      activations quantized to e4m3 per row inside the kernel (a =
+                      amax|x_row| / 448): the fp8 dot, scaled by a * w_scale after the loop
   The formats are defined exactly in `kernels/quant.py`; `kernels.ops.linear` with the same
   `b_format` is the torch reference. A format is one macro `b_<format>` in the template
   (loads/dequantizes the B tile, may quantize the A tile and replace the dot, and may fix up
@@ -97,6 +100,11 @@ def _check_fp8_channel_a8(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
             and sd == "float32" and tuple(xs) == (1,) and xsd == "float32")
 
 
+def _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
+    (w, s), (wd, sd) = shapes, dtypes
+    return tuple(w) == (N, K) and wd == "float8_e4m3fn" and tuple(s) == (N,) and sd == "float32"
+
+
 # Torch semantics of each format, in `reference`'s compute dtype: the weight dequantized to
 # [N, K], and the activations as the kernel feeds them to the dot, dequantized (quantized in
 # float32 as kernels/quant.py defines it; then xq * a is exact in float64, so the float64
@@ -117,7 +125,7 @@ def _dequant_int4_group(w, scales, zeros, group_size):
     return ((g - zeros.to(scales.dtype)[..., None]) * scales[..., None]).reshape(N, K)
 
 
-def _dequant_fp8_channel(w, scale, x_scale, group_size=None):
+def _dequant_fp8_channel(w, scale, x_scale=None, group_size=None):
     return w.to(scale.dtype) * scale[:, None]
 
 
@@ -128,6 +136,11 @@ def _a_int8_token(a, w, scale):
 
 def _a_fp8_tensor(a, w, scale, x_scale):
     return quant.quantize_fp8_tensor(a.float(), x_scale.float()).to(a.dtype) * x_scale
+
+
+def _a_fp8_token(a, w, scale):
+    xq, s = quant.quantize_fp8_token(a.reshape(-1, a.shape[-1]).float())
+    return (xq.to(a.dtype) * s.to(a.dtype)[:, None]).reshape(a.shape)
 
 
 class Format(NamedTuple):
@@ -143,8 +156,9 @@ FORMATS: dict[str, Format] = {
     "int4_group": Format(3, _check_int4_group, _dequant_int4_group),
     "int8_channel_a8": Format(2, _check_int8_channel, _dequant_int8_channel, _a_int8_token),
     "fp8_channel_a8": Format(3, _check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
+    "fp8_channel_a8_token": Format(2, _check_fp8_channel, _dequant_fp8_channel, _a_fp8_token),
 }
-EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8")  # need BLOCK_K >= 32 on a GPU
+EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")  # need BLOCK_K >= 32 on a GPU
 
 
 def _epilogue(attrs: dict) -> tuple[str, bool] | None:

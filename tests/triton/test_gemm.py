@@ -251,7 +251,7 @@ def test_int8_channel(M, N, K, dtype, device):
 
 # ----------------------------------------------------------------------------- int4 / W8A8
 
-QUANT_FORMATS = ("int4_group", "int8_channel_a8", "fp8_channel_a8")
+QUANT_FORMATS = ("int4_group", "int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")
 needs_fp8 = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8_e4m3fn")
 
 
@@ -269,6 +269,8 @@ def quantized(b_format: str, x: torch.Tensor, N: int, K: int, G: int | None = No
         attrs["group_size"] = G
     elif b_format == "int8_channel_a8":
         ws = list(Q.quantize_int8_channel(w))
+    elif b_format == "fp8_channel_a8_token":
+        ws = list(Q.quantize_fp8_channel(w))
     else:
         x_scale = (x.float().abs().amax() / Q.FP8_E4M3_MAX / 0.8).reshape(1)
         ws = [*Q.quantize_fp8_channel(w), x_scale]
@@ -316,7 +318,8 @@ def test_int4_group(M, N, K, G, cfg, dtype, device):
 
 
 @pytest.mark.parametrize("b_format", ["int8_channel_a8",
-                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K", [(1, 72, 100), (37, 130, 200)])
 def test_w8a8(b_format, M, N, K, dtype, device):
@@ -324,7 +327,8 @@ def test_w8a8(b_format, M, N, K, dtype, device):
 
 
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
-                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
 def test_quantized_without_bias_with_epilogue(b_format, device):
     check_quantized(b_format, 3, 72, 128, torch.bfloat16, device, G=64, bias=False, act="silu")
     x = activations(3, 128, torch.float16, device, 1)
@@ -336,7 +340,8 @@ def test_quantized_without_bias_with_epilogue(b_format, device):
 
 
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
-                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
 def test_quantized_tilings(b_format, device):
     """Every CPU and CUDA candidate tiling of the formats' `configs` computes the same."""
     M, N, K = 37, 72, 192
@@ -388,8 +393,28 @@ def test_fp8_a8_quantizes_activations_exactly(dtype, device):
     torch.testing.assert_close(mod.launch(x, q, scale, x_scale), want, rtol=0, atol=0)
 
 
+@needs_fp8
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_a8_token_quantizes_activations_exactly(dtype, device):
+    """Identity fp8 weight: the output is quantize_fp8_token's xq * a, bit for bit, for rows
+    of very different magnitudes, an all-zero row and a row whose values tie on the grid."""
+    K = 64
+    x = activations(5, K, torch.float32, device, 6)
+    x[3, :6] = torch.tensor([448.0, 1.0625, 1.1875, -1.0625, 2.0**-10, 3 * 2.0**-10])  # a = 1
+    x = x.to(dtype)
+    q = torch.eye(K, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(K, device=device)
+    _, mod = kernel("linear", {"b_format": "fp8_channel_a8_token"}, [x, q, scale],
+                    dtype_name(dtype))
+    xq, a = Q.quantize_fp8_token(x.float())
+    assert xq[3, :6].float().tolist() == [448.0, 1.0, 1.25, -1.0, 0.0, 2.0**-8]  # ties: even
+    want = (xq.float() * a[:, None]).to(dtype)
+    torch.testing.assert_close(mod.launch(x, q, scale), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
-                                      pytest.param("fp8_channel_a8", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
 def test_autotune_operands_fit_the_format(b_format, device):
     """builder.autotune times a format's kernel on operands the format's checker accepts."""
     from builder import autotune
@@ -596,8 +621,8 @@ def quantized_gpu_jobs(M_hint, dtype=torch.bfloat16, *, first_only=False,
     x, b = rand(5, K, dtype=dtype), rand(N, dtype=dtype)
     jobs = []
     for b_format, G in (("int4_group", 128), ("int4_group", 32), ("int8_channel_a8", None),
-                        ("fp8_channel_a8", None)):
-        if b_format == "fp8_channel_a8" and not hasattr(torch, "float8_e4m3fn"):
+                        ("fp8_channel_a8", None), ("fp8_channel_a8_token", None)):
+        if b_format.startswith("fp8") and not hasattr(torch, "float8_e4m3fn"):
             continue
         if first_only and G == 128:  # the one-group-per-tile path: left to the sweep
             continue
@@ -608,7 +633,7 @@ def quantized_gpu_jobs(M_hint, dtype=torch.bfloat16, *, first_only=False,
                            dtype_name(dtype))
         cfgs = gemm.configs(M_hint, N, K, "cuda", b_format=b_format)
         for i, cfg in enumerate(cfgs[:1] if first_only else cfgs):
-            arch = (90,) if b_format == "fp8_channel_a8" or i else archs
+            arch = (90,) if b_format.startswith("fp8") or i else archs
             jobs.append(gpu_job(gemm.source({**base, **cfg}), *inputs, archs=arch))
     return jobs
 
@@ -713,7 +738,7 @@ def test_quantized_compile_sweep(M_hint):
                                    (100, 192, 64), (48, 160, 32)])
 def test_quantized_sweep(M, N, K, G, dtype, device):
     for b_format in QUANT_FORMATS:
-        if b_format == "fp8_channel_a8" and not hasattr(torch, "float8_e4m3fn"):
+        if b_format.startswith("fp8") and not hasattr(torch, "float8_e4m3fn"):
             continue
         for cfg in gemm.configs(M, N, K, device, b_format=b_format)[:2]:
             check_quantized(b_format, M, N, K, dtype, device, G=G, seed=M + N + K, **cfg)
