@@ -518,7 +518,8 @@ def _calibration(graph: Graph, values: dict[str, torch.Tensor], samples: list[li
 # int8 activations need; weight-only modes lose by it (their error then falls on every input
 # channel alike instead of the quiet ones: int8-wo +0.07 -> +0.19, int4-awq +13.0 -> +23.0,
 # int4-gptq +7.9 -> +7.7 with a worse build check), and e4m3's error is relative per value,
-# which rotation does not shrink (fp8 +2.83 / +2.74 / +3.57).
+# which rotation does not shrink (fp8 +2.83 / +2.74 / +3.57; with per-token activation scales
+# +1.90 / +2.84 / -: spreading an outlier over all channels loses its exactness as the row max).
 AUTO_ROTATION = {"int8-wo": "none", "int8-sq": "online", "fp8": "none", "int4-awq": "none",
                  "int4-gptq": "none"}  # int8-sq: +0.98 / +0.47 / +0.17
 
