@@ -409,28 +409,26 @@ class _Emitter:
     def fp8(self, x, q, scale, x_scale):
         # Weights dequantized once at load; activations rounded through e4m3 with the static
         # calibration scale, as the reference does.
-        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
-                    self.op("Unsqueeze", scale, self.const([1])))
-        xs = self.op("Clip", self.op("Div", x, x_scale), self.const(-448.0, np.float32),
-                     self.const(448.0, np.float32))
-        x8 = self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
-                     to=TensorProto.FLOAT)
-        y = self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
-        return self.op("Mul", y, x_scale), "MatMul (fp8 dequantized)"
+        return self.op("Mul", self.e4m3_matmul(x, x_scale, q, scale), x_scale), \
+            "MatMul (fp8 dequantized)"
 
     def fp8_token(self, x, q, scale):
         # As fp8, with each row's own scale amax|x_row| / 448 (an all-zero row stays zero).
-        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
-                    self.op("Unsqueeze", scale, self.const([1])))
         amax = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]),
                                       keepdims=1), self.const(1e-30, np.float32))
         a = self.op("Div", amax, self.const(448.0, np.float32))
+        return self.op("Mul", self.e4m3_matmul(x, a, q, scale), a), \
+            "MatMul (fp8 per-token, dequantized)"
+
+    def e4m3_matmul(self, x, a, q, scale):
+        """(e4m3(clamp(x / a, +-448)) as float) @ (q * scale)^T, a broadcasting against x."""
+        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
+                    self.op("Unsqueeze", scale, self.const([1])))
         xs = self.op("Clip", self.op("Div", x, a), self.const(-448.0, np.float32),
                      self.const(448.0, np.float32))
         x8 = self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
                      to=TensorProto.FLOAT)
-        y = self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
-        return self.op("Mul", y, a), "MatMul (fp8 per-token, dequantized)"
+        return self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
 
     def op_matmul(self, n, ins, attrs):
         return self.op("MatMul", ins[0], ins[1])
