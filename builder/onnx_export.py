@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.onnx_export_report import OnnxExport
+from kernels.quant import FORMAT_OPERANDS
 from runtime.onnx_backend import KV_OUTPUT
 
 OPSET = 21
@@ -299,8 +300,7 @@ class _Emitter:
 
     def op_linear(self, n, ins, attrs):
         fmt = attrs.get("b_format", "dense")
-        operands = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
-                    "fp8_channel_a8": 3, "fp8_channel_a8_token": 2}.get(fmt)
+        operands = FORMAT_OPERANDS.get(fmt)
         if operands is None:
             raise Unsupported(f"linear format {fmt!r}")
         w_node = self.nodes_by_name[n["inputs"][1]]

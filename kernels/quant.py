@@ -23,12 +23,12 @@ Three formats also quantize the activations (W8A8), computing the product in low
   dynamically: a = amax|x_row| / 448 (1 for an all-zero row), xq = e4m3(x / a);
   y = (xq.float() @ q.float()^T) * a[:, None] * scale. Each row's largest value is exact.
 
-`int8_linear`, `int4_linear`, `int8_a8_linear`, `fp8_a8_linear` and `fp8_a8_token_linear` compute x @ W^T (+ bias). On
-CPU each takes the path measured fastest for its row count (`KERNEL_MAX_ROWS`): torch's packed
-kernels (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where
-they exist and agree with the reference (checked once, on a tiny case, at first use), else the
-weight dequantized a block of rows at a time and F.linear. `PATHS` records the path each one
-takes.
+`int8_linear`, `int4_linear`, `int8_a8_linear`, `fp8_a8_linear` and `fp8_a8_token_linear`
+compute x @ W^T (+ bias). On CPU each takes the path measured fastest for its row count
+(`KERNEL_MAX_ROWS`): torch's packed kernels (`torch._weight_int8pack_mm`,
+`torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where they exist and agree with the
+reference (checked once, on a tiny case, at first use), else the weight dequantized a block of
+rows at a time and F.linear. `PATHS` records the path each one takes.
 """
 
 from __future__ import annotations
@@ -530,23 +530,27 @@ def _probe_fp8_bits() -> bool:
 def fp8_a8_linear(x, q, scale, x_scale, bias=None):
     """The definition of fp8_channel_a8 (module doc): fp8 activations (static scale) times fp8
     weights, accumulated in fp32. Dequantizing both operands is exact (every e4m3 value is an
-    fp32), so F.linear on them is the reference up to summation order. On CPU both are
-    dequantized through `_fp8_div256` (verified at first use) in blocks of weight rows: each
-    value and so the product is scaled by an exact power of two, which the per-channel scale
-    undoes exactly. (torch._scaled_mm also runs on CPU, but measured 3-22x slower than this at
+    fp32), so F.linear on them is the reference up to summation order; on CPU `_fp8_dot`
+    dequantizes them faster, exactly. (torch._scaled_mm also runs on CPU, but measured 3-22x slower than this at
     SmolLM2's shapes, M = 1 and 64; see KERNEL_MAX_ROWS.)"""
     _record("fp8_a8_linear")
     N = q.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    xq = quantize_fp8_tensor(x2, x_scale)
     c = x_scale.float() * scale.float()
-    if x.device.type == "cpu" and _verified("fp8_bits"):
-        acc = _rows_linear(_fp8_div256(xq), N, lambda i, j: _fp8_div256(q[i:j]))
-        y = acc * (c * 65536.0)[None, :]
-    else:
-        y = F.linear(xq.float(), q.float()) * c[None, :]
+    y = _fp8_dot(quantize_fp8_tensor(x2, x_scale), q) * c[None, :]
     y = _finish(y.to(x.dtype), x, N)
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def _fp8_dot(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """xq.float() @ q.float()^T for e4m3 xq [M, K] and q [N, K], float32 [M, N]. Every product
+    is exact in float32; on CPU both operands are dequantized through `_fp8_div256` (verified
+    at first use) a block of weight rows at a time, and the 2**-16 that puts on each product is
+    undone by an exact power-of-two multiply."""
+    if xq.device.type == "cpu" and _verified("fp8_bits"):
+        acc = _rows_linear(_fp8_div256(xq), q.shape[0], lambda i, j: _fp8_div256(q[i:j]))
+        return acc * 65536.0
+    return F.linear(xq.float(), q.float())
 
 
 def quantize_fp8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,17 +565,11 @@ def quantize_fp8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_a8_token_linear(x, q, scale, bias=None):
     """The definition of fp8_channel_a8_token (module doc): fp8 activations with one dynamic
-    scale per token times fp8 weights, accumulated in fp32; the CPU path is fp8_a8_linear's
-    (both operands dequantized exactly through `_fp8_div256`)."""
+    scale per token times fp8 weights, accumulated in fp32 (`_fp8_dot`, as fp8_a8_linear)."""
     _record("fp8_a8_token_linear")
     N = q.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, a = quantize_fp8_token(x2)
-    if x.device.type == "cpu" and _verified("fp8_bits"):
-        acc = _rows_linear(_fp8_div256(xq), N, lambda i, j: _fp8_div256(q[i:j]))
-        y = acc * (a * 256.0)[:, None] * (scale.float() * 256.0)[None, :]
-    else:
-        y = F.linear(xq.float(), q.float()) * a[:, None] * scale.float()[None, :]
+    xq, a = quantize_fp8_token(x.reshape(-1, x.shape[-1]))
+    y = _fp8_dot(xq, q) * a[:, None] * scale.float()[None, :]
     y = _finish(y.to(x.dtype), x, N)
     return y if bias is None else y + bias.to(y.dtype)
 

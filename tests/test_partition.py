@@ -118,10 +118,10 @@ def test_quantized_ranks_match(tp_engines, quant, tol):
     # quantization noise (e4m3 rounds each value by up to 6%, int8 by less).
     # Group 12 puts the 3-head (36-channel) o_proj shards on group boundaries. int8-sq's
     # default rotation is online on one rank and offline (its fallback) on two: pin it.
-    options = {"quant": quant, "group_size": 12} if quant.startswith("int4") else \
-        {"quant": quant, "rotation": "offline"} if quant == "int8-sq" else \
-        {"quant": "fp8", "fp8_act_scales": "per-token"} if quant == "fp8-per-token" else \
-        {"quant": quant}
+    options = {"int4-gptq": {"quant": quant, "group_size": 12},
+               "int8-sq": {"quant": quant, "rotation": "offline"},
+               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"}
+               }.get(quant, {"quant": quant})
     one = PagedRunner(tp_engines("llama", 1, **options))
     want = [one.step(work) for work in _steps()]
     got = _rank_logits(tp_engines("llama", 2, **options), 2, _steps())

@@ -94,15 +94,15 @@ def _check_int4_group(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
             and sd == "float32" and tuple(z) == (N, K // G) and zd == "uint8")
 
 
-def _check_fp8_channel_a8(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
-    (w, s, xs), (wd, sd, xsd) = shapes, dtypes
-    return (tuple(w) == (N, K) and wd == "float8_e4m3fn" and tuple(s) == (N,)
-            and sd == "float32" and tuple(xs) == (1,) and xsd == "float32")
-
-
 def _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     (w, s), (wd, sd) = shapes, dtypes
     return tuple(w) == (N, K) and wd == "float8_e4m3fn" and tuple(s) == (N,) and sd == "float32"
+
+
+def _check_fp8_channel_a8(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
+    (w, s, xs), (wd, sd, xsd) = shapes, dtypes
+    return (_check_fp8_channel((w, s), (wd, sd), N, K, a_dtype, group_size)
+            and tuple(xs) == (1,) and xsd == "float32")
 
 
 # Torch semantics of each format, in `reference`'s compute dtype: the weight dequantized to
@@ -158,7 +158,8 @@ FORMATS: dict[str, Format] = {
     "fp8_channel_a8": Format(3, _check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
     "fp8_channel_a8_token": Format(2, _check_fp8_channel, _dequant_fp8_channel, _a_fp8_token),
 }
-EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")  # need BLOCK_K >= 32 on a GPU
+# need BLOCK_K >= 32 on a GPU
+EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")
 
 
 def _epilogue(attrs: dict) -> tuple[str, bool] | None:
