@@ -221,7 +221,36 @@ def test_exclude_keeps_matching_weights(quant_engines):
     downs = [n for n in plan["nodes"] if n["op"] == "linear"
              and any("down_proj" in o for o in n["origin"])]
     assert downs and all(n["attrs"].get("b_format", "dense") == "dense" for n in downs)
-    assert _quant_report(path)["excluded"] == 2
+    assert _quant_report(path)["excluded"] == 3  # lm_head and two down projections
+
+
+def test_exclude_by_module_name_on_a_tied_head(quant_engines):
+    """`--quant-exclude lm_head` names the HF module; on a tied model the head is the
+    embedding table, which then stays in full precision for both of its users."""
+    path = quant_engines("int8-wo", arch="llama_tied",
+                         quant_exclude=("lm_head", "model.layers.1.mlp"))
+    plan = _plan(path)
+    emb = next(n for n in plan["nodes"] if n["op"] == "embedding")
+    assert emb["attrs"].get("b_format", "dense") == "dense"
+    table = next(n for n in plan["nodes"] if n["name"] == emb["inputs"][0])["attrs"]["name"]
+    assert plan["weights"][table]["dtype"] == "float32"
+    mlp1 = [n for n in plan["nodes"] if n["op"] == "linear"
+            and any(o.endswith("@model.layers.1.mlp.down_proj") for o in n["origin"])]
+    assert mlp1 and all(n["attrs"].get("b_format", "dense") == "dense" for n in mlp1)
+    # the table, layer 1's gate/up and down
+    assert _quant_report(path)["excluded"] == 3
+
+
+def test_exclude_that_matches_nothing_fails_before_calibrating(monkeypatch, checkpoints,
+                                                               tmp_path):
+    import builder.passes.quantize as quantize
+
+    monkeypatch.setattr(quantize, "load_calib_data",
+                        lambda *a, **k: pytest.fail("calibration started"))
+    ckpt, _ = checkpoints("llama")
+    with pytest.raises(BuildError, match="--quant-exclude 'lm_hed' matches no quantized weight"):
+        build_tiny_engine(ckpt, tmp_path / "e", quant="int8-wo", quant_exclude=("lm_hed",),
+                          **FAST)
 
 
 def test_calibration_cache_and_jsonl_ids(checkpoints, tmp_path):
@@ -272,6 +301,7 @@ def test_accuracy_gate_passes(quant_engines):
     (["--rotation", "online"], ["--rotation online needs --quant"]),
     (["--quant", "fp8", "--fp8-act-scales", "token"], ["--fp8-act-scales 'token' is not one of"]),
     (["--quant", "int8-sq", "--fp8-act-scales", "per-token"], ["needs --quant fp8"]),
+    (["--quant-exclude", "lm_head"], ["--quant-exclude needs --quant"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")

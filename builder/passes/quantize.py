@@ -126,8 +126,37 @@ def group_size_for(K: int, requested: int) -> int:
     return Q.resolve_group_size(K, requested)
 
 
-def _excluded(names: list[str], patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(n, p) for p in patterns for n in names)
+@dataclass
+class _Exclusions:
+    """`--quant-exclude` patterns, matched against a weight's name, the HF modules it came from
+    and their parents, so that `lm_head` or `model.layers.3.mlp` work as written (a tied
+    `lm_head` is the embedding table; both stay in full precision)."""
+
+    patterns: tuple[str, ...]
+    matched: set[str] = field(default_factory=set)
+    kept: int = 0
+
+    def __call__(self, names: list[str]) -> bool:
+        hits = {p for n in names for cand in _candidates(n) for p in self.patterns
+                if fnmatch.fnmatch(cand, p)}
+        self.matched |= hits
+        self.kept += bool(hits)
+        return bool(hits)
+
+    def check(self, example: str) -> None:
+        unmatched = [p for p in self.patterns if p not in self.matched]
+        if unmatched:
+            raise BuildError(f"--quant-exclude {unmatched[0]!r} matches no quantized weight; "
+                             f"patterns are fnmatch globs over weight and module names such "
+                             f"as {example!r} (see report.json's layers)")
+
+
+def _candidates(name: str) -> list[str]:
+    """`name` plus, for an origin `node@module` or a parameter `module.weight`, the module and
+    each of its parents."""
+    module = name.partition("@")[2] if "@" in name else name.removesuffix(".weight")
+    parts = module.split(".")
+    return [name, *(".".join(parts[:i]) for i in range(len(parts), 0, -1))]
 
 
 # ---- graph surgery -----------------------------------------------------------------------
@@ -244,9 +273,9 @@ def _table_users(graph: Graph) -> dict[str, list[Node]]:
     return tables
 
 
-def _groups(graph: Graph, w: _Weights, patterns: tuple[str, ...], tables: dict,
-            fold_v: bool) -> tuple[list[_Group], int]:
-    groups, kept = [], 0
+def _groups(graph: Graph, w: _Weights, excluded: _Exclusions, tables: dict,
+            fold_v: bool) -> list[_Group]:
+    groups = []
     for act, readers in cal.linear_inputs(graph).items():
         mine = []
         for name in readers:
@@ -254,8 +283,7 @@ def _groups(graph: Graph, w: _Weights, patterns: tuple[str, ...], tables: dict,
             wnode = graph.producer(node, 1)
             if wnode.name in tables or is_rotation_linear(graph, node):
                 continue
-            if _excluded([wnode.attrs["name"], *wnode.origin, *node.origin], patterns):
-                kept += 1
+            if excluded([wnode.attrs["name"], *wnode.origin, *node.origin]):
                 continue
             mine.append(name)
         if mine:
@@ -263,7 +291,7 @@ def _groups(graph: Graph, w: _Weights, patterns: tuple[str, ...], tables: dict,
             if tie is not None and not fold_v:
                 fold = tie = None
             groups.append(_Group(act, mine, fold, tie))
-    return groups, kept
+    return groups
 
 
 # ---- per-group quantization --------------------------------------------------------------
@@ -448,17 +476,26 @@ _PART_NAMES = {"int8_channel": ("int8", "scale"), "int8_channel_a8": ("int8", "s
                "int4_group": ("int4", "scales", "zeros")}
 
 
+def _kept_tables(graph: Graph, tables: dict[str, list[Node]],
+                 excluded: _Exclusions) -> dict[str, list[Node]]:
+    """The tables to quantize: those read only by embeddings and linears, and not excluded."""
+    keep = {}
+    for wnode_name, users in tables.items():
+        wnode = graph.node(wnode_name)
+        origins = [*wnode.origin, *(o for u in users for o in u.origin)]
+        if not excluded([wnode.attrs["name"], *origins]) and \
+                all(u.op in ("embedding", "linear") for u in users):
+            keep[wnode_name] = users
+    return keep
+
+
 def _quantize_tables(graph: Graph, w: _Weights, tables: dict[str, list[Node]],
-                     patterns: tuple[str, ...], calib: cal.Calibration) -> dict[str, dict]:
+                     calib: cal.Calibration) -> dict[str, dict]:
     """Embedding tables and LM heads -> one int8 per-row table each, shared by its users."""
     report = {}
     for wnode_name, users in tables.items():
         wnode = graph.node(wnode_name)
         name = wnode.attrs["name"]
-        origins = [*wnode.origin, *(o for u in users for o in u.origin)]
-        if _excluded([name, *origins], patterns) or \
-                any(u.op not in ("embedding", "linear") for u in users):
-            continue
         W = w.values[name].float()
         q, scale = Q.quantize_int8_channel(W)
         qn = w.add(f"{name}.int8", q, wnode.origin)
@@ -563,6 +600,8 @@ def check_options(options) -> None:
     if act_scales not in FP8_ACT_SCALES:
         raise BuildError(f"--fp8-act-scales {act_scales!r} is not one of "
                          f"{', '.join(FP8_ACT_SCALES)}")
+    if options.quant_exclude and mode is None:
+        raise BuildError("--quant-exclude needs --quant: without it no weight is quantized")
     if act_scales != "static" and mode != "fp8":
         raise BuildError(f"--fp8-act-scales {act_scales} needs --quant fp8 (int8-sq's "
                          "activations are always per token)")
@@ -605,14 +644,16 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     if env is None:
         raise BuildError("the quantize pass needs the checkpoint; run it from build_engine")
     start = time.perf_counter()
-    patterns = tuple(options.quant_exclude or ())
+    excluded = _Exclusions(tuple(options.quant_exclude or ()))
     values = {name: make_weight(spec, env.source, env.buffers)
               for name, spec in graph.weights.items()}
     w = _Weights(graph, env, values)
     rotation = rotate(graph, w, rotation_for(options)) if mode else None
     tables = _table_users(graph) if mode else {}
     # A quantized KV cache keeps V's calibrated scales, so V's rows stay as they are.
-    groups, kept = _groups(graph, w, patterns, tables, fold_v=kv is None) if mode else ([], 0)
+    groups = _groups(graph, w, excluded, tables, fold_v=kv is None) if mode else []
+    tables = _kept_tables(graph, tables, excluded)
+    excluded.check(max(graph.weights, key=lambda n: n.count(".")) if graph.weights else "")
     if mode and mode.startswith("int4"):
         _check_groups(graph, groups, options.group_size)
     tokenizer = env.tokenizer() if env.tokenizer else None
@@ -631,7 +672,7 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
             layers.update(_quantize_group(g, mode, w, calib, options))
             if tick:
                 tick(g.linears[0])
-        layers.update(_quantize_tables(graph, w, tables, patterns, calib))
+        layers.update(_quantize_tables(graph, w, tables, calib))
     kv_info = None
     if kv:
         from builder.passes.kv_quant import quantize_kv_cache
@@ -670,14 +711,15 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
         "worst": worst,
         "kv_cache": kv_info,
         "rotation": rotation,
-        "excluded": kept,
+        "excluded": excluded.kept,
         "cpu_paths": Q.cpu_paths(),
         "seconds": round(time.perf_counter() - start, 2),
     }
     graph.meta["quantization"] = qreport
     report.changed = True
     report.stats.update({"mode": mode, "kv": kv, "quantized_linears": len(layers),
-                         "excluded": kept, "ppl_increase_pct": round(quality.ppl_increase_pct, 3),
+                         "excluded": excluded.kept,
+                         "ppl_increase_pct": round(quality.ppl_increase_pct, 3),
                          "greedy_agreement": round(quality.greedy_agreement, 4)})
     if gates["failed"]:
         _fail_gate(options, qreport, gates["failed"], worst)
