@@ -2,7 +2,9 @@
 """How much of fp8's perplexity increase on SmolLM2 the format itself costs: e4m3 rounding
 simulated on the HF model (round to nearest, no GPTQ, no engine), weights and activations
 separately, with the activation scale static (calibrated max / 448 per GEMM input, as
-`--quant fp8`) or per token (as `--fp8-act-scales per-token`).
+`--quant fp8`) or per token (as `--fp8-act-scales per-token`), or per token and group of
+`GROUP` input channels (DeepSeek-V3's 1x128 activation blocks; 64 divides SmolLM2's widths),
+which no engine format has yet: it measures what such a format could gain.
 
 Every decoder GEMM is quantized; the LM head stays fp32 (the engine keeps it int8, the same in
 every mode). Calibration: the first `--calib-windows` windows of the built-in text, as the
@@ -37,12 +39,22 @@ CONFIGS = {  # name -> (weights, activations)
     "activations only, per-token": (False, "per-token"),
     "weights + activations, static": (True, "static"),
     "weights + activations, per-token": (True, "per-token"),
+    "activations only, per-token groups of 64": (False, "per-group"),
+    "weights + activations, per-token groups of 64": (True, "per-group"),
 }
+GROUP = 64
 
 
 def e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x rounded through float8_e4m3fn with `scale` (saturating), back in float32."""
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def e4m3_groups(x: torch.Tensor) -> torch.Tensor:
+    """x rounded through e4m3 with one scale per token and group of GROUP channels."""
+    g = x.reshape(*x.shape[:-1], -1, GROUP)
+    scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+    return e4m3(g, scale).reshape(x.shape)
 
 
 def load_model():
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-skip", type=int, default=32768)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="a subset to run (fp32 always runs: it is the base)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -100,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         h.remove()
 
     results = {}
-    for name, (quant_w, acts) in CONFIGS.items():
+    for name in ["fp32", *(c for c in args.configs if c != "fp32")]:
+        quant_w, acts = CONFIGS[name]
         hooks = []
         for n, m in linears.items():
             w = weights[n]
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             elif acts == "per-token":
                 hooks.append(m.register_forward_pre_hook(lambda m, inp: (e4m3(
                     inp[0], inp[0].abs().amax(-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX),)))
+            elif acts == "per-group":
+                hooks.append(m.register_forward_pre_hook(lambda m, inp: (e4m3_groups(inp[0]),)))
         results[name] = perplexity(model, held)
         for h in hooks:
             h.remove()

@@ -43,7 +43,10 @@ BUILD_EXTRA = {"int8-sq+kv8": {"quant": "int8-sq", "kv_cache_dtype": "int8"},
                "int8-sq-rotation-none": {"quant": "int8-sq", "rotation": "none"},
                "int8-sq-rotation-offline": {"quant": "int8-sq", "rotation": "offline"},
                # fp8 with each token's own activation scale instead of one static scale
-               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"}}
+               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"},
+               # ... or one per token and group of 128 input channels (64 where 128 does not
+               # divide), DeepSeek-V3's activation tiles
+               "fp8-group": {"quant": "fp8", "fp8_act_scales": "per-token-group"}}
 
 
 def engine_dir(root: Path, mode: str) -> Path:

@@ -22,7 +22,8 @@ def candidates(p: dict[str, Any]) -> list[dict[str, Any]]:
     seen, out = set(), []
     for m in (*ROWS, None):
         for cfg in gemm.configs(m, p["N"], p["K"], "cuda", dtype=p["a_dtype"],
-                                b_format=p.get("b_format", "dense")):
+                                b_format=p.get("b_format", "dense"),
+                                group_size=p.get("group_size")):
             key = tuple(sorted(cfg.items()))
             if key not in seen:
                 seen.add(key)
@@ -67,7 +68,7 @@ def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
         return list(quant.quantize_int4_group(w, p["group_size"]))
     if fmt == "fp8_channel_a8":
         return [*quant.quantize_fp8_channel(w), torch.full((1,), 4.0 / 448, device=device)]
-    if fmt == "fp8_channel_a8_token":
+    if fmt in ("fp8_channel_a8_token", "fp8_channel_a8_group"):
         return list(quant.quantize_fp8_channel(w))
     raise ValueError(f"autotune: no operands for b_format {fmt!r}")
 

@@ -87,7 +87,7 @@ class BuildOptions:
     kv_cache_dtype: str | None = None
     smoothquant_alpha: float | str = 0.5
     rotation: str = "auto"  # none | offline | online | auto (builder.quant.rotate)
-    fp8_act_scales: str = "static"  # static | per-token (fp8 only)
+    fp8_act_scales: str = "static"  # static | per-token | per-token-group (fp8 only)
     calib_data: Path | None = None
     calib_samples: int = 8
     calib_seq_len: int = 512

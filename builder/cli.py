@@ -80,11 +80,12 @@ def main() -> None:
               help="Quantize GEMMs: int8-wo (int8 weights), int8-sq (SmoothQuant W8A8), fp8 "
                    "(e4m3 W8A8, static activation scales), int4-awq, int4-gptq (4-bit groups).")
 @click.option("--quant-exclude", multiple=True,
-              help="Keep weights matching this pattern (fnmatch on weight name or HF module, "
-                   "e.g. 'lm_head*') in full precision; repeatable.")
+              help="Keep weights matching this pattern (fnmatch on weight name, HF module or "
+                   "a parent module, e.g. 'lm_head') in full precision; repeatable.")
 @click.option("--group-size", type=int, default=None,
-              help="int4 group size (input channels per scale; default 128); a layer it does "
-                   "not divide falls back to the largest size that does.")
+              help="int4 weight groups and fp8 per-token-group activation groups (input "
+                   "channels per scale; default 128); a layer it does not divide falls back to "
+                   "the largest size that does.")
 @click.option("--kv-cache-dtype", default=None, metavar="DTYPE",
               help="Store the KV cache as int8 or fp8 with per-head scales from calibration.")
 @click.option("--smoothquant-alpha", default="0.5", show_default=True,
@@ -96,7 +97,8 @@ def main() -> None:
                    "down projection at run time), or auto (the best measured for --quant).")
 @click.option("--fp8-act-scales", default="static", show_default=True,
               help="fp8: scale the activations with one static per-tensor scale from "
-                   "calibration, or per-token (each token's own scale, computed at run time).")
+                   "calibration, per-token (each token's own scale, computed at run time), or "
+                   "per-token-group (one per token and --group-size input channels).")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
               help="Calibration text (.txt) or JSONL ({\"text\"} or {\"input_ids\"} lines); "
                    "default: English text that ships with Python.")

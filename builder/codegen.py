@@ -112,7 +112,8 @@ def _autotune(groups: dict[str, dict[str, Any]], options: Any, report: PassRepor
             p = group["params"]
             group["params"] = {**p, **gemm.configs(None, p["N"], p["K"], "cuda",
                                                    dtype=p["a_dtype"],
-                                                   b_format=p.get("b_format", "dense"))[0]}
+                                                   b_format=p.get("b_format", "dense"),
+                                                   group_size=p.get("group_size"))[0]}
 
     if not torch.cuda.is_available():
         report.notes.append("autotune skipped: no CUDA device on the build host; GEMMs use "

@@ -320,6 +320,9 @@ class _Emitter:
             y, kind = self.int8_a8(x, ins[1], ins[2], n_out, k, rank)
         elif fmt == "fp8_channel_a8_token":
             y, kind = self.fp8_token(x, ins[1], ins[2])
+        elif fmt == "fp8_channel_a8_group":
+            rank = len(self.nodes_by_name[n["inputs"][0]]["shape"])
+            y, kind = self.fp8_group(x, ins[1], ins[2], k, rank, attrs["group_size"])
         else:
             y, kind = self.fp8(x, ins[1], ins[2], ins[3])
         self.lowerings[kind] = self.lowerings.get(kind, 0) + 1
@@ -414,21 +417,43 @@ class _Emitter:
 
     def fp8_token(self, x, q, scale):
         # As fp8, with each row's own scale amax|x_row| / 448 (an all-zero row stays zero).
-        amax = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]),
-                                      keepdims=1), self.const(1e-30, np.float32))
-        a = self.op("Div", amax, self.const(448.0, np.float32))
+        a = self.e4m3_scale(x)
         return self.op("Mul", self.e4m3_matmul(x, a, q, scale), a), \
             "MatMul (fp8 per-token, dequantized)"
 
-    def e4m3_matmul(self, x, a, q, scale):
-        """(e4m3(clamp(x / a, +-448)) as float) @ (q * scale)^T, a broadcasting against x."""
-        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
-                    self.op("Unsqueeze", scale, self.const([1])))
+    def fp8_group(self, x, q, scale, k, rank, group):
+        # As fp8_token, one scale per token and group of `group` channels: x viewed as
+        # [..., K / group, group], each group rounded through e4m3 on its own amax, then the
+        # dequantized x (xq * a) times the dequantized weight.
+        keep = [0] * (rank - 1)
+        xg = self.op("Reshape", x, self.const([*keep, k // group, group]))
+        a = self.e4m3_scale(xg)
+        xd = self.op("Reshape", self.op("Mul", self.e4m3(xg, a), a), self.const([*keep, k]))
+        return self.op("MatMul", xd, self.fp8_weight_t(q, scale)), \
+            f"MatMul (fp8 per-token-group g{group}, dequantized)"
+
+    def e4m3_scale(self, x):
+        """amax|x| / 448 over the last axis, kept (a zero row gets a tiny scale: it stays 0)."""
+        amax = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]),
+                                      keepdims=1), self.const(1e-30, np.float32))
+        return self.op("Div", amax, self.const(448.0, np.float32))
+
+    def e4m3(self, x, a):
+        """e4m3(clamp(x / a, +-448)) as float, a broadcasting against x."""
         xs = self.op("Clip", self.op("Div", x, a), self.const(-448.0, np.float32),
                      self.const(448.0, np.float32))
-        x8 = self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
-                     to=TensorProto.FLOAT)
-        return self.op("MatMul", x8, self.op("Transpose", w, perm=[1, 0]))
+        return self.op("Cast", self.op("Cast", xs, to=TensorProto.FLOAT8E4M3FN),
+                       to=TensorProto.FLOAT)
+
+    def fp8_weight_t(self, q, scale):
+        """(q * scale[:, None])^T as float: the fp8 weight dequantized (once, at load)."""
+        w = self.op("Mul", self.op("Cast", q, to=TensorProto.FLOAT),
+                    self.op("Unsqueeze", scale, self.const([1])))
+        return self.op("Transpose", w, perm=[1, 0])
+
+    def e4m3_matmul(self, x, a, q, scale):
+        """e4m3(x / a) @ (q * scale)^T, a broadcasting against x."""
+        return self.op("MatMul", self.e4m3(x, a), self.fp8_weight_t(q, scale))
 
     def op_matmul(self, n, ins, attrs):
         return self.op("MatMul", ins[0], ins[1])

@@ -163,6 +163,8 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
                          quantized to e4m3 with the static per-tensor x_scale (FP8 W8A8)
     - "fp8_channel_a8_token": q float8_e4m3fn [N, K], scale fp32 [N]; x quantized to e4m3
                          per token (dynamic scale amax|x_row| / 448)
+    - "fp8_channel_a8_group": q float8_e4m3fn [N, K], scale fp32 [N]; attr group_size = G;
+                         x quantized to e4m3 per token and group of G channels (dynamic)
 
     followed by the optional bias [N]."""
     if b_format == "dense":
@@ -181,6 +183,8 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
         return quant.int8_a8_linear(x, *ops, bias)
     if b_format == "fp8_channel_a8_token":
         return quant.fp8_a8_token_linear(x, *ops, bias)
+    if b_format == "fp8_channel_a8_group":
+        return quant.fp8_a8_group_linear(x, *ops, group_size, bias)
     return quant.fp8_a8_linear(x, *ops, bias)
 
 

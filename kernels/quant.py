@@ -22,9 +22,14 @@ Three formats also quantize the activations (W8A8), computing the product in low
 * fp8_channel_a8_token: the fp8 per-channel weight; x is quantized per token (row),
   dynamically: a = amax|x_row| / 448 (1 for an all-zero row), xq = e4m3(x / a);
   y = (xq.float() @ q.float()^T) * a[:, None] * scale. Each row's largest value is exact.
+* fp8_channel_a8_group: the fp8 per-channel weight; x is quantized per token and group of G
+  consecutive input channels (node attribute group_size, a power of two dividing K),
+  dynamically: a [M, K // G] = amax|x[m, group]| / 448, xq = e4m3(x / a);
+  y[m, n] = scale[n] * sum_g a[m, g] * (xq[m, g] . q[n, g]) (DeepSeek-V3's 1 x 128 activation
+  tiles with per-channel weights). Each group's largest value is exact.
 
-`int8_linear`, `int4_linear`, `int8_a8_linear`, `fp8_a8_linear` and `fp8_a8_token_linear`
-compute x @ W^T (+ bias). On CPU each takes the path measured fastest for its row count
+`int8_linear`, `int4_linear`, `int8_a8_linear`, `fp8_a8_linear`, `fp8_a8_token_linear` and
+`fp8_a8_group_linear` compute x @ W^T (+ bias). On CPU each takes the path measured fastest for its row count
 (`KERNEL_MAX_ROWS`): torch's packed kernels (`torch._weight_int8pack_mm`,
 `torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where they exist and agree with the
 reference (checked once, on a tiny case, at first use), else the weight dequantized a block of
@@ -66,7 +71,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # linear b_format -> number of weight operands (bias, if any, follows them); see kernels.ops.
 FORMAT_OPERANDS = {"dense": 1, "int8_channel": 2, "int4_group": 3, "int8_channel_a8": 2,
-                   "fp8_channel_a8": 3, "fp8_channel_a8_token": 2}
+                   "fp8_channel_a8": 3, "fp8_channel_a8_token": 2, "fp8_channel_a8_group": 2}
 
 
 def _check_2d(w: torch.Tensor, name: str = "w") -> None:
@@ -574,6 +579,38 @@ def fp8_a8_token_linear(x, q, scale, bias=None):
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def quantize_fp8_token_group(x: torch.Tensor, group_size: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (xq float8_e4m3fn [M, K], a fp32 [M, K // G]): one scale per row and
+    group of G columns, dynamic, a = amax / 448 (1 for an all-zero group)."""
+    M, K = x.shape
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"fp8 activation group size {group_size} does not divide K={K}")
+    g = x.float().reshape(M, K // group_size, group_size)
+    amax = g.abs().amax(dim=-1)
+    a = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    xq = (g / a[..., None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_fp8_dtype())
+    return xq.reshape(M, K), a
+
+
+def fp8_a8_group_linear(x, q, scale, group_size, bias=None):
+    """The definition of fp8_channel_a8_group (module doc): fp8 activations with one dynamic
+    scale per token and group of `group_size` channels times fp8 weights, in fp32. The scales
+    vary along K, so they are applied to the activations before the dot: xq * a is rounded to
+    fp32 once per element (2**-24 relative), where the kernel scales each group's exact dot."""
+    _record("fp8_a8_group_linear")
+    N, K = q.shape
+    xq, a = quantize_fp8_token_group(x.reshape(-1, K), group_size)
+    if x.device.type == "cpu" and _verified("fp8_bits"):
+        xd = _fp8_div256(xq).reshape(-1, K // group_size, group_size) * (a * 256.0)[..., None]
+        y = _rows_linear(xd.reshape(-1, K), N, lambda i, j: _fp8_div256(q[i:j])) * 256.0
+    else:
+        xd = xq.float().reshape(-1, K // group_size, group_size) * a[..., None]
+        y = F.linear(xd.reshape(-1, K), q.float())
+    y = _finish((y * scale.float()[None, :]).to(x.dtype), x, N)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Path choice and first-use checks
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +648,7 @@ def _use_kernel(op: str, x2: torch.Tensor) -> bool:
 def _fallback(op: str) -> str:
     if op == "int8_a8_linear":
         return "exact float32 linear" if _verified("int8_a8_exact") else "float64 reference"
-    if op in ("fp8_a8_linear", "fp8_a8_token_linear"):
+    if op in ("fp8_a8_linear", "fp8_a8_token_linear", "fp8_a8_group_linear"):
         return DEQUANTIZE + (" (float16 bit cast)" if _verified("fp8_bits") else "")
     return DEQUANTIZE
 
@@ -631,7 +668,7 @@ def cpu_paths() -> dict[str, str]:
     """Runs the first-use checks the paths need now and returns the path each op takes on CPU
     (a copy of `PATHS`)."""
     for op in ("int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear",
-               "fp8_a8_token_linear"):
+               "fp8_a8_token_linear", "fp8_a8_group_linear"):
         PATHS.pop(op, None)
         _record(op)
     return dict(PATHS)

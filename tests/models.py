@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
-WITH_TOKENIZER = ("llama", "qwen2")
+WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 TINY_VOCAB = 320
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -64,6 +64,10 @@ def tiny_config(arch: str):
     if arch == "llama_tied":  # SmolLM2's shape: 9 query heads over 3 KV heads, tied embeddings
         return LlamaConfig(**{**common, "num_attention_heads": 9, "num_key_value_heads": 3,
                               "hidden_size": 144}, tie_word_embeddings=True)
+    if arch == "llama_wide":  # power-of-two widths, for formats that need them (fp8 groups)
+        return LlamaConfig(**{**common, "hidden_size": 128, "intermediate_size": 256,
+                              "num_attention_heads": 4, "num_key_value_heads": 2},
+                           tie_word_embeddings=False, rope_theta=10000.0)
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
     if arch == "qwen2":

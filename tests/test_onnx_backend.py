@@ -67,6 +67,7 @@ def test_attention_metadata_layout():
     ("int4-awq", "llama", {}),  # group 72: dequantized at load
     ("fp8", "llama", {}),  # dequantized weights, e4m3-rounded activations
     ("fp8", "llama_tied", {"fp8_act_scales": "per-token"}),  # each row's own scale
+    ("fp8", "llama_wide", {"fp8_act_scales": "per-token-group", "group_size": 32}),
     # the rotations' GEMMs: before the tied head, and the block Hadamard on [1, T, K/b, b]
     ("int8-sq", "llama_tied", {"rotation": "online"}),
 ])

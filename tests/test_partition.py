@@ -109,22 +109,28 @@ def test_greedy_identical(tp_engines):
 
 
 @pytest.mark.parametrize("quant,tol", [("int8-wo", 1e-4), ("int4-gptq", 1e-4), ("fp8", 1e-4),
-                                       ("int8-sq", 3e-2), ("fp8-per-token", 8e-2)])
+                                       ("int8-sq", 3e-2), ("fp8-per-token", 8e-2),
+                                       ("fp8-group", 1e-4)])
 def test_quantized_ranks_match(tp_engines, quant, tol):
     # Splits take whole rows and whole int4 groups, so the shards hold exactly the codes and
     # scales of the single-rank engine: only summation order differs (fp8's activation scale
     # is static). int8-sq's and fp8-per-token's per-token activation scales are taken per shard
     # (each rank's amax over its slice of the o_proj/down input), so their logits differ by
     # quantization noise (e4m3 rounds each value by up to 6%, int8 by less).
+    # fp8-group's scales are per group, and the shards fall on group boundaries: each rank
+    # quantizes exactly what one rank does.
     # Group 12 puts the 3-head (36-channel) o_proj shards on group boundaries. int8-sq's
     # default rotation is online on one rank and offline (its fallback) on two: pin it.
     options = {"int4-gptq": {"quant": quant, "group_size": 12},
                "int8-sq": {"quant": quant, "rotation": "offline"},
-               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"}
+               "fp8-per-token": {"quant": "fp8", "fp8_act_scales": "per-token"},
+               "fp8-group": {"quant": "fp8", "fp8_act_scales": "per-token-group",
+                             "group_size": 32},
                }.get(quant, {"quant": quant})
-    one = PagedRunner(tp_engines("llama", 1, **options))
+    arch = "llama_wide" if quant == "fp8-group" else "llama"  # widths 32 divides
+    one = PagedRunner(tp_engines(arch, 1, **options))
     want = [one.step(work) for work in _steps()]
-    got = _rank_logits(tp_engines("llama", 2, **options), 2, _steps())
+    got = _rank_logits(tp_engines(arch, 2, **options), 2, _steps())
     for w, g in zip(want, got[0]):
         for sid in w:
             torch.testing.assert_close(g[sid], w[sid], rtol=tol, atol=tol)

@@ -344,7 +344,7 @@ def linear_tolerance(x: torch.Tensor, w: torch.Tensor, rel: float) -> torch.Tens
 def test_cpu_paths_reported():
     paths = Q.cpu_paths()
     assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear",
-                          "fp8_a8_token_linear"}
+                          "fp8_a8_token_linear", "fp8_a8_group_linear"}
     kernels = {"int8_linear": "torch._weight_int8pack_mm",
                "int4_linear": "torch._weight_int4pack_mm_for_cpu",
                "int8_a8_linear": "torch._int_mm"}
@@ -360,6 +360,7 @@ def test_cpu_paths_reported():
     if hasattr(torch, "float8_e4m3fn"):
         assert paths["fp8_a8_linear"] == "dequantize+linear (float16 bit cast)"
         assert paths["fp8_a8_token_linear"] == "dequantize+linear (float16 bit cast)"
+        assert paths["fp8_a8_group_linear"] == "dequantize+linear (float16 bit cast)"
 
 
 def test_cpu_paths_name_the_kernels_when_enabled(monkeypatch):
@@ -542,6 +543,52 @@ def test_fp8_a8_token_linear_vs_float64(path, M, N, K, seed, log_scale, zero_row
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, sum_abs, K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
+
+
+@needs_fp8
+@LINEAR_SETTINGS
+@given(M=st.integers(1, 6), N=st.integers(1, 40), groups=st.integers(1, 5),
+       G=st.sampled_from([16, 32, 64]), seed=seeds, log_scale=log_scales,
+       zero_group=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_fp8_a8_group_linear_vs_float64(path, M, N, groups, G, seed, log_scale, zero_group,
+                                        bias, dtype):
+    """Per-token-group fp8: rows 2**-3 and groups 2**-4 apart in magnitude, each (row, group)
+    with its own scale, so each group's largest value is exact; an all-zero group adds
+    nothing. y64 = sum_g a[m, g] * (xq_g . q_g) * scale; the bound as for per-token, where
+    the path's one float32 rounding of xq * a per element is inside K * u32 * sum|...|."""
+    K = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2.0 ** (log_scale - 3 * torch.arange(M, dtype=torch.float32))
+    cols = (2.0 ** (-4 * torch.arange(groups, dtype=torch.float32))).repeat_interleave(G)
+    x = (torch.randn(M, K, generator=gen) * rows[:, None] * cols[None, :]).to(dtype)
+    if zero_group:
+        x[0, :G] = 0
+    q, scale = Q.quantize_fp8_channel(weight(N, K, seed + 1, 0, "mixed"))
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    xq, a = Q.quantize_fp8_token_group(x, G)
+    assert a.shape == (M, groups)
+    gmax = x.float().abs().reshape(M, groups, G).amax(-1)
+    assert (xq.float().abs().reshape(M, groups, G).amax(-1)[gmax > 0] == 448).all()
+    assert (a[gmax == 0] == 1).all()
+    xd = (xq.double().reshape(M, groups, G) * a.double()[..., None]).reshape(M, K)
+    y64 = (xd @ q.double().t()) * scale.double()[None, :]
+    sum_abs = (xd.abs() @ q.double().abs().t()) * scale.double()[None, :]
+    assume(fits(y64, b, dtype))
+    y = Q.fp8_a8_group_linear(x, q, scale, G, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = a8_tolerance(y64, sum_abs, K, b, dtype)
+    assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
+
+
+@needs_fp8
+def test_fp8_token_group_is_per_token_at_one_group():
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(3)) * 7
+    xq, a = Q.quantize_fp8_token_group(x, 96)
+    xq1, a1 = Q.quantize_fp8_token(x)
+    assert torch.equal(xq.view(torch.uint8), xq1.view(torch.uint8)) and torch.equal(a[:, 0], a1)
+    with pytest.raises(ValueError, match="does not divide K=96"):
+        Q.quantize_fp8_token_group(x, 64)
 
 
 @needs_fp8

@@ -23,15 +23,21 @@ FAST = {"calib_samples": 4, "calib_seq_len": 128, "calib_cache": None}
 MODES = ["int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq"]
 FORMATS = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
            "int4-awq": "int4_group", "int4-gptq": "int4_group",
-           "fp8-per-token": "fp8_channel_a8_token"}
+           "fp8-per-token": "fp8_channel_a8_token", "fp8-group": "fp8_channel_a8_group"}
 # Build variants tested like modes: case -> (mode, build options).
-VARIANTS = {"fp8-per-token": ("fp8", {"fp8_act_scales": "per-token"})}
+VARIANTS = {"fp8-per-token": ("fp8", {"fp8_act_scales": "per-token"}),
+            "fp8-group": ("fp8", {"fp8_act_scales": "per-token-group", "group_size": 32,
+                                  "arch": "llama_wide"})}
 CASES = [*MODES, *VARIANTS]
 
 
 def _case(quant_engines, case: str):
     mode, options = VARIANTS.get(case, (case, {}))
     return mode, quant_engines(mode, **options)
+
+
+def _arch(case: str) -> str:
+    return VARIANTS.get(case, (case, {}))[1].get("arch", "llama")
 
 
 def _plan(path):
@@ -78,6 +84,8 @@ def test_mode_builds_and_generates(case, quant_engines, engines):
     body = [n for n in linears if not any("lm_head" in o for o in n["origin"])
             and not n["inputs"][1].startswith("rotation_")]
     assert body and all(n["attrs"]["b_format"] == FORMATS[case] for n in body)
+    if FORMATS[case] == "fp8_channel_a8_group":  # --group-size 32 divides every width
+        assert all(n["attrs"]["group_size"] == 32 for n in body)
     head = [n for n in linears if any("lm_head" in o for o in n["origin"])]
     assert [n["attrs"]["b_format"] for n in head] == ["int8_channel"]
     report = _quant_report(path)
@@ -88,7 +96,7 @@ def test_mode_builds_and_generates(case, quant_engines, engines):
     assert {"ppl_ref", "ppl_quant", "ppl_increase_pct", "kl", "greedy_agreement"} <= set(q)
     layer = report["layers"]["model.layers.0.mlp.down_proj.weight"]
     assert {"weight_rel_error", "output_rel_error", "act_absmax", "weight_scale"} <= set(layer)
-    ref = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
+    ref = Engine.load(engines(_arch(case)), kv_cache_memory=1 << 20)
     eng = Engine.load(path, kv_cache_memory=1 << 20)
     params = SamplingParams(temperature=0, max_tokens=8)
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
@@ -102,12 +110,12 @@ def test_mode_builds_and_generates(case, quant_engines, engines):
 # Perplexity increase allowed per mode on the tiny llama (fp32 reference, 512 held-out tokens).
 # The int4 bounds sit well under plain round-to-nearest's, measured on the same model below.
 PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 1.0, "fp8": 3.0, "int4-awq": 10.0, "int4-gptq": 10.0,
-             "fp8-per-token": 3.0}
+             "fp8-per-token": 3.0, "fp8-group": 3.0}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_perplexity_close_to_fp32(case, quant_engines, engines):
-    ref = Engine.load(engines("llama"), kv_cache_memory=1 << 20)
+    ref = Engine.load(engines(_arch(case)), kv_cache_memory=1 << 20)
     q = Engine.load(_case(quant_engines, case)[1], kv_cache_memory=1 << 20)
     ids = ref.tokenizer.encode(builtin_text(20_000), add_special_tokens=False)[:512]
     base = evaluate(ref, ids, 128)
@@ -334,6 +342,19 @@ def test_fp8_without_float8_support(monkeypatch, tmp_path):
     monkeypatch.setattr(quantize, "has_fp8", lambda: False)
     with pytest.raises(BuildError, match=r"fp8 needs torch\.float8_e4m3fn"):
         BuildOptions(model="x", output=tmp_path / "e", quant="fp8")
+
+
+def test_fp8_groups_need_a_power_of_two_width(monkeypatch, checkpoints, tmp_path):
+    """The tiny llama's widths (72, 160) have no power-of-two group >= 32 dividing 72."""
+    import builder.passes.quantize as quantize
+
+    monkeypatch.setattr(quantize, "load_calib_data",
+                        lambda *a, **k: pytest.fail("calibration started"))
+    ckpt, _ = checkpoints("llama")
+    with pytest.raises(BuildError, match=r"per-token-group: model\.layers\.0\..* has 72 input "
+                       "channels, which no power-of-two group of 32 to 128 divides"):
+        build_tiny_engine(ckpt, tmp_path / "e", quant="fp8", fp8_act_scales="per-token-group",
+                          **FAST)
 
 
 def test_group_size_that_divides_nothing(monkeypatch, checkpoints, tmp_path):

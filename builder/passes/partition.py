@@ -37,6 +37,7 @@ from builder.passes.report import PassReport
 from kernels.dtypes import to_torch_dtype
 from kernels.ops import OPS, VIEW_OPS
 from kernels.quant import FORMAT_OPERANDS
+from kernels.triton.gemm import GROUPED
 
 # Ops a head or channel split passes through unchanged (following their first input).
 PASS_THROUGH = VIEW_OPS | {"to_dtype", "rope"}
@@ -131,8 +132,15 @@ def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
 
 def _take_in_cols(slicer: _Slicer, node: Node, cols: range, keep_bias: bool) -> None:
     fmt, ops, bias = _operands(node)
+    if fmt == "fp8_channel_a8_group" and (cols.start % node.attrs["group_size"]
+                                          or len(cols) % node.attrs["group_size"]):
+        g = node.attrs["group_size"]
+        raise BuildError(f"tensor parallelism: {node.name}'s input channels "
+                         f"[{cols.start}, {cols.stop}) do not fall on fp8 activation group "
+                         f"boundaries (group size {g}); rebuild with a --group-size dividing "
+                         "each rank's share, or --fp8-act-scales per-token")
     if fmt in ("dense", "int8_channel", "int8_channel_a8", "fp8_channel_a8",
-               "fp8_channel_a8_token"):
+               "fp8_channel_a8_token", "fp8_channel_a8_group"):
         slicer.take(ops[0], 1, list(cols))  # per-row scales stay whole
     elif fmt == "int4_group":
         g = node.attrs["group_size"]
@@ -342,8 +350,7 @@ def _feeds_gated(graph: Graph, node: Node) -> bool:
 def _shard_mlp(graph: Graph, down: Node, columns: list[Node], region: list[Node], tp: int,
                rank: int, slicer: _Slicer, claimed: set[str], plan: RankPlan) -> None:
     width = graph.node(down.inputs[0]).shape[-1]
-    unit = (down.attrs.get("group_size") or 1) if down.attrs.get("b_format") == "int4_group" \
-        else 1
+    unit = (down.attrs.get("group_size") or 1) if down.attrs.get("b_format") in GROUPED else 1
     local = _share(split_sizes(width, tp, unit), rank)
     plan.mlp_channels.append((local.start, local.stop))
     for node in region:

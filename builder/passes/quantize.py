@@ -9,7 +9,8 @@ Modes (the `linear` b_formats they produce are defined in `kernels.quant`):
 - `fp8`       e4m3 weights per channel and e4m3 activations with one static scale per GEMM
               input from calibration (max|x| / 448) ("fp8_channel_a8"); with
               `--fp8-act-scales per-token`, one scale per token computed at run time
-              ("fp8_channel_a8_token").
+              ("fp8_channel_a8_token"); with `per-token-group`, one per token and group of
+              `--group-size` input channels ("fp8_channel_a8_group", see fp8_group_for).
 - `int4-awq`  4-bit asymmetric groups; AWQ searches per-input-channel scales and per-group
               clipping on calibration activations ("int4_group").
 - `int4-gptq` 4-bit asymmetric groups; GPTQ quantizes column by column, correcting the
@@ -72,7 +73,7 @@ from kernels import quant as Q
 MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
 KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 KV_QMAX = {"int8": Q.INT8_MAX, "fp8": Q.FP8_E4M3_MAX}
-FP8_ACT_SCALES = ("static", "per-token")
+FP8_ACT_SCALES = ("static", "per-token", "per-token-group")
 FORMAT = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
 TABLE_FORMAT = "int8_channel"
@@ -113,6 +114,18 @@ class _Group:
 
 def has_fp8() -> bool:
     return hasattr(torch, "float8_e4m3fn")
+
+
+def fp8_group_for(K: int, requested: int) -> int | None:
+    """The activation group of an fp8_channel_a8_group GEMM with K inputs: the largest power
+    of two <= `requested` that divides K, at least 32 (a GPU kernel's 8-bit dot takes 32
+    columns at least; the group is its K tile). None if there is none."""
+    g = 1 << (max(requested, 1).bit_length() - 1)
+    while g >= 32:
+        if K % g == 0:
+            return g
+        g //= 2
+    return None
 
 
 def group_size_for(K: int, requested: int) -> int:
@@ -324,8 +337,9 @@ def _search_alpha(x: torch.Tensor, x_absmax: torch.Tensor, W: torch.Tensor,
 
 def format_for(mode: str, options: Any) -> str:
     """The `linear` b_format a mode's GEMMs get."""
-    if mode == "fp8" and getattr(options, "fp8_act_scales", "static") == "per-token":
-        return "fp8_channel_a8_token"
+    if mode == "fp8":
+        return {"per-token": "fp8_channel_a8_token", "per-token-group": "fp8_channel_a8_group",
+                }.get(getattr(options, "fp8_act_scales", "static"), FORMAT[mode])
     return FORMAT[mode]
 
 
@@ -401,7 +415,12 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
     K = W0.shape[1]
     stats = calib.acts[g.act]
     x = stats.sample.float()
-    group = group_size_for(K, options.group_size or DEFAULT_GROUP) if mode.startswith("int4") else 0
+    fmt = format_for(mode, options)
+    group = 0
+    if mode.startswith("int4"):
+        group = group_size_for(K, options.group_size or DEFAULT_GROUP)
+    elif fmt == "fp8_channel_a8_group":
+        group = fp8_group_for(K, options.group_size or DEFAULT_GROUP) or 0
     s = None
     extra: dict[str, Any] = {}
     W = W0
@@ -429,7 +448,6 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
     if s is not None:
         g.fold(s)
         extra["smoothing"] = {"min": round(s.min().item(), 5), "max": round(s.max().item(), 5)}
-    fmt = format_for(mode, options)
     x_scale = None
     if fmt == "fp8_channel_a8":
         x_scale = (stats.absmax.max().clamp_min(1e-12) / Q.FP8_E4M3_MAX).reshape(1).float()
@@ -455,7 +473,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         attrs = {"b_format": fmt, **({"group_size": group} if group else {})}
         y_ref = F.linear(x, W0i)
         y_q = ops.linear(xq, *operands, **attrs)
-        if group:  # what plain round-to-nearest would have given, for the report
+        if fmt == "int4_group":  # what plain round-to-nearest would have given, for the report
             rtn = Q.quantize_int4_group(W0i, group)
             info["rtn_output_rel_error"] = round(output_error(y_ref, ops.linear(x, *rtn, **attrs)), 6)
         scales = operands[1].float()
@@ -473,6 +491,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
 _PART_NAMES = {"int8_channel": ("int8", "scale"), "int8_channel_a8": ("int8", "scale"),
                "fp8_channel_a8": ("fp8", "scale", "x_scale"),
                "fp8_channel_a8_token": ("fp8", "scale"),
+               "fp8_channel_a8_group": ("fp8", "scale"),
                "int4_group": ("int4", "scales", "zeros")}
 
 
@@ -634,6 +653,18 @@ def _check_groups(graph: Graph, groups: list[_Group], group_size: int | None) ->
             raise BuildError(f"--group-size {group_size}: {e}") from e
 
 
+def _check_fp8_groups(graph: Graph, groups: list[_Group], group_size: int | None) -> None:
+    """Every GEMM of fp8 per-token-group needs a power-of-two group >= 32 dividing its K."""
+    for g in groups:
+        wnode = graph.producer(graph.node(g.linears[0]), 1)
+        K = wnode.shape[1]
+        if fp8_group_for(K, group_size or DEFAULT_GROUP) is None:
+            raise BuildError(f"--fp8-act-scales per-token-group: {wnode.attrs['name']} has {K} "
+                             "input channels, which no power-of-two group of 32 to "
+                             f"{group_size or DEFAULT_GROUP} divides; use --fp8-act-scales "
+                             "per-token (or a larger --group-size)")
+
+
 def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[Graph, PassReport]:
     report = PassReport("quantize")
     mode, kv = getattr(options, "quant", None), getattr(options, "kv_cache_dtype", None)
@@ -656,6 +687,8 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     excluded.check(max(graph.weights, key=lambda n: n.count(".")) if graph.weights else "")
     if mode and mode.startswith("int4"):
         _check_groups(graph, groups, options.group_size)
+    if mode and format_for(mode, options) == "fp8_channel_a8_group":
+        _check_fp8_groups(graph, groups, options.group_size)
     tokenizer = env.tokenizer() if env.tokenizer else None
     seq_len = min(options.calib_seq_len, env.max_seq_len)
     data = load_calib_data(options.calib_data, tokenizer, samples=options.calib_samples,
@@ -697,7 +730,8 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     qreport = {
         "mode": mode,
         "kv_cache_dtype": KV_DTYPES.get(kv) if kv else None,
-        "group_size": (options.group_size or DEFAULT_GROUP) if mode and mode.startswith("int4")
+        "group_size": (options.group_size or DEFAULT_GROUP) if mode and (
+            mode.startswith("int4") or format_for(mode, options) == "fp8_channel_a8_group")
         else None,
         "fp8_act_scales": getattr(options, "fp8_act_scales", "static") if mode == "fp8" else None,
         "calibration": {"source": data.source, "samples": len(data.samples),

@@ -35,6 +35,9 @@ the reference op):
     - "fp8_channel_a8_token": w float8_e4m3fn [N, K], w_scale float32 [N], and the
                       activations quantized to e4m3 per row inside the kernel (a =
                       amax|x_row| / 448): the fp8 dot, scaled by a * w_scale after the loop
+    - "fp8_channel_a8_group": as fp8_channel_a8_token with one activation scale per row and
+                      group of G input channels (node attribute `"group_size": G`, a power
+                      of two >= 16 dividing K; the K tile is the group, BLOCK_K = G)
   The formats are defined exactly in `kernels/quant.py`; `kernels.ops.linear` with the same
   `b_format` is the torch reference. A format is one macro `b_<format>` in the template
   (loads/dequantizes the B tile, may quantize the A tile and replace the dot, and may fix up
@@ -99,6 +102,12 @@ def _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     return tuple(w) == (N, K) and wd == "float8_e4m3fn" and tuple(s) == (N,) and sd == "float32"
 
 
+def _check_fp8_channel_group(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
+    G = group_size
+    return (is_int(G) and G >= 16 and G & (G - 1) == 0 and K % G == 0
+            and _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size))
+
+
 def _check_fp8_channel_a8(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     (w, s, xs), (wd, sd, xsd) = shapes, dtypes
     return (_check_fp8_channel((w, s), (wd, sd), N, K, a_dtype, group_size)
@@ -129,25 +138,32 @@ def _dequant_fp8_channel(w, scale, x_scale=None, group_size=None):
     return w.to(scale.dtype) * scale[:, None]
 
 
-def _a_int8_token(a, w, scale):
+def _a_int8_token(a, w, scale, group_size=None):
     xq, s = quant.quantize_int8_token(a.reshape(-1, a.shape[-1]).float())
     return (xq.to(a.dtype) * s.to(a.dtype)[:, None]).reshape(a.shape)
 
 
-def _a_fp8_tensor(a, w, scale, x_scale):
+def _a_fp8_tensor(a, w, scale, x_scale, group_size=None):
     return quant.quantize_fp8_tensor(a.float(), x_scale.float()).to(a.dtype) * x_scale
 
 
-def _a_fp8_token(a, w, scale):
+def _a_fp8_token(a, w, scale, group_size=None):
     xq, s = quant.quantize_fp8_token(a.reshape(-1, a.shape[-1]).float())
     return (xq.to(a.dtype) * s.to(a.dtype)[:, None]).reshape(a.shape)
+
+
+def _a_fp8_group(a, w, scale, group_size):
+    K = a.shape[-1]
+    xq, s = quant.quantize_fp8_token_group(a.reshape(-1, K).float(), group_size)
+    g = xq.to(a.dtype).reshape(-1, K // group_size, group_size) * s.to(a.dtype)[..., None]
+    return g.reshape(a.shape)
 
 
 class Format(NamedTuple):
     operands: int  # weight operands after x (the bias, if any, follows them)
     check: Callable  # (shapes, dtypes, N, K, a_dtype, group_size) -> bool
     dequant: Callable  # (*operands, group_size=) -> W [N, K]
-    quant_a: Callable | None = None  # (a, *operands) -> a as the dot sees it, dequantized
+    quant_a: Callable | None = None  # (a, *operands, group_size=) -> a as the dot sees it
 
 
 FORMATS: dict[str, Format] = {
@@ -157,9 +173,15 @@ FORMATS: dict[str, Format] = {
     "int8_channel_a8": Format(2, _check_int8_channel, _dequant_int8_channel, _a_int8_token),
     "fp8_channel_a8": Format(3, _check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
     "fp8_channel_a8_token": Format(2, _check_fp8_channel, _dequant_fp8_channel, _a_fp8_token),
+    "fp8_channel_a8_group": Format(2, _check_fp8_channel_group, _dequant_fp8_channel,
+                                   _a_fp8_group),
 }
 # need BLOCK_K >= 32 on a GPU
-EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")
+EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token",
+                 "fp8_channel_a8_group")
+GROUPED = ("int4_group", "fp8_channel_a8_group")  # formats with a group_size attribute
+# formats whose K tile is exactly one group (BLOCK_K = group_size in every tiling)
+TILE_IS_GROUP = ("fp8_channel_a8_group",)
 
 
 def _epilogue(attrs: dict) -> tuple[str, bool] | None:
@@ -182,8 +204,8 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
     implement it (the builder then keeps the reference op)."""
     if op not in ("linear", "matmul") or set(attrs) - {"epilogue", "b_format", "group_size"}:
         return None
-    if ("group_size" in attrs) != (attrs.get("b_format") == "int4_group"):
-        return None  # int4_group needs its group size; no other format takes one
+    if ("group_size" in attrs) != (attrs.get("b_format") in GROUPED):
+        return None  # the grouped formats need their group size; no other format takes one
     epi = _epilogue(attrs)
     b_format = attrs.get("b_format", "dense")
     if epi is None or b_format not in FORMATS or (op == "matmul" and b_format != "dense"):
@@ -237,10 +259,11 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         "b_format": b_format, "bias": bool(n_bias), "act": act, "residual": residual,
         "batched": batched, "input_precision": "ieee",
     }
-    if b_format == "int4_group":
+    if b_format in GROUPED:
         p["group_size"] = group_size
     m_hint = static_numel(a_shape[-2:-1] if batched else lead)
-    p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype, b_format=b_format)[0])
+    p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype, b_format=b_format,
+                     group_size=group_size)[0])
     return p
 
 
@@ -253,12 +276,14 @@ def _smem_limit(device: torch.device) -> int:
 
 
 def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu", *,
-            dtype: str = "float16", b_format: str = "dense") -> list[dict]:
+            dtype: str = "float16", b_format: str = "dense",
+            group_size: int | None = None) -> list[dict]:
     """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
     unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
     mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
     the pipelined A and B tiles of `dtype` would not fit in shared memory. The 8-bit dots of
-    `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot)."""
+    `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot);
+    `TILE_IS_GROUP` formats get BLOCK_K = group_size."""
     dev = torch.device(device)
     k_min = 32 if b_format in EIGHT_BIT_DOT else 16
     n_cap, k_cap = max(16, next_pow2(N)), max(k_min, next_pow2(K))
@@ -279,6 +304,8 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     out: list[dict] = []
     for bm, bn, bk, gm, nw, ns in cands:
         bn, bk = min(bn, n_cap), min(bk, k_cap)
+        if b_format in TILE_IS_GROUP:
+            bk = group_size
         while limit and ns > 1 and ns * (bm * bk + bk * bn) * itemsize > limit:
             ns -= 1
         cfg = dict(zip(TILE_KEYS, (bm, bn, bk, gm, nw, ns)))
@@ -306,7 +333,7 @@ def reference(p: dict, *inputs: torch.Tensor, compute_dtype: torch.dtype = torch
     residual = rest.pop(0) if p["residual"] else None
     w = fmt.dequant(*b_ops, group_size=p.get("group_size")).to(compute_dtype)
     if fmt.quant_a is not None:
-        a = fmt.quant_a(a, *b_ops)
+        a = fmt.quant_a(a, *b_ops, group_size=p.get("group_size"))
     y = F.linear(a, w, bias) if p["op"] == "linear" else torch.matmul(a, w)
     y = ACTIVATIONS[p["act"]](y)
     if residual is not None:

@@ -251,7 +251,8 @@ def test_int8_channel(M, N, K, dtype, device):
 
 # ----------------------------------------------------------------------------- int4 / W8A8
 
-QUANT_FORMATS = ("int4_group", "int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token")
+QUANT_FORMATS = ("int4_group", "int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token",
+                 "fp8_channel_a8_group")
 needs_fp8 = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8_e4m3fn")
 
 
@@ -271,6 +272,9 @@ def quantized(b_format: str, x: torch.Tensor, N: int, K: int, G: int | None = No
         ws = list(Q.quantize_int8_channel(w))
     elif b_format == "fp8_channel_a8_token":
         ws = list(Q.quantize_fp8_channel(w))
+    elif b_format == "fp8_channel_a8_group":
+        ws = list(Q.quantize_fp8_channel(w))
+        attrs["group_size"] = G
     else:
         x_scale = (x.float().abs().amax() / Q.FP8_E4M3_MAX / 0.8).reshape(1)
         ws = [*Q.quantize_fp8_channel(w), x_scale]
@@ -326,9 +330,23 @@ def test_w8a8(b_format, M, N, K, dtype, device):
     check_quantized(b_format, M, N, K, dtype, device, seed=M * N + K)
 
 
+@needs_fp8
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,G", [
+    (1, 72, 128, 32),  # four groups, one K tile each
+    (37, 130, 192, 64),  # several row tiles, N ragged
+    (5, 40, 256, 128),
+])
+def test_fp8_group(M, N, K, G, dtype, device):
+    p, _, _ = check_quantized("fp8_channel_a8_group", M, N, K, dtype, device, G=G,
+                              seed=M * N + K)
+    assert p["BLOCK_K"] == G
+
+
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
                                       pytest.param("fp8_channel_a8", marks=needs_fp8),
-                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_group", marks=needs_fp8)])
 def test_quantized_without_bias_with_epilogue(b_format, device):
     check_quantized(b_format, 3, 72, 128, torch.bfloat16, device, G=64, bias=False, act="silu")
     x = activations(3, 128, torch.float16, device, 1)
@@ -341,18 +359,21 @@ def test_quantized_without_bias_with_epilogue(b_format, device):
 
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
                                       pytest.param("fp8_channel_a8", marks=needs_fp8),
-                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_group", marks=needs_fp8)])
 def test_quantized_tilings(b_format, device):
     """Every CPU and CUDA candidate tiling of the formats' `configs` computes the same."""
     M, N, K = 37, 72, 192
     x = activations(M, K, torch.float16, device, 2)
     ws, attrs, _ = quantized(b_format, x, N, K, 64)
     inputs = [x, *ws]
-    cfgs = gemm.configs(M, N, K, "cpu", b_format=b_format) + \
-        gemm.configs(1, N, K, "cuda", b_format=b_format)
+    cfgs = gemm.configs(M, N, K, "cpu", b_format=b_format, group_size=64) + \
+        gemm.configs(1, N, K, "cuda", b_format=b_format, group_size=64)
     for cfg in cfgs:
         if b_format in gemm.EIGHT_BIT_DOT:
             assert cfg["BLOCK_K"] >= 32
+        if b_format in gemm.TILE_IS_GROUP:
+            assert cfg["BLOCK_K"] == 64
         p, mod = kernel("linear", attrs, inputs, "float16", **cfg)
         check(p, mod, inputs)
 
@@ -412,9 +433,32 @@ def test_fp8_a8_token_quantizes_activations_exactly(dtype, device):
     torch.testing.assert_close(mod.launch(x, q, scale), want, rtol=0, atol=0)
 
 
+@needs_fp8
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_a8_group_quantizes_activations_exactly(dtype, device):
+    """Identity fp8 weight: the output is quantize_fp8_token_group's xq * a, bit for bit, with
+    groups of one row at very different magnitudes, an all-zero group and grid ties."""
+    K, G = 128, 32
+    x = activations(5, K, torch.float32, device, 7)
+    x[0] *= (2.0 ** (-5 * torch.arange(K // G, device=device))).repeat_interleave(G)
+    x[3, :6] = torch.tensor([448.0, 1.0625, 1.1875, -1.0625, 2.0**-10, 3 * 2.0**-10])  # a = 1
+    x[3, 6:G] = 0.5
+    x[4, G:2 * G] = 0.0
+    x = x.to(dtype)
+    q = torch.eye(K, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(K, device=device)
+    _, mod = kernel("linear", {"b_format": "fp8_channel_a8_group", "group_size": G},
+                    [x, q, scale], dtype_name(dtype))
+    xq, a = Q.quantize_fp8_token_group(x.float(), G)
+    assert xq[3, :6].float().tolist() == [448.0, 1.0, 1.25, -1.0, 0.0, 2.0**-8]  # ties: even
+    want = (xq.float().reshape(5, K // G, G) * a[..., None]).reshape(5, K).to(dtype)
+    torch.testing.assert_close(mod.launch(x, q, scale), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("b_format", ["int4_group", "int8_channel_a8",
                                       pytest.param("fp8_channel_a8", marks=needs_fp8),
-                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8)])
+                                      pytest.param("fp8_channel_a8_token", marks=needs_fp8),
+                                      pytest.param("fp8_channel_a8_group", marks=needs_fp8)])
 def test_autotune_operands_fit_the_format(b_format, device):
     """builder.autotune times a format's kernel on operands the format's checker accepts."""
     from builder import autotune
@@ -427,6 +471,8 @@ def test_autotune_operands_fit_the_format(b_format, device):
     assert not mod.launch(x, *made).isnan().any()
     assert all(c["BLOCK_K"] >= (32 if b_format in gemm.EIGHT_BIT_DOT else 16)
                for c in autotune.candidates(p))
+    if b_format in gemm.TILE_IS_GROUP:
+        assert {c["BLOCK_K"] for c in autotune.candidates(p)} == {32}
 
 
 def test_quantized_launch_checks(device):
@@ -442,6 +488,11 @@ def test_quantized_launch_checks(device):
     ws, attrs, _ = quantized("int8_channel_a8", x, 16, 64)
     _, mod = kernel("linear", attrs, [x, *ws], "float32")
     assert mod.launch(x[:0], *ws).shape == (0, 16)
+    if hasattr(torch, "float8_e4m3fn"):
+        ws_g, attrs_g, _ = quantized("fp8_channel_a8_group", x, 16, 64, 32)
+        _, mod_g = kernel("linear", attrs_g, [x, *ws_g], "float32")
+        with pytest.raises(ValueError, match="fp8 group kernel rendered for group size 32"):
+            mod_g.launch(x, *ws_g, group_size=64)
     with pytest.raises(ValueError, match="without a bias"):
         mod.launch(x, *ws, torch.zeros(16, device=device))
 
@@ -621,7 +672,8 @@ def quantized_gpu_jobs(M_hint, dtype=torch.bfloat16, *, first_only=False,
     x, b = rand(5, K, dtype=dtype), rand(N, dtype=dtype)
     jobs = []
     for b_format, G in (("int4_group", 128), ("int4_group", 32), ("int8_channel_a8", None),
-                        ("fp8_channel_a8", None), ("fp8_channel_a8_token", None)):
+                        ("fp8_channel_a8", None), ("fp8_channel_a8_token", None),
+                        ("fp8_channel_a8_group", 64)):
         if b_format.startswith("fp8") and not hasattr(torch, "float8_e4m3fn"):
             continue
         if first_only and G == 128:  # the one-group-per-tile path: left to the sweep
@@ -631,7 +683,7 @@ def quantized_gpu_jobs(M_hint, dtype=torch.bfloat16, *, first_only=False,
         inputs = [x, *ws, b]
         base = gemm.params("linear", attrs, shapes_of(*inputs), dtypes_of(*inputs),
                            dtype_name(dtype))
-        cfgs = gemm.configs(M_hint, N, K, "cuda", b_format=b_format)
+        cfgs = gemm.configs(M_hint, N, K, "cuda", b_format=b_format, group_size=G)
         for i, cfg in enumerate(cfgs[:1] if first_only else cfgs):
             arch = (90,) if b_format.startswith("fp8") or i else archs
             jobs.append(gpu_job(gemm.source({**base, **cfg}), *inputs, archs=arch))
@@ -740,7 +792,7 @@ def test_quantized_sweep(M, N, K, G, dtype, device):
     for b_format in QUANT_FORMATS:
         if b_format.startswith("fp8") and not hasattr(torch, "float8_e4m3fn"):
             continue
-        for cfg in gemm.configs(M, N, K, device, b_format=b_format)[:2]:
+        for cfg in gemm.configs(M, N, K, device, b_format=b_format, group_size=G)[:2]:
             check_quantized(b_format, M, N, K, dtype, device, G=G, seed=M + N + K, **cfg)
 
 
