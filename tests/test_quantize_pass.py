@@ -344,6 +344,16 @@ def test_fp8_without_float8_support(monkeypatch, tmp_path):
         BuildOptions(model="x", output=tmp_path / "e", quant="fp8")
 
 
+@pytest.mark.parametrize("K, requested, want", [
+    (576, 128, 64), (1536, 128, 128), (96, 128, 32), (192, 100, 64), (128, 64, 64),
+    (72, 128, None), (160, 16, None), (4096, 256, 256),
+])
+def test_fp8_group_fallback(K, requested, want):
+    from builder.passes.quantize import fp8_group_for
+
+    assert fp8_group_for(K, requested) == want
+
+
 def test_fp8_groups_need_a_power_of_two_width(monkeypatch, checkpoints, tmp_path):
     """The tiny llama's widths (72, 160) have no power-of-two group >= 32 dividing 72."""
     import builder.passes.quantize as quantize

@@ -284,6 +284,8 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     the pipelined A and B tiles of `dtype` would not fit in shared memory. The 8-bit dots of
     `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot);
     `TILE_IS_GROUP` formats get BLOCK_K = group_size."""
+    if b_format in TILE_IS_GROUP and not is_int(group_size):
+        raise ValueError(f"{b_format} tilings need the group size (BLOCK_K = group_size)")
     dev = torch.device(device)
     k_min = 32 if b_format in EIGHT_BIT_DOT else 16
     n_cap, k_cap = max(16, next_pow2(N)), max(k_min, next_pow2(K))
