@@ -310,6 +310,11 @@ def test_accuracy_gate_passes(quant_engines):
     (["--quant", "fp8", "--fp8-act-scales", "token"], ["--fp8-act-scales 'token' is not one of"]),
     (["--quant", "int8-sq", "--fp8-act-scales", "per-token"], ["needs --quant fp8"]),
     (["--quant-exclude", "lm_head"], ["--quant-exclude needs --quant"]),
+    (["--quant", "int8-wo", "--group-size", "64"], ["--quant int8-wo has none"]),
+    (["--quant", "fp8", "--fp8-act-scales", "per-token-group", "--group-size", "48"],
+     ["--group-size 48: fp8 activation groups are powers of two >= 32"]),
+    (["--quant", "fp8", "--fp8-act-scales", "per-token-group", "--group-size", "16"],
+     ["powers of two >= 32"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")

@@ -624,6 +624,15 @@ def check_options(options) -> None:
     if act_scales != "static" and mode != "fp8":
         raise BuildError(f"--fp8-act-scales {act_scales} needs --quant fp8 (int8-sq's "
                          "activations are always per token)")
+    grouped = (mode or "").startswith("int4") or act_scales == "per-token-group"
+    if options.group_size is not None and mode is not None and not grouped:
+        raise BuildError(f"--group-size sets int4 weight groups and fp8 per-token-group "
+                         f"activation groups; --quant {mode}"
+                         f"{' --fp8-act-scales ' + act_scales if mode == 'fp8' else ''} has none")
+    g = options.group_size
+    if act_scales == "per-token-group" and g is not None and (g < 32 or g & (g - 1)):
+        raise BuildError(f"--group-size {g}: fp8 activation groups are powers of two >= 32 "
+                         "(the GPU kernel's K tile); use 32, 64 or 128")
     if options.calib_samples < 1 or options.calib_seq_len < 16:
         raise BuildError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
     if options.calib_data is not None and not Path(options.calib_data).is_file():
