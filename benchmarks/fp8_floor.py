@@ -4,7 +4,7 @@ simulated on the HF model (round to nearest, no GPTQ, no engine), weights and ac
 separately, with the activation scale static (calibrated max / 448 per GEMM input, as
 `--quant fp8`) or per token (as `--fp8-act-scales per-token`), or per token and group of
 `GROUP` input channels (DeepSeek-V3's 1x128 activation blocks; 64 divides SmolLM2's widths),
-which no engine format has yet: it measures what such a format could gain.
+as `--fp8-act-scales per-token-group --group-size 64`.
 
 Every decoder GEMM is quantized; the LM head stays fp32 (the engine keeps it int8, the same in
 every mode). Calibration: the first `--calib-windows` windows of the built-in text, as the

@@ -82,6 +82,8 @@ def test_quantized_graph_matches_reference(mode, arch, options, checkpoints, tmp
                              **options)
     report = json.loads((path / "report.json").read_text())["onnx"]
     assert report["written"], report
+    if options.get("fp8_act_scales") == "per-token-group":  # its own lowering, not per-token's
+        assert report["lowerings"]["MatMul (fp8 per-token-group g32, dequantized)"] == 8
     _compare(path, atol=0.5, rel=0.02)
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from builder.errors import BuildError
 from tests.harness import PagedRunner, ThreadGroup
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [7, 7, 120, 33], [250, 11, 2, 87, 45, 19, 100, 64, 3]]
@@ -134,6 +135,14 @@ def test_quantized_ranks_match(tp_engines, quant, tol):
     for w, g in zip(want, got[0]):
         for sid in w:
             torch.testing.assert_close(g[sid], w[sid], rtol=tol, atol=tol)
+
+
+def test_fp8_group_split_off_group_boundaries(tp_engines):
+    """llama_wide's o_proj has 128 inputs, one group of 128 at the default size: two ranks'
+    64-channel shares would split it, which the partitioner refuses with the fix."""
+    with pytest.raises(BuildError, match=r"do not fall on fp8 activation group boundaries "
+                       r"\(group size 128\); rebuild with a --group-size"):
+        tp_engines("llama_wide", 2, quant="fp8", fp8_act_scales="per-token-group")
 
 
 def test_bf16_ranks_close(tp_engines):

@@ -86,6 +86,8 @@ def test_mode_builds_and_generates(case, quant_engines, engines):
     assert body and all(n["attrs"]["b_format"] == FORMATS[case] for n in body)
     if FORMATS[case] == "fp8_channel_a8_group":  # --group-size 32 divides every width
         assert all(n["attrs"]["group_size"] == 32 for n in body)
+        assert all(e.get("group_size") == 32 for e in _quant_report(path)["layers"].values()
+                   if e["format"] == "fp8_channel_a8_group")
     head = [n for n in linears if any("lm_head" in o for o in n["origin"])]
     assert [n["attrs"]["b_format"] for n in head] == ["int8_channel"]
     report = _quant_report(path)
@@ -311,6 +313,7 @@ def test_accuracy_gate_passes(quant_engines):
     (["--quant", "int8-sq", "--fp8-act-scales", "per-token"], ["needs --quant fp8"]),
     (["--quant-exclude", "lm_head"], ["--quant-exclude needs --quant"]),
     (["--quant", "int8-wo", "--group-size", "64"], ["--quant int8-wo has none"]),
+    (["--group-size", "64"], ["a build without --quant has none"]),
     (["--quant", "fp8", "--fp8-act-scales", "per-token-group", "--group-size", "48"],
      ["--group-size 48: fp8 activation groups are powers of two >= 32"]),
     (["--quant", "fp8", "--fp8-act-scales", "per-token-group", "--group-size", "16"],

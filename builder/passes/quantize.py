@@ -41,6 +41,7 @@ held-out windows, which fills the report and the optional build gates.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import json
 import time
@@ -147,21 +148,25 @@ class _Exclusions:
 
     patterns: tuple[str, ...]
     matched: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
     kept: int = 0
 
     def __call__(self, names: list[str]) -> bool:
-        hits = {p for n in names for cand in _candidates(n) for p in self.patterns
-                if fnmatch.fnmatch(cand, p)}
+        cands = [c for n in names for c in _candidates(n)]
+        self.seen.update(cands)
+        hits = {p for c in cands for p in self.patterns if fnmatch.fnmatch(c, p)}
         self.matched |= hits
         self.kept += bool(hits)
         return bool(hits)
 
-    def check(self, example: str) -> None:
+    def check(self) -> None:
         unmatched = [p for p in self.patterns if p not in self.matched]
         if unmatched:
+            near = difflib.get_close_matches(unmatched[0], sorted(self.seen), n=3) or \
+                sorted(self.seen, key=lambda n: (-n.count("."), n))[:1]
             raise BuildError(f"--quant-exclude {unmatched[0]!r} matches no quantized weight; "
-                             f"patterns are fnmatch globs over weight and module names such "
-                             f"as {example!r} (see report.json's layers)")
+                             "patterns are fnmatch globs over weight and module names such as "
+                             + ", ".join(repr(n) for n in near))
 
 
 def _candidates(name: str) -> list[str]:
@@ -462,6 +467,8 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         Wi, W0i = W[row:row + n], W0[row:row + n]
         row += n
         operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian)
+        if fmt == "fp8_channel_a8_group":
+            info["group_size"] = group
         parts = [w.add(f"{name}.{p}", t, wnode.origin)
                  for p, t in zip(_PART_NAMES[fmt], operands, strict=True)]
         bias = node.inputs[2:]
@@ -604,7 +611,8 @@ def check_options(options) -> None:
     if options.group_size is not None and (not isinstance(options.group_size, int)
                                            or options.group_size < 8):
         raise BuildError(f"--group-size {options.group_size} is too small; use a group of "
-                         "at least 8 input channels (128 is the usual choice)")
+                         "at least 8 input channels, 32 for fp8 groups (128 is the usual "
+                         "choice)")
     alpha = options.smoothquant_alpha
     if alpha != "auto" and not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
         raise BuildError(f"--smoothquant-alpha {alpha} is outside [0, 1]; pass a number in "
@@ -625,10 +633,11 @@ def check_options(options) -> None:
         raise BuildError(f"--fp8-act-scales {act_scales} needs --quant fp8 (int8-sq's "
                          "activations are always per token)")
     grouped = (mode or "").startswith("int4") or act_scales == "per-token-group"
-    if options.group_size is not None and mode is not None and not grouped:
+    if options.group_size is not None and not grouped:
+        what = f"--quant {mode}" + (f" --fp8-act-scales {act_scales}" if mode == "fp8" else "") \
+            if mode else "a build without --quant"
         raise BuildError(f"--group-size sets int4 weight groups and fp8 per-token-group "
-                         f"activation groups; --quant {mode}"
-                         f"{' --fp8-act-scales ' + act_scales if mode == 'fp8' else ''} has none")
+                         f"activation groups; {what} has none")
     g = options.group_size
     if act_scales == "per-token-group" and g is not None and (g < 32 or g & (g - 1)):
         raise BuildError(f"--group-size {g}: fp8 activation groups are powers of two >= 32 "
@@ -671,7 +680,7 @@ def _check_fp8_groups(graph: Graph, groups: list[_Group], group_size: int | None
             raise BuildError(f"--fp8-act-scales per-token-group: {wnode.attrs['name']} has {K} "
                              "input channels, which no power-of-two group of 32 to "
                              f"{group_size or DEFAULT_GROUP} divides; use --fp8-act-scales "
-                             "per-token (or a larger --group-size)")
+                             "per-token, or keep that layer out with --quant-exclude")
 
 
 def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[Graph, PassReport]:
@@ -693,7 +702,7 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     # A quantized KV cache keeps V's calibrated scales, so V's rows stay as they are.
     groups = _groups(graph, w, excluded, tables, fold_v=kv is None) if mode else []
     tables = _kept_tables(graph, tables, excluded)
-    excluded.check(max(graph.weights, key=lambda n: n.count(".")) if graph.weights else "")
+    excluded.check()
     if mode and mode.startswith("int4"):
         _check_groups(graph, groups, options.group_size)
     if mode and format_for(mode, options) == "fp8_channel_a8_group":

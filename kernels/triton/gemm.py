@@ -37,18 +37,20 @@ the reference op):
                       amax|x_row| / 448): the fp8 dot, scaled by a * w_scale after the loop
     - "fp8_channel_a8_group": as fp8_channel_a8_token with one activation scale per row and
                       group of G input channels (node attribute `"group_size": G`, a power
-                      of two >= 16 dividing K; the K tile is the group, BLOCK_K = G)
+                      of two >= 32 dividing K; the K tile is the group, BLOCK_K = G)
   The formats are defined exactly in `kernels/quant.py`; `kernels.ops.linear` with the same
   `b_format` is the torch reference. A format is one macro `b_<format>` in the template
   (loads/dequantizes the B tile, may quantize the A tile and replace the dot, and may fix up
   the accumulator after the K loop) plus an entry here that checks its operands.
 
 Parameters (`params` returns them; `source` renders them): op, N, K, a_dtype, out_dtype,
-b_format, bias, act, residual, batched, input_precision (plus group_size for "int4_group"),
+b_format, bias, act, residual, batched, input_precision (plus group_size for the `GROUPED`
+formats),
 and the tiling BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. The tiling comes
 from `configs(M_hint, N, K, device, dtype=a_dtype, b_format=...)`: `params` takes its first
 entry for this machine's device (cuda if torch sees one, else cpu); a builder that times
-kernels on a GPU may replace the tiling keys with any other entry (`{**p, **cfg}`). Every
+kernels on a GPU may replace the tiling keys with any other entry of the same `configs` call
+(`{**p, **cfg}`; pass the group size: a `TILE_IS_GROUP` format's BLOCK_K is its group). Every
 tiling computes the same thing for every format (int4_group takes any BLOCK_K: a K tile
 inside one group loads one scale per column, else one per element); the 8-bit dots of the
 "_a8" formats need BLOCK_K >= 32 to compile for a GPU, which `configs` ensures for them.
@@ -103,8 +105,8 @@ def _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
 
 
 def _check_fp8_channel_group(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
-    G = group_size
-    return (is_int(G) and G >= 16 and G & (G - 1) == 0 and K % G == 0
+    G = group_size  # the K tile: an 8-bit tensor-core dot needs 32
+    return (is_int(G) and G >= 32 and G & (G - 1) == 0 and K % G == 0
             and _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size))
 
 

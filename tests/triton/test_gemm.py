@@ -568,13 +568,15 @@ def test_params_checker():
     grp, grp_d = [(4, 64), (96, 64), (96,)], [f16, "float8_e4m3fn", "float32"]
     p = P("linear", {"b_format": "fp8_channel_a8_group", "group_size": 32}, grp, grp_d, f16)
     assert p["group_size"] == 32 and p["BLOCK_K"] == 32
-    for g in (None, 24, 128, 8):  # missing, not a power of two, not dividing K, too small
+    for g in (None, 24, 128, 16):  # missing, not a power of two, not dividing K, too small
         attrs = {"b_format": "fp8_channel_a8_group", **({"group_size": g} if g else {})}
         assert P("linear", attrs, grp, grp_d, f16) is None, g
     assert P("linear", {"b_format": "fp8_channel_a8_token", "group_size": 32}, grp, grp_d,
              f16) is None  # per-token takes no group
     with pytest.raises(ValueError, match="need the group size"):
         gemm.configs(1, 96, 64, b_format="fp8_channel_a8_group")
+    with pytest.raises(codegen.TemplateError):  # a tiling whose K tile is not the group
+        gemm.source({**p, "BLOCK_K": 16})
     assert P("matmul", {}, [(4, 64), (64, 96)], [f16] * 2, f16)["op"] == "matmul"
     assert P("matmul", {}, [(4, 64), (64, 96), (96,)], [f16] * 3, f16) is None  # no bias
     assert P("matmul", {}, [(2, 4, 64), (3, 64, 96)], [f16] * 2, f16) is None  # broadcast
