@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update({"engine_mb": round(report["weights"]["bytes"] / 1e6, 1),
                     "build_heldout_ppl_increase_pct": (q.get("quality") or {}).get(
                         "ppl_increase_pct"),
-                    "build_s": build_s or sum(report["timings_s"].values())})
+                    "build_s": build_s or round(sum(report["timings_s"].values()), 1)})
         rows[mode] = row
         log(f"{mode}: {row}")
     if args.build_only:
