@@ -560,12 +560,10 @@ def _fp8_dot(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (xq float8_e4m3fn [M, K], a fp32 [M]): one scale per row, dynamic,
-    a = amax|x_row| / 448. An all-zero row gets a = 1 (no 0/0)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    a = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-    xq = (xf / a[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_fp8_dtype())
-    return xq, a
+    a = amax|x_row| / 448. An all-zero row gets a = 1 (no 0/0). The one-group case of
+    `quantize_fp8_token_group`."""
+    xq, a = quantize_fp8_token_group(x, x.shape[-1])
+    return xq, a[:, 0]
 
 
 def fp8_a8_token_linear(x, q, scale, bias=None):

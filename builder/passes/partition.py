@@ -132,23 +132,18 @@ def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
 
 def _take_in_cols(slicer: _Slicer, node: Node, cols: range, keep_bias: bool) -> None:
     fmt, ops, bias = _operands(node)
-    if fmt == "fp8_channel_a8_group" and (cols.start % node.attrs["group_size"]
-                                          or len(cols) % node.attrs["group_size"]):
-        g = node.attrs["group_size"]
+    g = node.attrs.get("group_size") if fmt in GROUPED else None
+    if g and (cols.start % g or len(cols) % g):
+        what, other = ("int4 group", "") if fmt == "int4_group" else \
+            ("fp8 activation group", ", or --fp8-act-scales per-token")
         raise BuildError(f"tensor parallelism: {node.name}'s input channels "
-                         f"[{cols.start}, {cols.stop}) do not fall on fp8 activation group "
-                         f"boundaries (group size {g}); rebuild with a --group-size dividing "
-                         "each rank's share, or --fp8-act-scales per-token")
+                         f"[{cols.start}, {cols.stop}) do not fall on {what} boundaries "
+                         f"(group size {g}); rebuild with a --group-size dividing each rank's "
+                         f"share{other}")
     if fmt in ("dense", "int8_channel", "int8_channel_a8", "fp8_channel_a8",
                "fp8_channel_a8_token", "fp8_channel_a8_group"):
         slicer.take(ops[0], 1, list(cols))  # per-row scales stay whole
     elif fmt == "int4_group":
-        g = node.attrs["group_size"]
-        if cols.start % g or len(cols) % g:
-            raise BuildError(f"tensor parallelism: {node.name}'s input channels "
-                             f"[{cols.start}, {cols.stop}) do not fall on int4 group "
-                             f"boundaries (group size {g}); rebuild with a --group-size "
-                             "dividing each rank's share")
         slicer.take(ops[0], 1, list(range(cols.start // 2, cols.stop // 2)))
         groups = list(range(cols.start // g, cols.stop // g))
         slicer.take(ops[1], 1, groups)

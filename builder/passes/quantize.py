@@ -70,6 +70,7 @@ from builder.quant.rotate import ROTATIONS, is_rotation_linear, rotate
 from builder.weights import make_weight
 from kernels import ops
 from kernels import quant as Q
+from kernels.triton.gemm import GROUPED
 
 MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
 KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
@@ -632,8 +633,7 @@ def check_options(options) -> None:
     if act_scales != "static" and mode != "fp8":
         raise BuildError(f"--fp8-act-scales {act_scales} needs --quant fp8 (int8-sq's "
                          "activations are always per token)")
-    grouped = (mode or "").startswith("int4") or act_scales == "per-token-group"
-    if options.group_size is not None and not grouped:
+    if options.group_size is not None and not (mode and format_for(mode, options) in GROUPED):
         what = f"--quant {mode}" + (f" --fp8-act-scales {act_scales}" if mode == "fp8" else "") \
             if mode else "a build without --quant"
         raise BuildError(f"--group-size sets int4 weight groups and fp8 per-token-group "
@@ -697,15 +697,16 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     values = {name: make_weight(spec, env.source, env.buffers)
               for name, spec in graph.weights.items()}
     w = _Weights(graph, env, values)
+    fmt = format_for(mode, options) if mode else None
     rotation = rotate(graph, w, rotation_for(options)) if mode else None
     tables = _table_users(graph) if mode else {}
     # A quantized KV cache keeps V's calibrated scales, so V's rows stay as they are.
     groups = _groups(graph, w, excluded, tables, fold_v=kv is None) if mode else []
     tables = _kept_tables(graph, tables, excluded)
     excluded.check()
-    if mode and mode.startswith("int4"):
+    if fmt == "int4_group":
         _check_groups(graph, groups, options.group_size)
-    if mode and format_for(mode, options) == "fp8_channel_a8_group":
+    if fmt == "fp8_channel_a8_group":
         _check_fp8_groups(graph, groups, options.group_size)
     tokenizer = env.tokenizer() if env.tokenizer else None
     seq_len = min(options.calib_seq_len, env.max_seq_len)
@@ -748,9 +749,7 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
     qreport = {
         "mode": mode,
         "kv_cache_dtype": KV_DTYPES.get(kv) if kv else None,
-        "group_size": (options.group_size or DEFAULT_GROUP) if mode and (
-            mode.startswith("int4") or format_for(mode, options) == "fp8_channel_a8_group")
-        else None,
+        "group_size": (options.group_size or DEFAULT_GROUP) if fmt in GROUPED else None,
         "fp8_act_scales": getattr(options, "fp8_act_scales", "static") if mode == "fp8" else None,
         "calibration": {"source": data.source, "samples": len(data.samples),
                         "seq_len": data.seq_len, "tokens": calib.tokens, "cached": calib.cached,

@@ -150,8 +150,7 @@ def _a_fp8_tensor(a, w, scale, x_scale, group_size=None):
 
 
 def _a_fp8_token(a, w, scale, group_size=None):
-    xq, s = quant.quantize_fp8_token(a.reshape(-1, a.shape[-1]).float())
-    return (xq.to(a.dtype) * s.to(a.dtype)[:, None]).reshape(a.shape)
+    return _a_fp8_group(a, w, scale, a.shape[-1])
 
 
 def _a_fp8_group(a, w, scale, group_size):
