@@ -312,7 +312,10 @@ class _Emitter:
             y = self.op("MatMul", x, self.op("Transpose", w, perm=[1, 0]))
             kind = "MatMul (fp32)"
         elif fmt == "int4_group":
-            y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"])
+            rank = len(self.nodes_by_name[n["inputs"][0]]["shape"])
+            float_zero = self.nodes_by_name[n["inputs"][3]]["dtype"] == "float32"
+            y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"],
+                                float_zero, rank)
         elif fmt == "int8_channel":
             y, kind = self.int8(x, ins[1], ins[2], n_out, k)
         elif fmt in ("int8_channel", "int8_channel_a8"):
@@ -331,7 +334,7 @@ class _Emitter:
             y = self.op("Add", y, self.as_float(bias, bias_dtype))
         return y
 
-    def int4(self, x, packed, scales, zeros, n_out, k, group):
+    def int4(self, x, packed, scales, zeros, n_out, k, group, float_zero, rank):
         blocks = k // group
         if group not in _NBITS_BLOCKS:
             # MatMulNBits takes power-of-two groups only: dequantize once at load instead.
@@ -352,10 +355,27 @@ class _Emitter:
         # only the zero points need two to a byte, which the graph does on the initializer.
         b = self.op("Reshape", packed, self.const([n_out, blocks, group // 2]))
         s = self.op("Reshape", scales, self.const([-1]))
-        z = self.pack_zero_points(zeros, n_out, blocks)
-        y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out, bits=4,
-                    block_size=group, accuracy_level=4)
-        return y, f"MatMulNBits 4-bit g{group}"
+        if not float_zero:  # uint8 zero points: engines from before float ones
+            z = self.pack_zero_points(zeros, n_out, blocks)
+            y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out,
+                        bits=4, block_size=group, accuracy_level=4)
+            return y, f"MatMulNBits 4-bit g{group}"
+        # MatMulNBits takes float zero points too, but then leaves its fast kernels (30x
+        # slower at one row here). So it gets the nearest integers, and the rest is llama.cpp's
+        # Q4_1 trick: (q - z) s = (q - round(z)) s - (z - round(z)) s, and the last term is
+        # one number per (row, group), so its product with x is x's per-group sums [.., K/G]
+        # times a [K/G, N] matrix: a GEMM K/G wide.
+        zi = self.op("Round", zeros)
+        y = self.op("MatMulNBits", x, b, s, self.pack_zero_points(zi, n_out, blocks),
+                    domain="com.microsoft", K=k, N=n_out, bits=4, block_size=group,
+                    accuracy_level=4)
+        frac = self.op("Transpose", self.op("Mul", self.op("Sub", zeros, zi), scales),
+                       perm=[1, 0])
+        sums = self.op("ReduceSum", self.op("Reshape", x, self.const([0] * (rank - 1)
+                                                                     + [blocks, group])),
+                       self.const([-1]), keepdims=0)
+        return self.op("Sub", y, self.op("MatMul", sums, frac)), \
+            f"MatMulNBits 4-bit g{group} + zero-point offsets"
 
     def pack_zero_points(self, zeros: str, n_out: int, blocks: int) -> str:
         if blocks % 2:

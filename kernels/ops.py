@@ -155,7 +155,7 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
 
     - "dense":           w [N, K] in x's dtype
     - "int8_channel":    q int8 [N, K], scale fp32 [N]                  (weight-only)
-    - "int4_group":      packed uint8 [N, K/2], scales fp32 [N, K/G], zeros uint8 [N, K/G];
+    - "int4_group":      packed uint8 [N, K/2], scales fp32 [N, K/G], zeros fp32 [N, K/G];
                          attr group_size = G                             (weight-only)
     - "int8_channel_a8": q int8 [N, K], scale fp32 [N]; x quantized to int8 per token
                          (dynamic, symmetric) and multiplied in integers (SmoothQuant W8A8)

@@ -6,10 +6,13 @@ layout, w [N, K] (N output channels, K input features), and every format dequant
 
 * int8 per channel ("int8_channel", the `b_format` of `kernels/triton/gemm.py`):
   q int8 [N, K], scale float32 [N]; W = q.float() * scale[:, None]. Symmetric, q in -127..127.
-* int4 per group: packed uint8 [N, K // 2], scales float32 [N, K // G], zeros uint8 [N, K // G]
-  (G = group size, dividing K); W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] with
-  q in 0..15. Two nibbles per byte: byte j of a row holds column 2j in its LOW nibble and
-  column 2j + 1 in its HIGH nibble.
+* int4 per group: packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32
+  [N, K // G] (G = group size, dividing K); W[n, k] = (q[n, k] - zeros[n, k // G]) *
+  scales[n, k // G] with q in 0..15 and the zero point a real number in [0, 15], so a group's
+  grid spans exactly its [min, max] (llama.cpp's Q4_1 min and TensorRT-LLM's fp16 zeros are the
+  same thing). Engines built before zero points were float store them as uint8 integers, which
+  every consumer still takes. Two nibbles per byte: byte j of a row holds column 2j in its LOW
+  nibble and column 2j + 1 in its HIGH nibble.
 * fp8 per channel: q float8_e4m3fn [N, K], scale float32 [N]; W = q.float() * scale[:, None].
 
 Three formats also quantize the activations (W8A8), computing the product in low precision:
@@ -106,7 +109,7 @@ def dequantize_int8_channel(
 
 
 # ---------------------------------------------------------------------------------------------
-# int4, asymmetric per group with integer zero points
+# int4, asymmetric per group with float zero points
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,16 +151,36 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def int4_range_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 of a group whose grid runs from lo <= 0 to hi >= 0: scale =
+    (hi - lo) / 15 and zero = -lo / scale in [0, 15], so code 0 lands on lo and 15 on hi; an
+    empty range (hi == lo == 0) gets scale 1, zero 0. The one rule for every int4 quantizer
+    (round to nearest, AWQ's clip search, GPTQ).
+
+    The zero point is not rounded to an integer: an integer zero shifts the grid by up to half
+    a step, so one end of the range falls off it and its values clip, and the search over
+    ranges chases that shift. Kept real, the grid spans the range exactly (held-out SmolLM2
+    int4-awq +11.9% -> +9.5%)."""
+    span = hi - lo
+    scale = torch.where(span > 0, span / INT4_MAX, torch.ones_like(span))
+    return scale, ((0.0 - lo) / scale).clamp_(0, INT4_MAX)  # 0 - lo: no -0.0 zero points
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The codes (float, integers in 0..15) of w on the grid (q - zero) * scale: the nearest."""
+    return torch.round(w / scale + zero).clamp_(0, INT4_MAX)
+
+
 def quantize_int4_group(
     w: torch.Tensor, group_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros uint8 [N, K // G]).
+    """w [N, K] float -> (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32 [N, K // G]).
 
     Asymmetric per group of G consecutive columns: the group's range is widened to include 0
-    (so zero is exact and the integer zero point stays in 0..15), scale = (max - min) / 15,
-    zero = round(-min / scale), q = clamp(round(w / scale) + zero, 0, 15). Every element is
-    then within scale / 2 of its dequantized value. A group of zeros gets scale 1, zero 0.
-    G must divide K (see `resolve_group_size`) and K must be even (two nibbles per byte).
+    (so zero is exact), then `int4_range_params` and `int4_codes`. Every element is within
+    scale / 2 of its dequantized value (nothing clips: the grid spans the range). A group of
+    zeros gets scale 1, zero 0. G must divide K (see `resolve_group_size`) and K must be even
+    (two nibbles per byte).
     """
     _check_2d(w)
     N, K = w.shape
@@ -168,13 +191,9 @@ def quantize_int4_group(
     if K % 2:
         raise ValueError(f"int4 packing needs an even K, got K={K}")
     g = w.float().reshape(N, K // group_size, group_size)
-    lo = g.amin(dim=2).clamp(max=0.0)
-    hi = g.amax(dim=2).clamp(min=0.0)
-    span = hi - lo
-    scales = torch.where(span > 0, span / INT4_MAX, torch.ones_like(span))
-    zeros = torch.round(-lo / scales).clamp_(0, INT4_MAX)
-    q = (torch.round(g / scales[..., None]) + zeros[..., None]).clamp_(0, INT4_MAX)
-    return pack_int4(q.reshape(N, K)), scales, zeros.to(torch.uint8)
+    scales, zeros = int4_range_params(g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0))
+    q = int4_codes(g, scales[..., None], zeros[..., None])
+    return pack_int4(q.reshape(N, K)), scales, zeros
 
 
 def dequantize_int4_group(
@@ -184,7 +203,8 @@ def dequantize_int4_group(
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(packed uint8 [N, K // 2], scales fp32 [N, K // G], zeros [N, K // G]) -> W [N, K] in `dtype`."""
+    """(packed uint8 [N, K // 2], scales fp32 [N, K // G], zeros [N, K // G] float32, or uint8
+    in engines from before float zero points) -> W [N, K] in `dtype`."""
     q = unpack_int4(packed).float()
     N, K = q.shape
     g = q.reshape(N, K // group_size, group_size)

@@ -84,6 +84,8 @@ def test_quantized_graph_matches_reference(mode, arch, options, checkpoints, tmp
     assert report["written"], report
     if options.get("fp8_act_scales") == "per-token-group":  # its own lowering, not per-token's
         assert report["lowerings"]["MatMul (fp8 per-token-group g32, dequantized)"] == 8
+    if mode == "int4-gptq":  # float zero points: integer ones plus the per-group offsets
+        assert report["lowerings"]["MatMulNBits 4-bit g16 + zero-point offsets"] == 8
     _compare(path, atol=0.5, rel=0.02)
 
 
@@ -170,3 +172,40 @@ def test_build_without_onnx_package_keeps_the_reference_path(checkpoints, tmp_pa
                       "reason": "the onnx package is not installed (pip install onnx)"}
     assert not (path / "model.onnx").exists()
     assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "reference"
+
+
+@pytest.mark.parametrize("uint8_zeros", [False, True], ids=["float-zeros", "uint8-zeros"])
+@pytest.mark.parametrize(("K", "G"), [(192, 64), (288, 96)], ids=["MatMulNBits", "dequantized"])
+def test_int4_lowering(K, G, uint8_zeros):
+    """The int4 GEMM's ONNX lowering against ops.linear, one node on its own: float zero points
+    (MatMulNBits on the rounded ones plus the offsets GEMM, or dequantized at load for groups
+    MatMulNBits does not take) and the uint8 integer ones of engines from before them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from builder.onnx_export import OPSET, _Emitter
+    from kernels import ops
+    from kernels import quant as Q
+
+    N, gen = 40, torch.Generator().manual_seed(K)
+    packed, scales, zeros = Q.quantize_int4_group(torch.randn(N, K, generator=gen), G)
+    if uint8_zeros:
+        zeros = zeros.round().to(torch.uint8)
+    x = torch.randn(2, 3, K, generator=gen)
+    em = object.__new__(_Emitter)  # only the graph-building state the lowering uses
+    em.onnx_nodes, em.inits, em.consts, em.counter = [], [], {}, 0
+    em.inits += [numpy_helper.from_array(t.numpy(), name)
+                 for t, name in ((packed, "w"), (scales, "s"), (zeros, "z"))]
+    y, kind = em.int4("x", "w", "s", "z", N, K, G, not uint8_zeros, 3)
+    graph = helper.make_graph(
+        em.onnx_nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], em.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]) \
+        .run(None, {"x": x.numpy()})[0]
+    want = ops.linear(x, packed, scales, zeros, b_format="int4_group", group_size=G)
+    # MatMulNBits rounds x to int8 per block (accuracy level 4): ~0.5% relative
+    err = float((torch.from_numpy(got) - want).norm() / want.norm())
+    assert err < (1e-2 if G == 64 else 1e-6), (kind, err)
+    assert ("offsets" in kind) == (G == 64 and not uint8_zeros), kind

@@ -105,7 +105,7 @@ def test_int4_layout_dequantizes_by_group():
     w = torch.cat((torch.linspace(-1.0, 2.0, 8), torch.linspace(0.0, 3.0, 8))).reshape(1, 16)
     packed, scales, zeros = Q.quantize_int4_group(w, 8)
     assert packed.shape == (1, 8) and scales.shape == (1, 2) and zeros.shape == (1, 2)
-    assert zeros.dtype == torch.uint8 and scales.dtype == torch.float32
+    assert zeros.dtype == torch.float32 and scales.dtype == torch.float32
     q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(1, 16).float()
     manual = (q - zeros.float().repeat_interleave(8, 1)) * scales.repeat_interleave(8, 1)
     assert torch.equal(Q.dequantize_int4_group(packed, scales, zeros, 8), manual)
@@ -131,8 +131,17 @@ def test_int4_round_trip_within_half_step(shape, seed, log_scale, kind, requeste
     s = scales.repeat_interleave(G, dim=1)
     bound = s / 2 * (1 + FP_SLACK) + FP_SLACK * w.abs()
     assert ((w - deq).abs() <= bound).all()
-    # 0 is always representable exactly (the range is widened to include it).
-    assert (deq[w == 0] == 0).all()
+    # The zero point is real, so the grid spans each group's range exactly: a group's min
+    # and max (the range widened to include 0) come back to float rounding. (An all-zero
+    # group has scale 1, zero 0.)
+    g = w.reshape(N, K // G, G)
+    lo, hi = g.amin(2).clamp(max=0), g.amax(2).clamp(min=0)
+    grid = torch.stack((-zeros * scales, (Q.INT4_MAX - zeros) * scales), dim=-1)
+    live = hi > lo
+    gap = (grid - torch.stack((lo, hi), dim=-1)).abs()[live]
+    assert (gap <= 1e-5 * (hi - lo)[live][:, None]).all()
+    assert (zeros[~live] == 0).all() and (scales[~live] == 1).all()
+    assert ((zeros >= 0) & (zeros <= Q.INT4_MAX)).all()
 
 
 def test_int4_zero_and_constant_groups_exact():

@@ -21,9 +21,9 @@ pytestmark = [
 # Perplexity increase (%) allowed per mode, and engine size as a fraction of the fp32 engine.
 # Measured (the build's 4 held-out windows, 2046 tokens): int8-wo +0.37, int8-sq +0.22 (rotated;
 # +1.02 with --rotation none), fp8 +1.87 (+1.76 per-token, +0.81 per-token-group),
-# int4-awq +10.6, int4-gptq +4.5;
+# int4-awq +7.9 (+10.6 with integer zero points), int4-gptq +4.7;
 # plain round-to-nearest int4 at group 128 is +33 on this model.
-PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 0.6, "fp8": 3.0, "int4-awq": 14.0, "int4-gptq": 8.0,
+PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 0.6, "fp8": 3.0, "int4-awq": 10.0, "int4-gptq": 8.0,
              "fp8-per-token": 2.5, "fp8-group": 1.5}
 # Build variants checked like modes: case -> (mode, build options).
 VARIANTS = {"fp8-per-token": ("fp8", {"fp8_act_scales": "per-token"}),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import INT4_MAX
+from kernels.quant import int4_codes, int4_range_params
 
 __all__ = ["AwqResult", "awq_search", "awq_search_stats", "fake_quant_int4"]
 
@@ -60,11 +60,8 @@ def fake_quant_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def _quant_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """g [..., G] quantized with the range [lo, hi] (lo <= 0 <= hi, broadcast [..., 1]) and the
     rule of quantize_int4_group, dequantized."""
-    span = hi - lo
-    scale = torch.where(span > 0, span / INT4_MAX, torch.ones_like(span))
-    zero = torch.round(-lo / scale).clamp_(0, INT4_MAX)
-    q = (torch.round(g / scale) + zero).clamp_(0, INT4_MAX)
-    return (q - zero) * scale
+    scale, zero = int4_range_params(lo, hi)
+    return (int4_codes(g, scale, zero) - zero) * scale
 
 
 def _gram_factor(gram: torch.Tensor) -> torch.Tensor:

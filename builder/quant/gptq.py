@@ -4,7 +4,7 @@ Quantizes W [N, K] (torch linear layout, y = x @ W^T) column by column, feeding 
 rounding error back into the columns not yet quantized so that the layer OUTPUT error on the
 calibration inputs, trace((W - Ŵ) H (W - Ŵ)^T) with H = X^T X, is (approximately) minimised.
 Pure torch; the result is exactly what `kernels.quant.quantize_int4_group` returns (packed
-nibbles, fp32 scales, uint8 zeros), so every consumer of that format takes it unchanged.
+nibbles, fp32 scales and zero points), so every consumer of that format takes it unchanged.
 """
 
 from __future__ import annotations
@@ -13,23 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.quant import INT4_MAX, pack_int4
+from kernels.quant import INT4_MAX, int4_codes, int4_range_params, pack_int4
 
 __all__ = ["gptq_quantize", "gptq_rounded", "hessian_error"]
 
 
 def _group_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg [..., G] -> (scale, zero) float32 [...], the min/max rule of `quantize_int4_group`.
-
-    The range is widened to include 0, scale = (max - min) / 15, zero = round(-min / scale)
-    clamped to 0..15; an all-zero group gets scale 1, zero 0.
-    """
-    lo = wg.amin(dim=-1).clamp(max=0.0)
-    hi = wg.amax(dim=-1).clamp(min=0.0)
-    span = hi - lo
-    scale = torch.where(span > 0, span / INT4_MAX, torch.ones_like(span))
-    zero = torch.round(-lo / scale).clamp_(0, INT4_MAX)
-    return scale, zero
+    """wg [..., G] -> (scale, zero) float32 [...], the min/max rule of `quantize_int4_group`
+    (the range widened to include 0, then `int4_range_params`)."""
+    return int4_range_params(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0))
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -114,7 +106,7 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize w [N, K] to int4 groups of `group_size` columns, given H = X^T X [K, K].
 
-    Returns (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros uint8 [N, K // G]),
+    Returns (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32 [N, K // G]),
     the format of `kernels.quant.quantize_int4_group` / `dequantize_int4_group`.
 
     * hessian: sum over calibration rows x [K] of x x^T (any positive multiple: it is normalised
@@ -129,7 +121,7 @@ def gptq_quantize(
       from the original W ("static groups", as AutoGPTQ's static_groups / TensorRT-LLM), so the
       stored format is the plain per-group one. Without act_order, each group's scale/zero is
       computed when its first column is reached, from the weights as updated so far.
-    * group_params: (scales [N, K // G], zeros [N, K // G], zeros integers in 0..15) to use
+    * group_params: (scales [N, K // G], zeros [N, K // G], zeros in [0, 15]) to use
       for every group instead of the min/max rule (e.g. ranges from AWQ's clip search); they
       are static, whatever act_order, and are returned as given.
 
@@ -152,14 +144,14 @@ def gptq_quantize(
     W, H, dead = _working_copies(w, hessian)
     diag = torch.diagonal(H)
     if bool(dead.all()):
-        # No information at all: every input is zero; any weight is exact. Store zeros.
+        # No information at all: every input is zero; any weight is exact. Store the codes
+        # nearest 0.
         if group_params is None:
-            scales = torch.ones(N, K // G)
-            zeros = torch.zeros(N, K // G, dtype=torch.uint8)
+            scales, zeros = torch.ones(N, K // G), torch.zeros(N, K // G)
         else:
-            scales = group_params[0].detach().float().clone()
-            zeros = group_params[1].detach().round().to(torch.uint8)
-        q = zeros.repeat_interleave(G, dim=1)  # q = zero: dequantizes to exactly 0
+            scales, zeros = (t.detach().float().clone() for t in group_params)
+        q = int4_codes(torch.zeros(N, K), scales.repeat_interleave(G, dim=1),
+                       zeros.repeat_interleave(G, dim=1))  # the code nearest 0
         return pack_int4(q), scales, zeros
     H = H / diag[~dead].mean()  # normalise (GPTQ is invariant to the scale of H)
     H[dead, dead] = 1.0
@@ -172,8 +164,7 @@ def gptq_quantize(
         if tuple(s_static.shape) != (N, ng) or tuple(z_static.shape) != (N, ng):
             raise ValueError(f"gptq: group_params must be two [N, K // G] = [{N}, {ng}] tensors")
         if not (s_static > 0).all() or not ((z_static >= 0) & (z_static <= INT4_MAX)).all():
-            raise ValueError("gptq: group_params need scales > 0 and zeros in 0..15")
-        z_static = z_static.round()
+            raise ValueError("gptq: group_params need scales > 0 and zeros in [0, 15]")
     elif act_order:
         # Static groups from the original (dead-zeroed) weights.
         s_static, z_static = _group_params(W.reshape(N, ng, G))  # [N, ng]
@@ -201,7 +192,7 @@ def gptq_quantize(
         elif col % G == 0:
             scale, zero = _group_params(W1[:, i:i + G])
             s_dyn[:, col // G], z_dyn[:, col // G] = scale, zero
-        q = (torch.round(W1[:, i] / scale) + zero).clamp_(0, INT4_MAX)
+        q = int4_codes(W1[:, i], scale, zero)
         Q[:, col] = q
         return (q - zero) * scale
 
@@ -215,7 +206,7 @@ def gptq_quantize(
         scales, zeros = s_static, z_static
     else:
         scales, zeros = s_dyn, z_dyn
-    return pack_int4(Q.to(torch.uint8)), scales.contiguous(), zeros.to(torch.uint8)
+    return pack_int4(Q.to(torch.uint8)), scales.contiguous(), zeros.contiguous()
 
 
 def gptq_rounded(

@@ -23,9 +23,11 @@ the reference op):
     - "dense":        w [N, K] in the activation dtype
     - "int8_channel": w int8 [N, K], w_scale float32 [N]; W = w.float() * w_scale[:, None]
     - "int4_group":   w uint8 [N, K // 2] (two nibbles per byte, the low one the even column),
-                      w_scales float32 [N, K // G], w_zeros uint8 [N, K // G], with the node
-                      attribute `"group_size": G` (G divides K, K even; recorded in the
-                      params as `group_size`); W = (q - zero) * scale per group of G columns
+                      w_scales float32 [N, K // G], w_zeros float32 [N, K // G], with the
+                      node attribute `"group_size": G` (G divides K, K even; recorded in the
+                      params as `group_size`); W = (q - zero) * scale per group of G columns.
+                      Engines from before float zero points have uint8 w_zeros: their params
+                      lack `zero_dtype`, which float zeros record as "float32"
     - "int8_channel_a8": w int8 [N, K], w_scale float32 [N], and the activations quantized
                       to int8 per row inside the kernel (a = amax|x_row| / 127, SmoothQuant
                       W8A8): an int8 x int8 -> int32 dot, scaled by a * w_scale after the loop
@@ -96,7 +98,7 @@ def _check_int4_group(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
     if not (is_int(G) and G > 0 and K % G == 0 and K % 2 == 0):
         return False
     return (tuple(w) == (N, K // 2) and wd == "uint8" and tuple(s) == (N, K // G)
-            and sd == "float32" and tuple(z) == (N, K // G) and zd == "uint8")
+            and sd == "float32" and tuple(z) == (N, K // G) and zd in ("float32", "uint8"))
 
 
 def _check_fp8_channel(shapes, dtypes, N, K, a_dtype, group_size) -> bool:
@@ -262,6 +264,10 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
     }
     if b_format in GROUPED:
         p["group_size"] = group_size
+    if b_format == "int4_group" and b_dtypes[2] == "float32":
+        # Only float zero points record it: engines from before them (uint8 zeros) have no
+        # such parameter, so their stored kernels still re-render byte for byte.
+        p["zero_dtype"] = "float32"
     m_hint = static_numel(a_shape[-2:-1] if batched else lead)
     p.update(configs(m_hint, N, K, default_device(), dtype=a_dtype, b_format=b_format,
                      group_size=group_size)[0])

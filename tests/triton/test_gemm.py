@@ -257,16 +257,19 @@ needs_fp8 = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no f
 
 
 def quantized(b_format: str, x: torch.Tensor, N: int, K: int, G: int | None = None,
-              seed: int = 0):
+              seed: int = 0, uint8_zeros: bool = False):
     """(weight operands, node attrs, ops.linear kwargs) of a random [N, K] weight stored as
     `b_format`; fp8's static x_scale comes from x (as a calibration would), at 0.8 of the
-    range so some values saturate."""
+    range so some values saturate. `uint8_zeros`: int4 with integer zero points stored as
+    uint8, as engines from before float zero points have them."""
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(N, K, generator=gen) * 0.05).to(x.device)
     w[0, :] = 0.0  # a zero row: scale 1, q 0
     attrs: dict = {"b_format": b_format}
     if b_format == "int4_group":
         ws = list(Q.quantize_int4_group(w, G))
+        if uint8_zeros:
+            ws[2] = ws[2].round().to(torch.uint8)
         attrs["group_size"] = G
     elif b_format == "int8_channel_a8":
         ws = list(Q.quantize_int8_channel(w))
@@ -291,9 +294,9 @@ def activations(M, K, dtype, device, seed):
 
 
 def check_quantized(b_format, M, N, K, dtype, device, *, G=None, bias=True, act="none",
-                    seed=0, **cfg):
+                    seed=0, uint8_zeros=False, **cfg):
     x = activations(M, K, dtype, device, seed)
-    ws, attrs, op_kw = quantized(b_format, x, N, K, G, seed)
+    ws, attrs, op_kw = quantized(b_format, x, N, K, G, seed, uint8_zeros)
     b = rand(N, dtype=dtype, device=device) if bias else None
     if act != "none":
         attrs["epilogue"] = {"act": act}
@@ -318,7 +321,23 @@ def check_quantized(b_format, M, N, K, dtype, device, *, G=None, bias=True, act=
     (2, 24, 160, 32, {"BLOCK_K": 16, "BLOCK_N": 16}),  # four tiles per group
 ])
 def test_int4_group(M, N, K, G, cfg, dtype, device):
-    check_quantized("int4_group", M, N, K, dtype, device, G=G, seed=M + N + K, **cfg)
+    p, _, inputs = check_quantized("int4_group", M, N, K, dtype, device, G=G, seed=M + N + K,
+                                   **cfg)
+    assert p["zero_dtype"] == "float32" and inputs[3].dtype == torch.float32
+    assert not torch.equal(inputs[3], inputs[3].round())  # the zero points are not integers
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,K,G,cfg", [
+    (5, 100, 256, 64, {}),  # one group per tile: one zero point per column
+    (3, 40, 192, 64, {"BLOCK_K": 128}),  # tiles straddle groups: a zero point per element
+])
+def test_int4_group_uint8_zeros(M, N, K, G, cfg, dtype, device):
+    """Engines built before float zero points store integer ones as uint8: their params have
+    no zero_dtype, and their kernel still computes (q - zero) * scale."""
+    p, _, inputs = check_quantized("int4_group", M, N, K, dtype, device, G=G, seed=M + N + K,
+                                   uint8_zeros=True, **cfg)
+    assert "zero_dtype" not in p and inputs[3].dtype == torch.uint8
 
 
 @pytest.mark.parametrize("b_format", ["int8_channel_a8",
@@ -528,11 +547,15 @@ def test_params_checker():
              f16) is None  # no scale
     assert P("linear", {"b_format": "int8_channel"}, [(4, 64), (96, 64), (96,)],
              [f16, "int8", "float32"], f16)["b_format"] == "int8_channel"
-    # int4_group: packed [N, K/2] uint8, scales fp32 and zeros uint8 [N, K/G], attr group_size
+    # int4_group: packed [N, K/2] uint8, scales and zeros fp32 [N, K/G] (zeros uint8 in
+    # engines from before float zero points), attr group_size
     i4 = [(4, 64), (96, 32), (96, 2), (96, 2)]
     i4d = [f16, "uint8", "float32", "uint8"]
     g32 = {"b_format": "int4_group", "group_size": 32}
     assert P("linear", g32, i4, i4d, f16)["group_size"] == 32
+    assert "zero_dtype" not in P("linear", g32, i4, i4d, f16)
+    assert P("linear", g32, i4, [*i4d[:3], "float32"], f16)["zero_dtype"] == "float32"
+    assert P("linear", g32, i4, [*i4d[:3], "float16"], f16) is None
     assert P("linear", g32, [*i4, (96,)], [*i4d, f16], f16)["bias"]
     assert P("linear", {**g32, "group_size": 16}, i4, i4d, f16) is None  # K/G mismatch
     assert P("linear", {**g32, "group_size": 24}, [(4, 48), (96, 24), (96, 2), (96, 2)], i4d,
