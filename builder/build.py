@@ -88,6 +88,7 @@ class BuildOptions:
     smoothquant_alpha: float | str = 0.5
     rotation: str = "auto"  # none | offline | online | auto (builder.quant.rotate)
     fp8_act_scales: str = "static"  # static | per-token | per-token-group (fp8 only)
+    int4_zero_point: str = "float"  # float | integer (int4 modes only)
     calib_data: Path | None = None
     calib_samples: int = 8
     calib_seq_len: int = 512

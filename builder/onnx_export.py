@@ -312,10 +312,9 @@ class _Emitter:
             y = self.op("MatMul", x, self.op("Transpose", w, perm=[1, 0]))
             kind = "MatMul (fp32)"
         elif fmt == "int4_group":
-            rank = len(self.nodes_by_name[n["inputs"][0]]["shape"])
             float_zero = self.nodes_by_name[n["inputs"][3]]["dtype"] == "float32"
             y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"],
-                                float_zero, rank)
+                                float_zero)
         elif fmt == "int8_channel":
             y, kind = self.int8(x, ins[1], ins[2], n_out, k)
         elif fmt in ("int8_channel", "int8_channel_a8"):
@@ -334,7 +333,7 @@ class _Emitter:
             y = self.op("Add", y, self.as_float(bias, bias_dtype))
         return y
 
-    def int4(self, x, packed, scales, zeros, n_out, k, group, float_zero, rank):
+    def int4(self, x, packed, scales, zeros, n_out, k, group, float_zero):
         blocks = k // group
         if group not in _NBITS_BLOCKS:
             # MatMulNBits takes power-of-two groups only: dequantize once at load instead.
@@ -360,20 +359,21 @@ class _Emitter:
             y = self.op("MatMulNBits", x, b, s, z, domain="com.microsoft", K=k, N=n_out,
                         bits=4, block_size=group, accuracy_level=4)
             return y, f"MatMulNBits 4-bit g{group}"
-        # MatMulNBits takes float zero points too, but then leaves its fast kernels (30x
+        # MatMulNBits takes float zero points too, but then leaves its fast kernels (9-30x
         # slower at one row here). So it gets the nearest integers, and the rest is llama.cpp's
         # Q4_1 trick: (q - z) s = (q - round(z)) s - (z - round(z)) s, and the last term is
         # one number per (row, group), so its product with x is x's per-group sums [.., K/G]
-        # times a [K/G, N] matrix: a GEMM K/G wide.
+        # (x times a 0/1 [K, K/G] matrix: one op, where Reshape + ReduceSum are two) times a
+        # [K/G, N] matrix. Three small ops, ~8 us per GEMM at one row.
         zi = self.op("Round", zeros)
         y = self.op("MatMulNBits", x, b, s, self.pack_zero_points(zi, n_out, blocks),
                     domain="com.microsoft", K=k, N=n_out, bits=4, block_size=group,
                     accuracy_level=4)
         frac = self.op("Transpose", self.op("Mul", self.op("Sub", zeros, zi), scales),
                        perm=[1, 0])
-        sums = self.op("ReduceSum", self.op("Reshape", x, self.const([0] * (rank - 1)
-                                                                     + [blocks, group])),
-                       self.const([-1]), keepdims=0)
+        member = np.zeros((k, blocks), np.float32)
+        member[np.arange(k), np.arange(k) // group] = 1.0
+        sums = self.op("MatMul", x, self.const(member, np.float32))
         return self.op("Sub", y, self.op("MatMul", sums, frac)), \
             f"MatMulNBits 4-bit g{group} + zero-point offsets"
 

@@ -151,11 +151,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
-def int4_range_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_range_params(lo: torch.Tensor, hi: torch.Tensor, integer: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) float32 of a group whose grid runs from lo <= 0 to hi >= 0: scale =
     (hi - lo) / 15 and zero = -lo / scale in [0, 15], so code 0 lands on lo and 15 on hi; an
     empty range (hi == lo == 0) gets scale 1, zero 0. The one rule for every int4 quantizer
-    (round to nearest, AWQ's clip search, GPTQ).
+    (round to nearest, AWQ's clip search, GPTQ). `integer`: the zero point rounded to the
+    nearest integer (`--int4-zero-point integer`, the uint8 zeros of engines before float
+    ones).
 
     The zero point is not rounded to an integer: an integer zero shifts the grid by up to half
     a step, so one end of the range falls off it and its values clip, and the search over
@@ -163,7 +166,8 @@ def int4_range_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor,
     int4-awq +11.9% -> +9.5%)."""
     span = hi - lo
     scale = torch.where(span > 0, span / INT4_MAX, torch.ones_like(span))
-    return scale, ((0.0 - lo) / scale).clamp_(0, INT4_MAX)  # 0 - lo: no -0.0 zero points
+    zero = ((0.0 - lo) / scale).clamp_(0, INT4_MAX)  # 0 - lo: no -0.0 zero points
+    return scale, (zero.round_() if integer else zero)
 
 
 def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -172,7 +176,7 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def quantize_int4_group(
-    w: torch.Tensor, group_size: int = 128
+    w: torch.Tensor, group_size: int = 128, integer_zeros: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32 [N, K // G]).
 
@@ -180,7 +184,9 @@ def quantize_int4_group(
     (so zero is exact), then `int4_range_params` and `int4_codes`. Every element is within
     scale / 2 of its dequantized value (nothing clips: the grid spans the range). A group of
     zeros gets scale 1, zero 0. G must divide K (see `resolve_group_size`) and K must be even
-    (two nibbles per byte).
+    (two nibbles per byte). `integer_zeros`: zero points rounded to integers and stored as
+    uint8 (the grid then shifts by up to half a step and a range end may clip: still within
+    scale / 2, but the ends are no longer exact).
     """
     _check_2d(w)
     N, K = w.shape
@@ -191,9 +197,10 @@ def quantize_int4_group(
     if K % 2:
         raise ValueError(f"int4 packing needs an even K, got K={K}")
     g = w.float().reshape(N, K // group_size, group_size)
-    scales, zeros = int4_range_params(g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0))
+    scales, zeros = int4_range_params(g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0),
+                                      integer_zeros)
     q = int4_codes(g, scales[..., None], zeros[..., None])
-    return pack_int4(q.reshape(N, K)), scales, zeros
+    return pack_int4(q.reshape(N, K)), scales, (zeros.to(torch.uint8) if integer_zeros else zeros)
 
 
 def dequantize_int4_group(

@@ -196,7 +196,7 @@ def test_int4_lowering(K, G, uint8_zeros):
     em.onnx_nodes, em.inits, em.consts, em.counter = [], [], {}, 0
     em.inits += [numpy_helper.from_array(t.numpy(), name)
                  for t, name in ((packed, "w"), (scales, "s"), (zeros, "z"))]
-    y, kind = em.int4("x", "w", "s", "z", N, K, G, not uint8_zeros, 3)
+    y, kind = em.int4("x", "w", "s", "z", N, K, G, not uint8_zeros)
     graph = helper.make_graph(
         em.onnx_nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], em.inits)

@@ -118,19 +118,23 @@ def test_int4_layout_dequantizes_by_group():
 
 @SETTINGS
 @given(shape=shapes, seed=seeds, log_scale=log_scales, kind=kinds,
-       requested=st.sampled_from([8, 16, 32, 64, 128]))
-def test_int4_round_trip_within_half_step(shape, seed, log_scale, kind, requested):
+       requested=st.sampled_from([8, 16, 32, 64, 128]), integer=st.booleans())
+def test_int4_round_trip_within_half_step(shape, seed, log_scale, kind, requested, integer):
     N, K = shape
     G = Q.resolve_group_size(K, requested)
     w = weight(N, K, seed, log_scale, kind)
-    packed, scales, zeros = Q.quantize_int4_group(w, G)
+    packed, scales, zeros = Q.quantize_int4_group(w, G, integer_zeros=integer)
     assert packed.shape == (N, K // 2) and packed.dtype == torch.uint8
+    assert zeros.dtype == (torch.uint8 if integer else torch.float32)
     assert scales.shape == zeros.shape == (N, K // G)
     assert int(zeros.max()) <= 15
     deq = Q.dequantize_int4_group(packed, scales, zeros, G)
     s = scales.repeat_interleave(G, dim=1)
     bound = s / 2 * (1 + FP_SLACK) + FP_SLACK * w.abs()
     assert ((w - deq).abs() <= bound).all()
+    if integer:  # the older format: the grid is shifted by up to half a step
+        assert (deq[w == 0] == 0).all()  # so 0 is a grid point
+        return
     # The zero point is real, so the grid spans each group's range exactly: a group's min
     # and max (the range widened to include 0) come back to float rounding. (An all-zero
     # group has scale 1, zero 0.)

@@ -52,7 +52,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 def check_format(packed, scales, zeros, n: int, k: int, g: int) -> torch.Tensor:
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
     assert scales.dtype == torch.float32 and tuple(scales.shape) == (n, k // g)
-    assert zeros.dtype == torch.float32 and tuple(zeros.shape) == (n, k // g)
+    assert zeros.dtype in (torch.float32, torch.uint8) and tuple(zeros.shape) == (n, k // g)
     assert (scales > 0).all() and ((zeros >= 0) & (zeros <= Q.INT4_MAX)).all()
     assert torch.equal(Q.pack_int4(Q.unpack_int4(packed)), packed)
     w_hat = Q.dequantize_int4_group(packed, scales, zeros, g)
@@ -124,6 +124,24 @@ def test_gptq_dead_columns(problem, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_integer_zero_points(problem, act_order):
+    """integer_zeros: uint8 integer zero points (the older format), still better than RTN with
+    them; worse than the real-valued ones on this layer."""
+    w, x_cal, x_test = problem
+    packed, scales, zeros = gptq_quantize(w, hessian(x_cal), G, act_order=act_order,
+                                          integer_zeros=True)
+    assert zeros.dtype == torch.uint8
+    w_int = check_format(packed, scales, zeros, N, K, G)
+    rtn = Q.dequantize_int4_group(*Q.quantize_int4_group(w, G, integer_zeros=True), G)
+    assert rel_err(w, w_int, x_test) < GPTQ_MAX_RATIO * rel_err(w, rtn, x_test)
+    w_real = Q.dequantize_int4_group(*gptq_quantize(w, hessian(x_cal), G, act_order=act_order), G)
+    assert rel_err(w, w_real, x_test) < rel_err(w, w_int, x_test)
+    _, s, z = Q.quantize_int4_group(w, G)
+    with pytest.raises(ValueError, match="integer zeros"):
+        gptq_quantize(w, hessian(x_cal), G, group_params=(s, z), integer_zeros=True)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_given_group_params(problem, act_order):
     """Ranges from AWQ's clip search, GPTQ rounding into them: the parameters come back as
     given, and the result beats both RTN into the same ranges and plain RTN."""
@@ -180,12 +198,13 @@ def awq_weight(res: AwqResult, group: int = G) -> tuple[torch.Tensor, torch.Tens
     return stored, stored / res.scales
 
 
-def test_fake_quant_matches_format():
+@pytest.mark.parametrize("integer", [False, True])
+def test_fake_quant_matches_format(integer):
     w = torch.randn(10, 256) * torch.rand(10, 1) * 3
     w[2] = 0.0
     w[3] = w[3].abs()
-    assert torch.equal(fake_quant_int4(w, 64), Q.dequantize_int4_group(
-        *Q.quantize_int4_group(w, 64), 64))
+    assert torch.equal(fake_quant_int4(w, 64, integer), Q.dequantize_int4_group(
+        *Q.quantize_int4_group(w, 64, integer), 64))
 
 
 @pytest.mark.parametrize(("search_scales", "clip"), [(True, True), (True, False), (False, True)])

@@ -137,6 +137,34 @@ def test_int4_algorithms_beat_round_to_nearest(quant_engines):
         assert better >= 6, (mode, better)  # of 8 decoder GEMMs
 
 
+@pytest.mark.parametrize("mode", ["int4-awq", "int4-gptq"])
+def test_int4_integer_zero_points(mode, quant_engines):
+    """--int4-zero-point integer stores uint8 integer zero points (the older format, whose ONNX
+    lowering needs no offsets GEMM), and the default real-valued ones do better on the layers'
+    calibration outputs."""
+    path = quant_engines(mode, int4_zero_point="integer", group_size=16)
+    plan, report = _plan(path), json.loads((path / "report.json").read_text())
+    zeros = [w for name, w in plan["weights"].items() if name.endswith(".zeros")]
+    assert zeros and all(w["dtype"] == "uint8" for w in zeros)
+    assert report["quantization"]["int4_zero_point"] == "integer"
+    lowered = report["onnx"]["lowerings"]
+    assert lowered["MatMulNBits 4-bit g16"] == 2 and not any("offsets" in k for k in lowered)
+    floats = quant_engines(mode, group_size=16)
+    assert {w["dtype"] for name, w in _plan(floats)["weights"].items()
+            if name.endswith(".zeros")} == {"float32"}
+    lowered = json.loads((floats / "report.json").read_text())["onnx"]["lowerings"]
+    assert lowered["MatMulNBits 4-bit g16 + zero-point offsets"] == 2  # the down projections
+
+    def mean_error(engine):
+        layers = _quant_report(engine)["layers"].values()
+        return sum(e["output_rel_error"] for e in layers if e["format"] == "int4_group")
+
+    assert mean_error(floats) < mean_error(path)
+    out = Engine.load(path, kv_cache_memory=1 << 20).generate(
+        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].token_ids) == 4
+
+
 def test_tied_embedding_shares_one_int8_table(quant_engines):
     path = quant_engines("int4-gptq", arch="llama_tied")
     plan = _plan(path)
@@ -318,6 +346,10 @@ def test_accuracy_gate_passes(quant_engines):
      ["--group-size 48: fp8 activation groups are powers of two >= 32"]),
     (["--quant", "fp8", "--fp8-act-scales", "per-token-group", "--group-size", "16"],
      ["powers of two >= 32"]),
+    (["--quant", "int4-awq", "--int4-zero-point", "half"],
+     ["--int4-zero-point 'half' is not one of"]),
+    (["--quant", "int8-wo", "--int4-zero-point", "integer"],
+     ["--int4-zero-point integer needs --quant int4-awq or int4-gptq"]),
 ])
 def test_bad_options_are_one_line_errors(args, fragments, checkpoints, tmp_path):
     ckpt, _ = checkpoints("llama")

@@ -76,6 +76,11 @@ MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
 KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 KV_QMAX = {"int8": Q.INT8_MAX, "fp8": Q.FP8_E4M3_MAX}
 FP8_ACT_SCALES = ("static", "per-token", "per-token-group")
+INT4_ZERO_POINTS = ("float", "integer")
+
+
+def _integer_zeros(options: Any) -> bool:
+    return getattr(options, "int4_zero_point", "float") == "integer"
 FORMAT = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
 TABLE_FORMAT = "int8_channel"
@@ -350,8 +355,8 @@ def format_for(mode: str, options: Any) -> str:
 
 
 def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
-                   x_scale: torch.Tensor | None, hessian: torch.Tensor | None) \
-        -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   x_scale: torch.Tensor | None, hessian: torch.Tensor | None,
+                   integer_zeros: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """The stored operands of W [N, K] in the mode's format (fp8: x_scale None means
     per-token activation scales), and what to report."""
     if mode in ("int8-wo", "int8-sq"):
@@ -372,11 +377,11 @@ def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
         # Group ranges from AWQ's clip search (per-group shrink that minimises the output
         # error on all calibration rows), then GPTQ's error feedback within those ranges.
         clipped = awq_search_stats(W, hessian.double(), stats.absmean, stats.rows, group,
-                                   search_scales=False).weight
-        _, scales, zeros = Q.quantize_int4_group(clipped, group)
-        return list(gptq_quantize(W, hessian, group, group_params=(scales, zeros))), \
-            {"group_size": group}
-    return list(Q.quantize_int4_group(W, group)), {"group_size": group}
+                                   search_scales=False, integer_zeros=integer_zeros).weight
+        _, scales, zeros = Q.quantize_int4_group(clipped, group, integer_zeros)
+        return list(gptq_quantize(W, hessian, group, group_params=(scales, zeros),
+                                  integer_zeros=integer_zeros)), {"group_size": group}
+    return list(Q.quantize_int4_group(W, group, integer_zeros)), {"group_size": group}
 
 
 def _gptq_channel(W: torch.Tensor, hessian: torch.Tensor, kind: str) \
@@ -446,7 +451,8 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         # o_proj's V-rows fold is left to SmoothQuant: AWQ's tied scales there lowered the
         # calibration error but raised held-out perplexity (+14.1% vs +13.0% on SmolLM2).
         res = awq_search_stats(W0, stats.hessian, stats.absmean, stats.rows, group,
-                               search_scales=g.fold is not None and g.tie is None)
+                               search_scales=g.fold is not None and g.tie is None,
+                               integer_zeros=_integer_zeros(options))
         W = res.weight
         if g.fold is not None and not torch.all(res.scales == 1):
             s = res.scales.float()
@@ -467,7 +473,8 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         n = w.values[name].shape[0]
         Wi, W0i = W[row:row + n], W0[row:row + n]
         row += n
-        operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian)
+        operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian,
+                                        _integer_zeros(options))
         if fmt == "fp8_channel_a8_group":
             info["group_size"] = group
         parts = [w.add(f"{name}.{p}", t, wnode.origin)
@@ -482,7 +489,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         y_ref = F.linear(x, W0i)
         y_q = ops.linear(xq, *operands, **attrs)
         if fmt == "int4_group":  # what plain round-to-nearest would have given, for the report
-            rtn = Q.quantize_int4_group(W0i, group)
+            rtn = Q.quantize_int4_group(W0i, group, _integer_zeros(options))
             info["rtn_output_rel_error"] = round(output_error(y_ref, ops.linear(x, *rtn, **attrs)), 6)
         scales = operands[1].float()
         report[name] = {
@@ -628,6 +635,12 @@ def check_options(options) -> None:
     if act_scales not in FP8_ACT_SCALES:
         raise BuildError(f"--fp8-act-scales {act_scales!r} is not one of "
                          f"{', '.join(FP8_ACT_SCALES)}")
+    zero_point = getattr(options, "int4_zero_point", "float")
+    if zero_point not in INT4_ZERO_POINTS:
+        raise BuildError(f"--int4-zero-point {zero_point!r} is not one of "
+                         f"{', '.join(INT4_ZERO_POINTS)}")
+    if zero_point != "float" and not (mode or "").startswith("int4"):
+        raise BuildError(f"--int4-zero-point {zero_point} needs --quant int4-awq or int4-gptq")
     if options.quant_exclude and mode is None:
         raise BuildError("--quant-exclude needs --quant: without it no weight is quantized")
     if act_scales != "static" and mode != "fp8":
@@ -751,6 +764,8 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
         "kv_cache_dtype": KV_DTYPES.get(kv) if kv else None,
         "group_size": (options.group_size or DEFAULT_GROUP) if fmt in GROUPED else None,
         "fp8_act_scales": getattr(options, "fp8_act_scales", "static") if mode == "fp8" else None,
+        "int4_zero_point": getattr(options, "int4_zero_point", "float") if fmt == "int4_group"
+        else None,
         "calibration": {"source": data.source, "samples": len(data.samples),
                         "seq_len": data.seq_len, "tokens": calib.tokens, "cached": calib.cached,
                         "seconds": round(t_cal, 2), "notes": data.notes + env.notes},

@@ -47,20 +47,23 @@ class AwqResult:
     rtn_loss: float
 
 
-def fake_quant_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def fake_quant_int4(w: torch.Tensor, group_size: int, integer_zeros: bool = False
+                    ) -> torch.Tensor:
     """Q(w): round-to-nearest int4 per group, dequantized (same values as
-    dequantize_int4_group(*quantize_int4_group(w, G), G), computed without packing)."""
+    dequantize_int4_group(*quantize_int4_group(w, G, integer_zeros), G), computed without
+    packing)."""
     N, K = w.shape
     g = w.float().reshape(N, K // group_size, group_size)
     lo = g.amin(dim=2, keepdim=True).clamp(max=0.0)
     hi = g.amax(dim=2, keepdim=True).clamp(min=0.0)
-    return _quant_range(g, lo, hi).reshape(N, K)
+    return _quant_range(g, lo, hi, integer_zeros).reshape(N, K)
 
 
-def _quant_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def _quant_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, integer: bool = False
+                 ) -> torch.Tensor:
     """g [..., G] quantized with the range [lo, hi] (lo <= 0 <= hi, broadcast [..., 1]) and the
     rule of quantize_int4_group, dequantized."""
-    scale, zero = int4_range_params(lo, hi)
+    scale, zero = int4_range_params(lo, hi, integer)
     return (int4_codes(g, scale, zero) - zero) * scale
 
 
@@ -112,11 +115,13 @@ def awq_search(
     max_shrink: float = 0.5,
     n_clip_grid: int = 20,
     chunk: int = 1024,
+    integer_zeros: bool = False,
 ) -> AwqResult:
     """AWQ for w [N, K] given sample inputs x [M, K] (any leading dims: flattened to rows).
 
     See the module doc. `grid`: number of alphas tried; `n_clip_grid`: number of shrink ratios
-    tried, evenly from 1.0 down to `max_shrink`; `chunk`: output rows per step (memory bound).
+    tried, evenly from 1.0 down to `max_shrink`; `chunk`: output rows per step (memory bound);
+    `integer_zeros`: score candidates with integer zero points (`quantize_int4_group`'s).
     """
     x2 = x.reshape(-1, x.shape[-1])
     _check(w, x2.shape[1], group_size)
@@ -125,7 +130,7 @@ def awq_search(
     return awq_search_stats(
         w, gram, xd.abs().mean(dim=0), x2.shape[0], group_size, grid=grid,
         search_scales=search_scales, clip=clip, max_shrink=max_shrink,
-        n_clip_grid=n_clip_grid, chunk=chunk,
+        n_clip_grid=n_clip_grid, chunk=chunk, integer_zeros=integer_zeros,
     )
 
 
@@ -142,6 +147,7 @@ def awq_search_stats(
     max_shrink: float = 0.5,
     n_clip_grid: int = 20,
     chunk: int = 1024,
+    integer_zeros: bool = False,
 ) -> AwqResult:
     """`awq_search` from accumulated statistics of the inputs: gram = sum of x x^T [K, K]
     (float64), x_abs_mean = mean |x| per channel [K], n_rows = number of rows summed."""
@@ -156,7 +162,7 @@ def awq_search_stats(
     denom = max(n_rows, 1) * N  # -> mean squared error per output element
 
     factor = _gram_factor(gram)
-    rtn_sum = _out_err(W - fake_quant_int4(W, group_size), factor, chunk)
+    rtn_sum = _out_err(W - fake_quant_int4(W, group_size, integer_zeros), factor, chunk)
     best_alpha, best_sum = 0.0, rtn_sum
     s = torch.ones(K)
     if search_scales:
@@ -165,7 +171,7 @@ def awq_search_stats(
             alpha = i / grid
             cand = xm.pow(alpha)
             cand = (cand / math.sqrt(float(cand.max() * cand.min()))).float()
-            dw = W - fake_quant_int4(W * cand, group_size) / cand
+            dw = W - fake_quant_int4(W * cand, group_size, integer_zeros) / cand
             err = _out_err(dw, factor, chunk)
             if err < best_sum:  # strict: ties keep the smaller alpha (alpha 0 = RTN)
                 best_alpha, best_sum, s = alpha, err, cand
@@ -175,8 +181,10 @@ def awq_search_stats(
         # Gram of the scaled inputs x / s: diag(1/s) Gram diag(1/s).
         inv = 1.0 / s.double()
         gram_s = gram * inv[:, None] * inv[None, :]
-        ws_clipped = _clip_search(ws, gram_s, group_size, max_shrink, n_clip_grid, chunk)
-        err = _out_err(W - fake_quant_int4(ws_clipped, group_size) / s, factor, chunk)
+        ws_clipped = _clip_search(ws, gram_s, group_size, max_shrink, n_clip_grid, chunk,
+                                  integer_zeros)
+        err = _out_err(W - fake_quant_int4(ws_clipped, group_size, integer_zeros) / s, factor,
+                       chunk)
         if err < best_sum:
             ws, best_sum = ws_clipped, err
     return AwqResult(scales=s, weight=ws, alpha=best_alpha, loss=best_sum / denom,
@@ -184,7 +192,8 @@ def awq_search_stats(
 
 
 def _clip_search(
-    ws: torch.Tensor, gram: torch.Tensor, G: int, max_shrink: float, n_grid: int, chunk: int
+    ws: torch.Tensor, gram: torch.Tensor, G: int, max_shrink: float, n_grid: int, chunk: int,
+    integer_zeros: bool = False,
 ) -> torch.Tensor:
     """ws [N, K] clamped per (row, group) to the shrunk range [r * lo, r * hi] minimising
     the group's own output error dW_g Gram_gg dW_g^T (lo/hi: the group's range widened to 0)."""
@@ -203,16 +212,16 @@ def _clip_search(
         lo = wg.amin(dim=2, keepdim=True).clamp(max=0.0)
         hi = wg.amax(dim=2, keepdim=True).clamp(min=0.0)
         # The symmetric shrink, then each end on its own (a group's tails are rarely equal).
-        r_sym = _best_ratio(wg, lo, hi, blocks, ratios, None, None)
-        r_lo = _best_ratio(wg, lo, hi, blocks, ratios, None, r_sym)
-        r_hi = _best_ratio(wg, lo, hi, blocks, ratios, r_lo, None)
+        r_sym = _best_ratio(wg, lo, hi, blocks, ratios, None, None, integer_zeros)
+        r_lo = _best_ratio(wg, lo, hi, blocks, ratios, None, r_sym, integer_zeros)
+        r_hi = _best_ratio(wg, lo, hi, blocks, ratios, r_lo, None, integer_zeros)
         out[n0:n0 + chunk] = wg.clamp(lo * r_lo[..., None], hi * r_hi[..., None]).reshape(-1, K)
     return out
 
 
 def _best_ratio(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, blocks: torch.Tensor,
                 ratios: list[float], r_lo: torch.Tensor | None,
-                r_hi: torch.Tensor | None) -> torch.Tensor:
+                r_hi: torch.Tensor | None, integer_zeros: bool = False) -> torch.Tensor:
     """The shrink ratio per (row, group) [n, ng] minimising the group's output error: of the
     ends given as None (both together when both are), the others kept at their given ratio."""
     best_err = torch.full(wg.shape[:2], float("inf"))
@@ -220,7 +229,7 @@ def _best_ratio(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, blocks: to
     for r in ratios:
         lo_r = lo * (r if r_lo is None else r_lo[..., None])
         hi_r = hi * (r if r_hi is None else r_hi[..., None])
-        d = wg - _quant_range(wg.clamp(lo_r, hi_r), lo_r, hi_r)  # [n, ng, G]
+        d = wg - _quant_range(wg.clamp(lo_r, hi_r), lo_r, hi_r, integer_zeros)  # [n, ng, G]
         err = (torch.einsum("ngi,gij->ngj", d, blocks) * d).sum(dim=2)  # [n, ng]
         better = err < best_err
         best_err = torch.where(better, err, best_err)

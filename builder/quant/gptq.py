@@ -18,10 +18,11 @@ from kernels.quant import INT4_MAX, int4_codes, int4_range_params, pack_int4
 __all__ = ["gptq_quantize", "gptq_rounded", "hessian_error"]
 
 
-def _group_params(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(wg: torch.Tensor, integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """wg [..., G] -> (scale, zero) float32 [...], the min/max rule of `quantize_int4_group`
     (the range widened to include 0, then `int4_range_params`)."""
-    return int4_range_params(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0))
+    return int4_range_params(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0),
+                             integer)
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -103,6 +104,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     group_params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    integer_zeros: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize w [N, K] to int4 groups of `group_size` columns, given H = X^T X [K, K].
 
@@ -124,6 +126,8 @@ def gptq_quantize(
     * group_params: (scales [N, K // G], zeros [N, K // G], zeros in [0, 15]) to use
       for every group instead of the min/max rule (e.g. ranges from AWQ's clip search); they
       are static, whatever act_order, and are returned as given.
+    * integer_zeros: zero points rounded to integers and returned as uint8, as
+      `quantize_int4_group(..., integer_zeros=True)` (given group_params must be integers).
 
     Works in float32, with the Hessian inverse and its Cholesky factor computed in float64.
     """
@@ -152,7 +156,7 @@ def gptq_quantize(
             scales, zeros = (t.detach().float().clone() for t in group_params)
         q = int4_codes(torch.zeros(N, K), scales.repeat_interleave(G, dim=1),
                        zeros.repeat_interleave(G, dim=1))  # the code nearest 0
-        return pack_int4(q), scales, zeros
+        return pack_int4(q), scales, (zeros.to(torch.uint8) if integer_zeros else zeros)
     H = H / diag[~dead].mean()  # normalise (GPTQ is invariant to the scale of H)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -165,9 +169,11 @@ def gptq_quantize(
             raise ValueError(f"gptq: group_params must be two [N, K // G] = [{N}, {ng}] tensors")
         if not (s_static > 0).all() or not ((z_static >= 0) & (z_static <= INT4_MAX)).all():
             raise ValueError("gptq: group_params need scales > 0 and zeros in [0, 15]")
+        if integer_zeros and not torch.equal(z_static, z_static.round()):
+            raise ValueError("gptq: integer_zeros needs integer zeros in group_params")
     elif act_order:
         # Static groups from the original (dead-zeroed) weights.
-        s_static, z_static = _group_params(W.reshape(N, ng, G))  # [N, ng]
+        s_static, z_static = _group_params(W.reshape(N, ng, G), integer_zeros)  # [N, ng]
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
@@ -190,7 +196,7 @@ def gptq_quantize(
             g = int(col_group[col])
             scale, zero = s_static[:, g], z_static[:, g]
         elif col % G == 0:
-            scale, zero = _group_params(W1[:, i:i + G])
+            scale, zero = _group_params(W1[:, i:i + G], integer_zeros)
             s_dyn[:, col // G], z_dyn[:, col // G] = scale, zero
         q = int4_codes(W1[:, i], scale, zero)
         Q[:, col] = q
@@ -206,6 +212,7 @@ def gptq_quantize(
         scales, zeros = s_static, z_static
     else:
         scales, zeros = s_dyn, z_dyn
+    zeros = zeros.to(torch.uint8) if integer_zeros else zeros
     return pack_int4(Q.to(torch.uint8)), scales.contiguous(), zeros.contiguous()
 
 
