@@ -65,7 +65,8 @@ def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
     if fmt in ("int8_channel", "int8_channel_a8"):
         return list(quant.quantize_int8_channel(w))
     if fmt == "int4_group":
-        return list(quant.quantize_int4_group(w, p["group_size"]))
+        return list(quant.quantize_int4_group(w, p["group_size"],
+                                              integer_zeros="zero_dtype" not in p))
     if fmt == "fp8_channel_a8":
         return [*quant.quantize_fp8_channel(w), torch.full((1,), 4.0 / 448, device=device)]
     if fmt in ("fp8_channel_a8_token", "fp8_channel_a8_group"):

@@ -312,7 +312,7 @@ class _Emitter:
             y = self.op("MatMul", x, self.op("Transpose", w, perm=[1, 0]))
             kind = "MatMul (fp32)"
         elif fmt == "int4_group":
-            float_zero = self.nodes_by_name[n["inputs"][3]]["dtype"] == "float32"
+            float_zero = self.nodes_by_name[n["inputs"][3]]["dtype"] != "uint8"
             y, kind = self.int4(x, ins[1], ins[2], ins[3], n_out, k, attrs["group_size"],
                                 float_zero)
         elif fmt == "int8_channel":

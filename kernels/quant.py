@@ -181,7 +181,7 @@ def quantize_int4_group(
     """w [N, K] float -> (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32 [N, K // G]).
 
     Asymmetric per group of G consecutive columns: the group's range is widened to include 0
-    (so zero is exact), then `int4_range_params` and `int4_codes`. Every element is within
+    (which keeps the zero point in [0, 15]), then `int4_range_params` and `int4_codes`. Every element is within
     scale / 2 of its dequantized value (nothing clips: the grid spans the range). A group of
     zeros gets scale 1, zero 0. G must divide K (see `resolve_group_size`) and K must be even
     (two nibbles per byte). `integer_zeros`: zero points rounded to integers and stored as

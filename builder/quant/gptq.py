@@ -145,24 +145,7 @@ def gptq_quantize(
     G = group_size
     bs = -(-max(block_size, 1) // G) * G
 
-    W, H, dead = _working_copies(w, hessian)
-    diag = torch.diagonal(H)
-    if bool(dead.all()):
-        # No information at all: every input is zero; any weight is exact. Store the codes
-        # nearest 0.
-        if group_params is None:
-            scales, zeros = torch.ones(N, K // G), torch.zeros(N, K // G)
-        else:
-            scales, zeros = (t.detach().float().clone() for t in group_params)
-        q = int4_codes(torch.zeros(N, K), scales.repeat_interleave(G, dim=1),
-                       zeros.repeat_interleave(G, dim=1))  # the code nearest 0
-        return pack_int4(q), scales, (zeros.to(torch.uint8) if integer_zeros else zeros)
-    H = H / diag[~dead].mean()  # normalise (GPTQ is invariant to the scale of H)
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
     ng = K // G
-    static = act_order or group_params is not None
     if group_params is not None:
         s_static, z_static = (t.detach().float().clone() for t in group_params)
         if tuple(s_static.shape) != (N, ng) or tuple(z_static.shape) != (N, ng):
@@ -171,7 +154,25 @@ def gptq_quantize(
             raise ValueError("gptq: group_params need scales > 0 and zeros in [0, 15]")
         if integer_zeros and not torch.equal(z_static, z_static.round()):
             raise ValueError("gptq: integer_zeros needs integer zeros in group_params")
-    elif act_order:
+
+    W, H, dead = _working_copies(w, hessian)
+    diag = torch.diagonal(H)
+    if bool(dead.all()):
+        # No information at all: every input is zero; any weight is exact. Store the codes
+        # nearest 0.
+        if group_params is None:
+            scales, zeros = torch.ones(N, ng), torch.zeros(N, ng)
+        else:
+            scales, zeros = s_static, z_static
+        q = int4_codes(torch.zeros(N, K), scales.repeat_interleave(G, dim=1),
+                       zeros.repeat_interleave(G, dim=1))  # the code nearest 0
+        return pack_int4(q), scales, (zeros.to(torch.uint8) if integer_zeros else zeros)
+    H = H / diag[~dead].mean()  # normalise (GPTQ is invariant to the scale of H)
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = act_order or group_params is not None
+    if group_params is None and act_order:
         # Static groups from the original (dead-zeroed) weights.
         s_static, z_static = _group_params(W.reshape(N, ng, G), integer_zeros)  # [N, ng]
     if act_order:

@@ -288,7 +288,8 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
     unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
     mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
-    the pipelined A and B tiles of `dtype` would not fit in shared memory. The 8-bit dots of
+    the pipelined A and B tiles of `dtype` (and int4's per-element scales and zero points)
+    would not fit in shared memory. The 8-bit dots of
     `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot);
     `TILE_IS_GROUP` formats get BLOCK_K = group_size."""
     if b_format in TILE_IS_GROUP and not is_int(group_size):
@@ -315,7 +316,12 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
         bn, bk = min(bn, n_cap), min(bk, k_cap)
         if b_format in TILE_IS_GROUP:
             bk = group_size
-        while limit and ns > 1 and ns * (bm * bk + bk * bn) * itemsize > limit:
+        stage = (bm * bk + bk * bn) * itemsize
+        if b_format == "int4_group" and (group_size is None or group_size % bk):
+            # a tile spanning groups gathers a scale and a zero point per element: two more
+            # fp32 [BLOCK_K, BLOCK_N] tiles in every pipeline stage
+            stage += bk * bn * 8
+        while limit and ns > 1 and ns * stage > limit:
             ns -= 1
         cfg = dict(zip(TILE_KEYS, (bm, bn, bk, gm, nw, ns)))
         if cfg not in out:
