@@ -151,6 +151,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def int4_range(g: torch.Tensor, keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of each group g [..., G] (over the last dim), widened to include 0, which keeps
+    the zero point in [0, 15]."""
+    return (g.amin(dim=-1, keepdim=keepdim).clamp(max=0.0),
+            g.amax(dim=-1, keepdim=keepdim).clamp(min=0.0))
+
+
 def int4_range_params(lo: torch.Tensor, hi: torch.Tensor, integer: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) float32 of a group whose grid runs from lo <= 0 to hi >= 0: scale =
@@ -180,10 +187,10 @@ def quantize_int4_group(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (packed uint8 [N, K // 2], scales float32 [N, K // G], zeros float32 [N, K // G]).
 
-    Asymmetric per group of G consecutive columns: the group's range is widened to include 0
-    (which keeps the zero point in [0, 15]), then `int4_range_params` and `int4_codes`. Every element is within
-    scale / 2 of its dequantized value (nothing clips: the grid spans the range). A group of
-    zeros gets scale 1, zero 0. G must divide K (see `resolve_group_size`) and K must be even
+    Asymmetric per group of G consecutive columns: `int4_range` (the range widened to include
+    0), then `int4_range_params` and `int4_codes`. Every element is within scale / 2 of its
+    dequantized value (nothing clips: the grid spans the range). A group of zeros gets scale 1,
+    zero 0. G must divide K (see `resolve_group_size`) and K must be even
     (two nibbles per byte). `integer_zeros`: zero points rounded to integers and stored as
     uint8 (the grid then shifts by up to half a step and a range end may clip: still within
     scale / 2, but the ends are no longer exact).
@@ -197,8 +204,7 @@ def quantize_int4_group(
     if K % 2:
         raise ValueError(f"int4 packing needs an even K, got K={K}")
     g = w.float().reshape(N, K // group_size, group_size)
-    scales, zeros = int4_range_params(g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0),
-                                      integer_zeros)
+    scales, zeros = int4_range_params(*int4_range(g), integer_zeros)
     q = int4_codes(g, scales[..., None], zeros[..., None])
     return pack_int4(q.reshape(N, K)), scales, (zeros.to(torch.uint8) if integer_zeros else zeros)
 

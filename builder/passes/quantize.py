@@ -77,10 +77,6 @@ KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 KV_QMAX = {"int8": Q.INT8_MAX, "fp8": Q.FP8_E4M3_MAX}
 FP8_ACT_SCALES = ("static", "per-token", "per-token-group")
 INT4_ZERO_POINTS = ("float", "integer")
-
-
-def _integer_zeros(options: Any) -> bool:
-    return getattr(options, "int4_zero_point", "float") == "integer"
 FORMAT = {"int8-wo": "int8_channel", "int8-sq": "int8_channel_a8", "fp8": "fp8_channel_a8",
           "int4-awq": "int4_group", "int4-gptq": "int4_group"}
 TABLE_FORMAT = "int8_channel"
@@ -346,6 +342,10 @@ def _search_alpha(x: torch.Tensor, x_absmax: torch.Tensor, W: torch.Tensor,
     return best
 
 
+def _integer_zeros(options: Any) -> bool:
+    return getattr(options, "int4_zero_point", "float") == "integer"
+
+
 def format_for(mode: str, options: Any) -> str:
     """The `linear` b_format a mode's GEMMs get."""
     if mode == "fp8":
@@ -427,6 +427,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
     stats = calib.acts[g.act]
     x = stats.sample.float()
     fmt = format_for(mode, options)
+    integer_zeros = _integer_zeros(options)
     group = 0
     if mode.startswith("int4"):
         group = group_size_for(K, options.group_size or DEFAULT_GROUP)
@@ -452,7 +453,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         # calibration error but raised held-out perplexity (+14.1% vs +13.0% on SmolLM2).
         res = awq_search_stats(W0, stats.hessian, stats.absmean, stats.rows, group,
                                search_scales=g.fold is not None and g.tie is None,
-                               integer_zeros=_integer_zeros(options))
+                               integer_zeros=integer_zeros)
         W = res.weight
         if g.fold is not None and not torch.all(res.scales == 1):
             s = res.scales.float()
@@ -474,7 +475,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         Wi, W0i = W[row:row + n], W0[row:row + n]
         row += n
         operands, info = _quantize_rows(mode, Wi, group, stats, x_scale, hessian,
-                                        _integer_zeros(options))
+                                        integer_zeros)
         if fmt == "fp8_channel_a8_group":
             info["group_size"] = group
         parts = [w.add(f"{name}.{p}", t, wnode.origin)
@@ -489,7 +490,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         y_ref = F.linear(x, W0i)
         y_q = ops.linear(xq, *operands, **attrs)
         if fmt == "int4_group":  # what plain round-to-nearest would have given, for the report
-            rtn = Q.quantize_int4_group(W0i, group, _integer_zeros(options))
+            rtn = Q.quantize_int4_group(W0i, group, integer_zeros)
             info["rtn_output_rel_error"] = round(output_error(y_ref, ops.linear(x, *rtn, **attrs)), 6)
         scales = operands[1].float()
         report[name] = {

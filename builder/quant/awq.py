@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import int4_codes, int4_range_params
+from kernels.quant import int4_codes, int4_range, int4_range_params
 
 __all__ = ["AwqResult", "awq_search", "awq_search_stats", "fake_quant_int4"]
 
@@ -54,9 +54,7 @@ def fake_quant_int4(w: torch.Tensor, group_size: int, integer_zeros: bool = Fals
     packing)."""
     N, K = w.shape
     g = w.float().reshape(N, K // group_size, group_size)
-    lo = g.amin(dim=2, keepdim=True).clamp(max=0.0)
-    hi = g.amax(dim=2, keepdim=True).clamp(min=0.0)
-    return _quant_range(g, lo, hi, integer_zeros).reshape(N, K)
+    return _quant_range(g, *int4_range(g, keepdim=True), integer_zeros).reshape(N, K)
 
 
 def _quant_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, integer: bool = False
@@ -209,8 +207,7 @@ def _clip_search(
     out = torch.empty_like(ws)
     for n0 in range(0, N, chunk):
         wg = ws[n0:n0 + chunk].reshape(-1, ng, G)  # [n, ng, G]
-        lo = wg.amin(dim=2, keepdim=True).clamp(max=0.0)
-        hi = wg.amax(dim=2, keepdim=True).clamp(min=0.0)
+        lo, hi = int4_range(wg, keepdim=True)
         # The symmetric shrink, then each end on its own (a group's tails are rarely equal).
         r_sym = _best_ratio(wg, lo, hi, blocks, ratios, None, None, integer_zeros)
         r_lo = _best_ratio(wg, lo, hi, blocks, ratios, None, r_sym, integer_zeros)

@@ -13,16 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.quant import INT4_MAX, int4_codes, int4_range_params, pack_int4
+from kernels.quant import INT4_MAX, int4_codes, int4_range, int4_range_params, pack_int4
 
 __all__ = ["gptq_quantize", "gptq_rounded", "hessian_error"]
-
-
-def _group_params(wg: torch.Tensor, integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg [..., G] -> (scale, zero) float32 [...], the min/max rule of `quantize_int4_group`
-    (the range widened to include 0, then `int4_range_params`)."""
-    return int4_range_params(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0),
-                             integer)
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -174,7 +167,8 @@ def gptq_quantize(
     static = act_order or group_params is not None
     if group_params is None and act_order:
         # Static groups from the original (dead-zeroed) weights.
-        s_static, z_static = _group_params(W.reshape(N, ng, G), integer_zeros)  # [N, ng]
+        s_static, z_static = int4_range_params(*int4_range(W.reshape(N, ng, G)),
+                                               integer_zeros)  # [N, ng]
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
@@ -197,7 +191,7 @@ def gptq_quantize(
             g = int(col_group[col])
             scale, zero = s_static[:, g], z_static[:, g]
         elif col % G == 0:
-            scale, zero = _group_params(W1[:, i:i + G], integer_zeros)
+            scale, zero = int4_range_params(*int4_range(W1[:, i:i + G]), integer_zeros)
             s_dyn[:, col // G], z_dyn[:, col // G] = scale, zero
         q = int4_codes(W1[:, i], scale, zero)
         Q[:, col] = q
