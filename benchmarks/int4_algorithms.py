@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python benchmarks/int4_algorithms.py` without an install
-    sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -44,10 +42,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from builder.quant.awq import awq_search_stats  # noqa: E402
-from builder.quant.gptq import gptq_quantize  # noqa: E402
-from kernels.quant import dequantize_int4_group, quantize_int4_group, resolve_group_size  # noqa: E402
-from runtime.evaluate import builtin_text, windows  # noqa: E402
+from llm_engine.builder.quant.awq import awq_search_stats  # noqa: E402
+from llm_engine.builder.quant.gptq import gptq_quantize  # noqa: E402
+from llm_engine.kernels.quant import dequantize_int4_group, quantize_int4_group, resolve_group_size  # noqa: E402
+from llm_engine.runtime.evaluate import builtin_text, windows  # noqa: E402
 
 # projection group -> the HF module names (under model.layers[i]) sharing its input, in the
 # order a layer computes them (the order true-sequential quantization follows).

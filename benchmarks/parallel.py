@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The sibling scripts, never the repository root: there builder/, runtime/, kernels/ would
+# shadow installed packages of those names (HF's `kernels`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.throughput import QUESTIONS  # noqa: E402
+from throughput import QUESTIONS  # noqa: E402
 
 PROMPTS = QUESTIONS[:8]
 
@@ -47,14 +48,14 @@ def _ensure(path: Path, **layout) -> Path:
         if meta.get("parallel", {"tp": 1, "pp": 1}) == {"tp": layout.get("tp", 1),
                                                         "pp": layout.get("pp", 1)}:
             return path
-    from builder.build import BuildOptions, build_engine
+    from llm_engine.builder.build import BuildOptions, build_engine
 
     _log(f"building {path} ({layout or 'one rank'})")
     return build_engine(BuildOptions(model="smollm2", output=path, force=True, **layout))
 
 
 def measure(path: Path, threads: int, output_tokens: int, concurrency: int) -> dict:
-    from runtime import Engine, SamplingParams
+    from llm_engine import Engine, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
     t0 = time.perf_counter()

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The sibling scripts, never the repository root: there builder/, runtime/, kernels/ would
+# shadow installed packages of those names (HF's `kernels`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.throughput import build_prompts, engine_pass, log  # noqa: E402
+from throughput import build_prompts, engine_pass, log  # noqa: E402
 
 EVAL_WINDOW = 512
 MODES = ["fp32", "int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq"]
@@ -56,7 +57,7 @@ def engine_dir(root: Path, mode: str) -> Path:
 def build(mode: str, path: Path, rebuild: bool) -> float | None:
     if (path / "engine.json").is_file() and not rebuild:
         return None
-    from builder.build import BuildOptions, build_engine
+    from llm_engine.builder.build import BuildOptions, build_engine
 
     opts = BUILD_EXTRA.get(mode, {"quant": None if mode == "fp32" else mode})
     log(f"building {path} ({mode})...")
@@ -69,8 +70,8 @@ def measure(path: Path, ref: Path, args) -> dict:
     """Runs in the child process: everything about one engine."""
     import torch
 
-    from runtime.engine import Engine
-    from runtime.evaluate import builtin_text, evaluate
+    from llm_engine.runtime.engine import Engine
+    from llm_engine.runtime.evaluate import builtin_text, evaluate
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

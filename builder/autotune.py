@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kernels.triton import gemm
+from llm_engine.kernels.triton import gemm
 
 ROWS = (1, 64, 512)  # decode, a small batch, a prefill chunk
 
@@ -56,7 +56,7 @@ def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
     made by the format's own quantizer, for timing a kernel."""
     import torch
 
-    from kernels import quant
+    from llm_engine.kernels import quant
 
     N, K, fmt = p["N"], p["K"], p["b_format"]
     w = torch.randn(N, K, device=device) * 0.05
@@ -79,7 +79,7 @@ def gpu_time(p: dict[str, Any], rows: int) -> float:
     import torch
     from triton.testing import do_bench
 
-    from kernels.codegen import load_kernel
+    from llm_engine.kernels.codegen import load_kernel
 
     module = load_kernel(gemm.source(p))
     dtype = getattr(torch, p["a_dtype"])

@@ -14,26 +14,26 @@ from pathlib import Path
 
 import torch
 
-from builder.codegen import codegen
-from builder.errors import BuildError
-from builder.frontend import open_model, trace_model
-from builder.ir import Graph
-from builder.onnx_export_report import OnnxExport
-from builder.passes.fuse import RULES as FUSE_RULES
-from builder.passes.fuse import fuse
-from builder.passes.kv_cache import kv_cache, select_logits
-from builder.passes.lower_aten import lower_aten
-from builder.passes.partition import partition_tp
-from builder.passes.pipeline import partition_pp, partition_tp_pp
-from builder.passes.plan_memory import plan_memory
-from builder.passes.quantize import QuantEnv, check_options, quantize
-from builder.passes.report import PassReport
-from builder.plan import to_plan
-from builder.verify import VerifyError, verify
-from builder.weights import make_weight
-from builder.writer import EngineWriter, write_safetensors_streaming
-from runtime.engine_dir import sha256_file
-from runtime.onnx_backend import ONNX_FILE, plan_digest
+from llm_engine.builder.codegen import codegen
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.frontend import open_model, trace_model
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.onnx_export_report import OnnxExport
+from llm_engine.builder.passes.fuse import RULES as FUSE_RULES
+from llm_engine.builder.passes.fuse import fuse
+from llm_engine.builder.passes.kv_cache import kv_cache, select_logits
+from llm_engine.builder.passes.lower_aten import lower_aten
+from llm_engine.builder.passes.partition import partition_tp
+from llm_engine.builder.passes.pipeline import partition_pp, partition_tp_pp
+from llm_engine.builder.passes.plan_memory import plan_memory
+from llm_engine.builder.passes.quantize import QuantEnv, check_options, quantize
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.builder.plan import to_plan
+from llm_engine.builder.verify import VerifyError, verify
+from llm_engine.builder.weights import make_weight
+from llm_engine.builder.writer import EngineWriter, write_safetensors_streaming
+from llm_engine.runtime.engine_dir import sha256_file
+from llm_engine.runtime.onnx_backend import ONNX_FILE, plan_digest
 
 BUILDER_VERSION = "0.1.0"
 FORMAT_VERSION = 1
@@ -229,7 +229,7 @@ def _export_onnx(out: EngineWriter, plan: dict) -> OnnxExport:
     cpu and gpu extras; without it the engine runs on the reference executor)."""
     if importlib.util.find_spec("onnx") is None:
         return OnnxExport(False, "the onnx package is not installed (pip install onnx)")
-    from builder.onnx_export import export_onnx
+    from llm_engine.builder.onnx_export import export_onnx
 
     return export_onnx(plan, out.path("weights.rank0.safetensors"), out.path(ONNX_FILE))
 

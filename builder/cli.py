@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 
 
 class _RichUI:
@@ -126,7 +126,7 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
           calib_samples, calib_seq_len, max_ppl_increase, min_greedy_agreement, tp,
           pp, force) -> None:
     """Compile MODEL into an engine directory."""
-    from builder.build import BuildOptions, build_engine
+    from llm_engine.builder.build import BuildOptions, build_engine
 
     if output is None:
         output = Path("engines") / Path(model).name.removesuffix(".gguf")
@@ -171,7 +171,7 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
               help="List the rendered Triton kernels with the nodes each implements.")
 def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
     """Summarise ENGINE_DIR: model, ops, fusions, weights, size."""
-    from builder.inspect import (
+    from llm_engine.builder.inspect import (
         InspectError,
         draw_graph,
         kernel_table,
@@ -194,8 +194,8 @@ def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
 
 
 def _register_runtime_commands() -> None:
-    from runtime.bench_cli import bench
-    from runtime.cli import COMMANDS
+    from llm_engine.runtime.bench_cli import bench
+    from llm_engine.runtime.cli import COMMANDS
 
     for command in [*COMMANDS, bench]:
         main.add_command(command)

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from builder.ir import Graph
-from builder.passes.report import PassReport
-from kernels.codegen import kernel_name
-from kernels.triton import registry
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.codegen import kernel_name
+from llm_engine.kernels.triton import registry
 
 # Ops that move no data worth a kernel: inputs, weights, views the runtime does for free.
 _NOT_KERNELS = {"input", "weight", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
@@ -105,7 +105,7 @@ def _autotune(groups: dict[str, dict[str, Any]], options: Any, report: PassRepor
         return 0
     import torch
 
-    from kernels.triton import gemm
+    from llm_engine.kernels.triton import gemm
 
     for group in groups.values():  # the family chose tilings for this host; target the GPU's
         if group["family"] == "gemm":
@@ -119,7 +119,7 @@ def _autotune(groups: dict[str, dict[str, Any]], options: Any, report: PassRepor
         report.notes.append("autotune skipped: no CUDA device on the build host; GEMMs use "
                             "the template's default tiling")
         return 0
-    from builder import autotune
+    from llm_engine.builder import autotune
 
     count = 0
     for group in groups.values():
@@ -144,7 +144,7 @@ def _cache_dir() -> Path:
 def _templates_key() -> str:
     """What a rendering depends on besides its parameters: the template sources and the
     triton version (read once per build, not once per kernel)."""
-    import templates
+    from llm_engine import templates
 
     try:
         import triton

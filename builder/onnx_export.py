@@ -38,9 +38,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from builder.onnx_export_report import OnnxExport
-from kernels.quant import FORMAT_OPERANDS
-from runtime.onnx_backend import KV_OUTPUT
+from llm_engine.builder.onnx_export_report import OnnxExport
+from llm_engine.kernels.quant import FORMAT_OPERANDS
+from llm_engine.runtime.onnx_backend import KV_OUTPUT
 
 OPSET = 21
 

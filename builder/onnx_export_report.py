@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.onnx_backend import ONNX_FILE
+from llm_engine.runtime.onnx_backend import ONNX_FILE
 
 
 @dataclass

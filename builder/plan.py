@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from builder.ir import Graph
+from llm_engine.builder.ir import Graph
 
 PLAN_FORMAT = 1
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from builder.ir import Graph, Node
-from kernels.dtypes import to_torch_dtype
-from kernels.ops import OPS
-from kernels.symbolic import eval_shape, resolve
+from llm_engine.builder.ir import Graph, Node
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.ops import OPS
+from llm_engine.kernels.symbolic import eval_shape, resolve
 
 PROBES = ({"T": 3, "N": 2}, {"T": 5, "N": 3})
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
-from builder.ir import Graph, WeightSpec
-from kernels.dtypes import to_torch_dtype
+from llm_engine.builder.ir import Graph, WeightSpec
+from llm_engine.kernels.dtypes import to_torch_dtype
 
 
 def materialize(recipe: dict, source, buffers: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from builder.errors import BuildError
-from kernels.dtypes import itemsize
+from llm_engine.builder.errors import BuildError
+from llm_engine.kernels.dtypes import itemsize
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
               "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",

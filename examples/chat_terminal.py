@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from runtime import Engine, SamplingParams
+from llm_engine import Engine, SamplingParams
 
 
 def chat(engine_dir: str, max_tokens: int = 128) -> None:

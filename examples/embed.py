@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from runtime import AsyncEngine, Engine, SamplingParams
+from llm_engine import AsyncEngine, Engine, SamplingParams
 
 
 def main(path: str) -> None:

@@ -2,7 +2,7 @@
 startup, shared by every request through AsyncEngine, closed at shutdown.
 
     engine build --model smollm2 --output engines/smollm2
-    ENGINE_DIR=engines/smollm2 uvicorn examples.fastapi_app:app --port 8080
+    ENGINE_DIR=engines/smollm2 uvicorn fastapi_app:app --app-dir examples --port 8080
     curl -s localhost:8080/summarize -H 'content-type: application/json' \
         -d '{"text": "The cat sat on the mat all day long."}'
 """
@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from runtime import AsyncEngine, SamplingParams
+from llm_engine import AsyncEngine, SamplingParams
 
 
 class Document(BaseModel):

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from runtime import Engine, SamplingParams
+from llm_engine import Engine, SamplingParams
 
 
 def score(engine_dir: str, src: str, dst: str) -> int:

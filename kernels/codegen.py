@@ -21,7 +21,7 @@ from typing import Any
 
 import jinja2
 
-import templates
+from llm_engine import templates
 
 
 class TemplateError(ValueError):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import paged_attention, sdpa
-from kernels.dtypes import to_torch_dtype
-from kernels.pointwise import eval_expr
+from llm_engine.kernels.attention import paged_attention, sdpa
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.pointwise import eval_expr
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def embedding(weight, ids, scale=None, *, b_format="dense", dtype=None, vocab_st
     if b_format == "dense":
         return F.embedding(ids, weight)
     if b_format == "int8_channel":
-        from kernels.quant import int8_embedding
+        from llm_engine.kernels.quant import int8_embedding
 
         rows = int8_embedding(weight, scale, ids)
         return rows if dtype is None else rows.to(to_torch_dtype(dtype))
@@ -169,7 +169,7 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
     followed by the optional bias [N]."""
     if b_format == "dense":
         return F.linear(x, w, rest[0] if rest else None)
-    from kernels import quant
+    from llm_engine.kernels import quant
 
     n = quant.FORMAT_OPERANDS.get(b_format)
     if n is None:

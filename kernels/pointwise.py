@@ -23,7 +23,7 @@ def eval_expr(expr: dict, inputs: Sequence[torch.Tensor]):
 def apply_node(expr: dict, args: list):
     """Run one op node of an expression tree on its evaluated arguments (tensors, or a
     scalar constant as one operand of a binary op)."""
-    from kernels.ops import OPS  # the op table imports this module
+    from llm_engine.kernels.ops import OPS  # the op table imports this module
 
     attrs = {k: v for k, v in expr.items() if k not in ("op", "args")}
     tensors = [a for a in args if torch.is_tensor(a)]

@@ -334,7 +334,7 @@ def int8_linear(
     _record("int8_linear")
     N = q.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    if _use_kernel("int8_linear", x2):
+    if _use_kernel("int8_linear", x2, N):
         y = _int8_kernel(x2, q, scale)
         return _finish(y if bias is None else y + bias.to(y.dtype), x, N)
     b = None if bias is None else bias.to(x.dtype)
@@ -437,7 +437,7 @@ def int4_linear(
     _record("int4_linear")
     N = packed.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    if int4_kernel_supports(N, group_size) and _use_kernel("int4_linear", x2):
+    if int4_kernel_supports(N, group_size) and _use_kernel("int4_linear", x2, N):
         y = _int4_kernel(x2, packed, scales, zeros, group_size)
         return _finish(y if bias is None else y + bias.to(y.dtype), x, N)
     b = None if bias is None else bias.to(x.dtype)
@@ -526,7 +526,7 @@ def int8_a8_linear(x, q, scale, bias=None):
     x2 = x.reshape(-1, x.shape[-1])
     if x.device.type != "cpu" or x2.shape[0] == 0:
         return int8_a8_linear_reference(x, q, scale, bias)
-    if _use_kernel("int8_a8_linear", x2):
+    if _use_kernel("int8_a8_linear", x2, N):
         xq, a = quantize_int8_token(x2)
         acc = torch._int_mm(xq, q.t())
         y = (acc.float() * a[:, None] * scale[None, :]).to(x.dtype)
@@ -670,10 +670,71 @@ def _verified(check: str) -> bool:
     return _VERIFIED[check]
 
 
-def _use_kernel(op: str, x2: torch.Tensor) -> bool:
-    rows = x2.shape[0]
-    return (x2.device.type == "cpu" and x2.dtype in _FLOATS
-            and 0 < rows <= KERNEL_MAX_ROWS.get(op, 0) and _verified(op))
+# A torch kernel runs a weight shape only when K is a multiple of this and the kernel agreed
+# with the dequantizing path on that very shape (`_shape_verified`). On an AVX-512/VNNI CPU
+# `torch._int_mm` returned 1.39e5 for a 1 x 1 @ 1 x 2 product whose exact value is 0 (its
+# blocked loops read past a K that is not a multiple of their step), while the tiny probe
+# shape agreed: a check on one shape says nothing about another. Model layers are multiples
+# of 64 wide.
+_KERNEL_K_MULTIPLE = 16
+# (op, N, K, dtype) -> did the kernel agree with the reference on that weight shape?
+_SHAPE_VERIFIED: dict[tuple, bool] = {}
+
+
+def _use_kernel(op: str, x2: torch.Tensor, N: int) -> bool:
+    rows, K = x2.shape
+    limit = KERNEL_MAX_ROWS.get(op, 0)
+    return (x2.device.type == "cpu" and x2.dtype in _FLOATS and 0 < rows <= limit
+            and K % _KERNEL_K_MULTIPLE == 0 and _verified(op)
+            and _shape_verified(op, N, K, x2.dtype, min(rows, limit)))
+
+
+def _shape_verified(op: str, N: int, K: int, dtype: torch.dtype, rows: int) -> bool:
+    """Runs torch's kernel for `op` on random operands of this weight shape, at 1 row and at
+    `rows` rows (the size class of the call: the kernels switch loops by row count), against
+    the path used otherwise; cached per (op, N, K, dtype, row class)."""
+    row_class = 1 if rows == 1 else 2 if rows <= 4 else 3
+    key = (op, N, K, dtype, row_class)
+    if key not in _SHAPE_VERIFIED:
+        gen = torch.Generator().manual_seed(N * 7919 + K)
+        try:
+            _SHAPE_VERIFIED[key] = all(_SHAPE_CHECKS[op](N, K, dtype, m, gen)
+                                       for m in sorted({1, rows}))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _SHAPE_VERIFIED[key] = False
+    return _SHAPE_VERIFIED[key]
+
+
+def _check_int8_shape(N: int, K: int, dtype: torch.dtype, M: int, gen) -> bool:
+    q, s = quantize_int8_channel(torch.randn(N, K, generator=gen))
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    return _agrees(_int8_kernel(x, q, s), x, dequantize_int8_channel(q, s))
+
+
+def _check_int4_shape(N: int, K: int, dtype: torch.dtype, M: int, gen) -> bool:
+    G = next(g for g in reversed(_INT4PACK_GROUPS) if K % g == 0)
+    p, s, z = quantize_int4_group(torch.randn(N, K, generator=gen), G)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    return _agrees(_int4_kernel(x, p, s, z, G), x, dequantize_int4_group(p, s, z, G))
+
+
+def _check_int_mm_shape(N: int, K: int, dtype: torch.dtype, M: int, gen) -> bool:
+    a = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    return torch.equal(torch._int_mm(a, b.t()), (a.long() @ b.long().t()).int())
+
+
+def _agrees(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """y = x @ w^T up to a few roundings of x's dtype per product and per sum: a correct kernel
+    differs by summation order and precision; a wrong one (garbage, a skipped block) by far more."""
+    eps = 8 * torch.finfo(x.dtype).eps
+    bound = eps * (x.float().abs() @ w.float().abs().t()) + eps
+    return y.shape == (x.shape[0], w.shape[0]) and bool(
+        ((y.float() - x.float() @ w.float().t()).abs() <= bound).all())
+
+
+_SHAPE_CHECKS = {"int8_linear": _check_int8_shape, "int4_linear": _check_int4_shape,
+                 "int8_a8_linear": _check_int_mm_shape}
 
 
 def _fallback(op: str) -> str:
@@ -690,7 +751,8 @@ def _record(op: str) -> None:
         return
     limit = KERNEL_MAX_ROWS.get(op, 0)
     if limit > 0 and _verified(op):
-        PATHS[op] = f"{_KERNELS[op]} (<= {limit} rows), else {_fallback(op)}"
+        PATHS[op] = (f"{_KERNELS[op]} (<= {limit} rows, on weight shapes it verifies on), "
+                     f"else {_fallback(op)}")
     else:
         PATHS[op] = _fallback(op)
 

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine import Engine, Output
-from runtime.sampling import SamplingParams
+from llm_engine.runtime.engine import Engine, Output
+from llm_engine.runtime.sampling import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

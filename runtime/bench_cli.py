@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import _fail, engine_options, load_engine
+from llm_engine.runtime.cli import _fail, engine_options, load_engine
 
 
 def _progress(label: str, total: int):
@@ -45,7 +45,7 @@ def _progress(label: str, total: int):
 def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requests,
           input_tokens, output_tokens, prompts_file, seed, out, **engine_kw) -> None:
     """Load-test ENGINE_DIR in this process, or a server with --url."""
-    from runtime.bench import (
+    from llm_engine.runtime.bench import (
         LoadSpec,
         engine_sender,
         file_prompts,
@@ -80,7 +80,7 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
         send = http_sender(url, model, output_tokens, api_key)
         target = url
     else:
-        from runtime.async_engine import AsyncEngine
+        from llm_engine.runtime.async_engine import AsyncEngine
 
         engine_kw["max_num_seqs"] = max(engine_kw["max_num_seqs"],
                                         max(s.concurrency or 0 for s in levels))

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from runtime.distributed import RankFailedError, engine_ranks
-from runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.distributed import RankFailedError, engine_ranks
+from llm_engine.runtime.engine_dir import EngineLoadError
 
 
 def _fail(message: str) -> None:
@@ -75,7 +75,7 @@ def parse_memory(text: str) -> dict[str, Any]:
 
 def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
                 no_prefix_caching, kernels="auto", threads=None, quiet: bool = False):
-    from runtime.engine import Engine
+    from llm_engine.runtime.engine import Engine
 
     if threads is not None and threads < 1:
         _fail(f"--threads must be >= 1, got {threads}")
@@ -154,7 +154,7 @@ def _render(engine, prompt: Any, chat: bool, system: str | None) -> Any:
 def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature, top_p, top_k,
         seed, as_json, **engine_kw) -> None:
     """Generate text from ENGINE_DIR (interactive chat when no prompt is given on a TTY)."""
-    from runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -233,7 +233,7 @@ def _interactive(engine, params, system: str | None) -> None:
 def _read_eval_text(text: str) -> str:
     """--text FILE, or 'builtin' for the standard library's English prose (no network)."""
     if text == "builtin":
-        from runtime.evaluate import builtin_text
+        from llm_engine.runtime.evaluate import builtin_text
 
         return builtin_text()
     path = Path(text)
@@ -274,7 +274,7 @@ def _read_eval_text(text: str) -> str:
 def eval_(engine_dir, text, window, max_tokens, skip_tokens, reference, as_json,
           **engine_kw) -> None:
     """Perplexity of ENGINE_DIR on a text (and its divergence from --reference)."""
-    from runtime.evaluate import evaluate
+    from llm_engine.runtime.evaluate import evaluate
 
     if window < 2:
         _fail(f"--window must be >= 2, got {window}")
@@ -362,9 +362,9 @@ def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max
           max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, max_concurrent_requests,
           request_timeout, **engine_kw) -> None:
     """Serve ENGINE_DIR over an OpenAI-compatible HTTP API."""
-    from runtime.async_engine import AsyncEngine
-    from runtime.server import ServerConfig
-    from runtime.server import serve as run_server
+    from llm_engine.runtime.async_engine import AsyncEngine
+    from llm_engine.runtime.server import ServerConfig
+    from llm_engine.runtime.server import serve as run_server
 
     for name, value in (("--max-n", max_n), ("--max-body-bytes", max_body_bytes)):
         if value < 1:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.engine_dir import EngineLoadError, sha256_file
+from llm_engine.runtime.engine_dir import EngineLoadError, sha256_file
 
 PROTOCOL = 1
 # MICRO: a pipeline micro-batch whose step continues with more MICROs and a final STEP.
@@ -388,7 +388,7 @@ class Cluster:
         try:
             for rank in range(1, world_size):
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "runtime.worker", str(path), "--rank", str(rank)],
+                    [sys.executable, "-m", "llm_engine.runtime.worker", str(path), "--rank", str(rank)],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     stdin=subprocess.DEVNULL, stdout=out)
                 self.workers.append(_Worker(rank, proc))

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from runtime.block_manager import BlockManager
-from runtime.distributed import (
+from llm_engine.runtime.block_manager import BlockManager
+from llm_engine.runtime.distributed import (
     Cluster,
     check_rank_files,
     default_threads,
@@ -30,13 +30,13 @@ from runtime.distributed import (
     torchrun_env,
     verify_rank_files,
 )
-from runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
-from runtime.executor import Executor, KVCache, KVCacheSpec
-from runtime.kernels import bind_kernels, choose_backend, verify_kernels
-from runtime.plan import PlanRunner
-from runtime.request import Request
-from runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
-from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from llm_engine.runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
+from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
+from llm_engine.runtime.kernels import bind_kernels, choose_backend, verify_kernels
+from llm_engine.runtime.plan import PlanRunner
+from llm_engine.runtime.request import Request
+from llm_engine.runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
+from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 
@@ -117,7 +117,7 @@ def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: 
     (onnx backend) the engine's ONNX graph in an onnxruntime session."""
     sources = verify_kernels(files.path, files.plan)
     if backend == "onnx":
-        from runtime.onnx_backend import OnnxRunner
+        from llm_engine.runtime.onnx_backend import OnnxRunner
 
         PlanRunner(files.plan, files.weights)  # the same plan checks as the other backends
         # onnxruntime's pool gets the cores; torch (sampling, KV stores, metadata) runs on the
@@ -175,7 +175,7 @@ class Engine:
         # Graphs are single-rank: every rank would have to replay them in lockstep.
         if (config.cuda_graphs and device.startswith("cuda") and self.kernel_backend == "triton"
                 and cluster is None):
-            from runtime.cuda_graphs import DecodeGraphs
+            from llm_engine.runtime.cuda_graphs import DecodeGraphs
 
             graphs = DecodeGraphs(runner, self.cache, max_batch=config.max_num_seqs,
                                   max_blocks=-(-self.max_seq_len // config.block_size),
@@ -183,7 +183,7 @@ class Engine:
         pipeline = None
         stages = pipeline_stages(self.meta)
         if cluster is not None and stages > 1:
-            from runtime.pipeline import PipelineStats, Stage, StageIO, logits_spec
+            from llm_engine.runtime.pipeline import PipelineStats, Stage, StageIO, logits_spec
 
             assert cluster.comm is not None
             stage = Stage(0, stages, cluster.comm.group, runner, self.cache,
@@ -290,7 +290,7 @@ class Engine:
         rel = self.meta.get("tokenizer")
         if not rel:
             return None
-        from runtime.tokenizer import Tokenizer
+        from llm_engine.runtime.tokenizer import Tokenizer
 
         return Tokenizer.load(self.files.path / rel)
 
@@ -348,7 +348,7 @@ class Engine:
                       priority=priority, prompt_text=text)
         req.sampler = SamplerState(params, ids, self.eos_token_ids)
         if self.tokenizer is not None:
-            from runtime.tokenizer import IncrementalDetokenizer
+            from llm_engine.runtime.tokenizer import IncrementalDetokenizer
 
             req.detok = IncrementalDetokenizer(self.tokenizer, ids,
                                                skip_special_tokens=params.skip_special_tokens)

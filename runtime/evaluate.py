@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from runtime.executor import KVCache, KVCacheSpec
+from llm_engine.runtime.executor import KVCache, KVCacheSpec
 
 
 @dataclass

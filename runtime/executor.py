@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from kernels.dtypes import to_torch_dtype
-from runtime.plan import PlanRunner
-from runtime.scheduler import Chunk
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.runtime.plan import PlanRunner
+from llm_engine.runtime.scheduler import Chunk
 
 
 @dataclass
@@ -163,8 +163,8 @@ class Executor:
 
     def _run_pipeline(self, chunks: list[Chunk], block_tables: list[list[int]],
                       copies: list[tuple[int, int]]) -> StepLogits:
-        from runtime.distributed import MICRO, STEP
-        from runtime.pipeline import split_microbatches
+        from llm_engine.runtime.distributed import MICRO, STEP
+        from llm_engine.runtime.pipeline import split_microbatches
 
         stage, shape, dtype, stats = self.pipeline
         groups = split_microbatches(len(chunks), [c.num_tokens for c in chunks],

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.engine_dir import EngineLoadError
 
 BACKENDS = ("auto", "reference", "triton", "onnx")
 
 
 def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
     """kernel name -> verified source, for every kernel the plan lists."""
-    from kernels.codegen import TemplateError, kernel_name
-    from kernels.triton import registry
+    from llm_engine.kernels.codegen import TemplateError, kernel_name
+    from llm_engine.kernels.triton import registry
 
     verified: dict[str, str] = {}
     rendered: dict[str, dict[str, str]] = {}
@@ -51,7 +51,7 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
 def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int
                  ) -> dict[str, Callable[..., Any]]:
     """node name -> kernel callable (the reference op's calling convention)."""
-    from kernels.triton import registry
+    from llm_engine.kernels.triton import registry
 
     by_group: dict[tuple[str, ...], Callable[..., Any]] = {}
     bound: dict[str, Callable[..., Any]] = {}
@@ -97,6 +97,6 @@ def choose_backend(requested: str, device: str, files: Any = None) -> str:
 
 
 def _onnx_unavailable(files: Any) -> str | None:
-    from runtime.onnx_backend import available
+    from llm_engine.runtime.onnx_backend import available
 
     return available(files.path, files.meta, files.plan)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from kernels.dtypes import to_torch_dtype
-from kernels.symbolic import eval_shape
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.symbolic import eval_shape
 
 RECV_PREFIX = "pp."
 _BUSY_TAG = 1 << 20  # the per-step compute-time report of a worker, apart from data tags

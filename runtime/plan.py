@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from kernels.ops import OPS
-from kernels.symbolic import has_sym, resolve
+from llm_engine.kernels.ops import OPS
+from llm_engine.kernels.symbolic import has_sym, resolve
 
 
 class PlanError(ValueError):

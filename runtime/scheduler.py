@@ -22,8 +22,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from runtime.block_manager import BlockManager
-from runtime.request import Request, Status
+from llm_engine.runtime.block_manager import BlockManager
+from llm_engine.runtime.request import Request, Status
 
 
 @dataclass

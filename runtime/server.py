@@ -26,10 +26,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.server_generate import Job, run_stream, run_whole, sse
-from runtime.server_metrics import ServerMetrics
-from runtime.server_protocol import (
+from llm_engine.runtime.async_engine import AsyncEngine, EngineDeadError
+from llm_engine.runtime.server_generate import Job, run_stream, run_whole, sse
+from llm_engine.runtime.server_metrics import ServerMetrics
+from llm_engine.runtime.server_protocol import (
     ApiError,
     GenRequest,
     Limits,

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.async_engine import AsyncEngine
-from runtime.engine import Output
-from runtime.server_protocol import (
+from llm_engine.runtime.async_engine import AsyncEngine
+from llm_engine.runtime.engine import Output
+from llm_engine.runtime.server_protocol import (
     ApiError,
     GenRequest,
     chat_logprobs,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling import SamplingParams
 
 
 class ApiError(Exception):

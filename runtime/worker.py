@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from kernels.dtypes import to_torch_dtype
-from runtime.distributed import (
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.runtime.distributed import (
     HELLO,
     IDLE_TIMEOUT,
     MICRO,
@@ -52,11 +52,11 @@ from runtime.distributed import (
     torchrun_env,
     verify_rank_files,
 )
-from runtime.engine import EngineConfig, kv_cache_blocks, make_runner
-from runtime.engine_dir import EngineLoadError, load_engine_dir
-from runtime.executor import Executor, KVCache, KVCacheSpec
-from runtime.kernels import choose_backend
-from runtime.pipeline import RECV_PREFIX, Stage, StageIO
+from llm_engine.runtime.engine import EngineConfig, kv_cache_blocks, make_runner
+from llm_engine.runtime.engine_dir import EngineLoadError, load_engine_dir
+from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
+from llm_engine.runtime.kernels import choose_backend
+from llm_engine.runtime.pipeline import RECV_PREFIX, Stage, StageIO
 
 
 def _say(rank: int, message: str) -> None:
@@ -186,9 +186,9 @@ def _run_steps(control: Any, executor: Executor, plan: dict[str, Any],
 
 def _engine_dir_arg(argv: list[str]) -> Path | None:
     """ENGINE_DIR from an `engine run` command line (parsed as rank 0 parses it)."""
-    from runtime.cli import run
+    from llm_engine.runtime.cli import run
 
-    ctx = run.make_context("runtime.worker", list(argv), resilient_parsing=True)
+    ctx = run.make_context("llm_engine.runtime.worker", list(argv), resilient_parsing=True)
     return ctx.params.get("engine_dir")
 
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                        f"processes; use --nproc-per-node/--nnodes for {ranks} in all")
             sys.exit(2)
         if rank == 0:
-            from runtime.cli import run
+            from llm_engine.runtime.cli import run
 
             run.main(args=argv, prog_name="python -m runtime.worker")  # exits
             return

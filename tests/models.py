@@ -95,7 +95,7 @@ def make_checkpoint(arch: str, path: Path, seed: int = 0):
 
 
 def build_tiny_engine(ckpt: Path, out: Path, **options) -> Path:
-    from builder.build import BuildOptions, build_engine
+    from llm_engine.builder.build import BuildOptions, build_engine
 
     return build_engine(BuildOptions(model=str(ckpt), output=out, max_batch_tokens=64,
                                      **options))

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from runtime import AsyncEngine, Engine, SamplingParams
-from runtime.async_engine import EngineDeadError
+from llm_engine.runtime import AsyncEngine, Engine, SamplingParams
+from llm_engine.runtime.async_engine import EngineDeadError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 LONG = SamplingParams(temperature=0, max_tokens=400)  # far more steps than any test waits for

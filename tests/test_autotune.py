@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from builder import autotune
-from builder.build import BuildOptions, build_engine
-from kernels.triton import gemm
-from runtime import Engine, EngineLoadError
+from llm_engine.builder import autotune
+from llm_engine.builder.build import BuildOptions, build_engine
+from llm_engine.kernels.triton import gemm
+from llm_engine.runtime import Engine, EngineLoadError
 
 
 def _params():

@@ -10,8 +10,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from runtime.bench import LoadSpec, Result, _pct, run_load, summarize, synthetic_prompts
+from llm_engine.builder.cli import main
+from llm_engine.runtime.bench import LoadSpec, Result, _pct, run_load, summarize, synthetic_prompts
 from tests.cli_util import one_line_error
 
 

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from runtime.block_manager import BlockManager, BlockManagerError
+from llm_engine.runtime.block_manager import BlockManager, BlockManagerError
 
 # Three symbols and short prompts: prompts share prefixes often, so the prefix cache hits.
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
+from llm_engine.builder.cli import main
 
 
 def _build(*args: str):
@@ -117,7 +117,7 @@ def test_force_replaces_an_engine(engines, tmp_path):
 
 
 def test_disk_full_mid_write_leaves_nothing(checkpoints, tmp_path, monkeypatch):
-    import builder.build as build_mod
+    import llm_engine.builder.build as build_mod
 
     real = build_mod.write_safetensors_streaming
 

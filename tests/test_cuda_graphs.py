@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import Engine, SamplingParams
-from runtime.cuda_graphs import DecodeGraphs
+from llm_engine.runtime import Engine, SamplingParams
+from llm_engine.runtime.cuda_graphs import DecodeGraphs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

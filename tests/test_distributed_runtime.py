@@ -1,5 +1,5 @@
 """The multi-process runtime on tensor-parallel engines (`--tp 2` builds of the tiny models):
-rank 0 (this process) spawns rank 1 as `python -m runtime.worker`, and greedy outputs match
+rank 0 (this process) spawns rank 1 as `python -m llm_engine.runtime.worker`, and greedy outputs match
 the single-rank engine through Engine.generate, `engine run` and a torchrun launch. A killed
 worker stops the engine with an error naming it within seconds; close() leaves no process.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import AsyncEngine, Engine, EngineLoadError, SamplingParams
-from runtime.async_engine import EngineDeadError
-from runtime.distributed import (
+from llm_engine.runtime import AsyncEngine, Engine, EngineLoadError, SamplingParams
+from llm_engine.runtime.async_engine import EngineDeadError
+from llm_engine.runtime.distributed import (
     STEP,
     RankFailedError,
     decode_step,
@@ -170,7 +170,7 @@ def _cli_env() -> dict[str, str]:
 
 def test_engine_run_cli_on_two_ranks(tp2, llama2):
     result = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "run", str(tp2("llama")), "-p", TEXT_PROMPTS[0],
+        [sys.executable, "-m", "llm_engine.builder.cli", "run", str(tp2("llama")), "-p", TEXT_PROMPTS[0],
          "-p", TEXT_PROMPTS[1], "--max-tokens", "12", "--temperature", "0", "--json",
          "--kv-cache-memory", "64KiB", "--block-size", "4", "--threads", "1"],
         capture_output=True, text=True, env=_cli_env(), timeout=120)
@@ -182,7 +182,7 @@ def test_engine_run_cli_on_two_ranks(tp2, llama2):
 def test_torchrun_launch(tp2, llama2, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         "2", "-m", "runtime.worker", str(tp2("llama")), "-p", TEXT_PROMPTS[0], "-p",
+         "2", "-m", "llm_engine.runtime.worker", str(tp2("llama")), "-p", TEXT_PROMPTS[0], "-p",
          TEXT_PROMPTS[2], "--max-tokens", "12", "--temperature", "0", "--json",
          "--kv-cache-memory", "64KiB", "--block-size", "4"],
         capture_output=True, text=True, env=_cli_env(), timeout=120, cwd=tmp_path)
@@ -193,7 +193,7 @@ def test_torchrun_launch(tp2, llama2, tmp_path):
 
 
 def test_worker_outside_torchrun_says_how_to_start_it(tp2, monkeypatch, capsys):
-    from runtime.worker import main
+    from llm_engine.runtime.worker import main
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     with pytest.raises(SystemExit) as info:
@@ -342,7 +342,7 @@ def test_pipeline_stages_match_one_rank(engines, pp2, microbatches):
 
 def test_engine_run_cli_on_pipeline(pp2, engines):
     result = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "run", str(pp2), "-p", TEXT_PROMPTS[0],
+        [sys.executable, "-m", "llm_engine.builder.cli", "run", str(pp2), "-p", TEXT_PROMPTS[0],
          "-p", TEXT_PROMPTS[1], "--max-tokens", "12", "--temperature", "0", "--json",
          "--kv-cache-memory", "64KiB", "--block-size", "4", "--threads", "1"],
         capture_output=True, text=True, env=_cli_env(), timeout=120)

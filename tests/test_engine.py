@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from runtime import Engine, SamplingParams
+from llm_engine.runtime import Engine, SamplingParams
 from tests.models import ARCHS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import Engine, EngineLoadError
-from runtime.engine_dir import FORMAT_VERSION, runtime_version
-from runtime.plan import PlanError
+from llm_engine.runtime import Engine, EngineLoadError
+from llm_engine.runtime.engine_dir import FORMAT_VERSION, runtime_version
+from llm_engine.runtime.plan import PlanError
 
 WEIGHTS = "weights.rank0.safetensors"
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from runtime import Engine, SamplingParams
-from runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from llm_engine.runtime import Engine, SamplingParams
+from llm_engine.runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 # ASCII-heavy greedy output from the random model (good for stop strings), and a unicode prompt
 # whose output splits characters over byte tokens.

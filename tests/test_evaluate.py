@@ -14,9 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.cli import main
-from runtime import Engine
-from runtime.evaluate import builtin_text, evaluate, perplexity, token_logprobs, windows
+from llm_engine.builder.cli import main
+from llm_engine.runtime import Engine
+from llm_engine.runtime.evaluate import builtin_text, evaluate, perplexity, token_logprobs, windows
 from tests.cli_util import one_line_error
 
 KV = ["--kv-cache-memory", "4MiB"]

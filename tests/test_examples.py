@@ -16,13 +16,14 @@ import httpx2 as httpx
 import torch
 import uvicorn
 
+from tests.scripts import load_script
 from tests.test_server import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fastapi_app(engines):
-    from examples.fastapi_app import create_app
+    create_app = load_script("examples/fastapi_app.py").create_app
 
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(str(engines("llama"))), port=port,
@@ -46,8 +47,8 @@ def test_fastapi_app(engines):
 
 
 def test_score_jsonl_matches_hf_logprobs(engines, checkpoints, tmp_path):
-    from examples.score_jsonl import score
-    from runtime.tokenizer import Tokenizer
+    score = load_script("examples/score_jsonl.py").score
+    from llm_engine.runtime.tokenizer import Tokenizer
 
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     texts = ["Hello world, this is a test.", "Another line of text here", "short"]

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from builder.ir import Graph
-from builder.passes.fuse import RULES, fuse, fuse_linear_concat
-from builder.passes.kv_cache import METADATA_INPUTS
-from builder.verify import verify
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.passes.fuse import RULES, fuse, fuse_linear_concat
+from llm_engine.builder.passes.kv_cache import METADATA_INPUTS
+from llm_engine.builder.verify import verify
 from tests.graphs import (
     add_input,
     add_op,

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.inspect import InspectError, draw_graph, node_layer, summarize
+from llm_engine.builder.cli import main
+from llm_engine.builder.inspect import InspectError, draw_graph, node_layer, summarize
 
 
 @pytest.fixture(scope="module")

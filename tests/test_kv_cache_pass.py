@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builder.ir import Graph
-from builder.passes.kv_cache import METADATA_INPUTS, kv_cache, select_logits
-from builder.verify import verify
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.passes.kv_cache import METADATA_INPUTS, kv_cache, select_logits
+from llm_engine.builder.verify import verify
 from tests.graphs import (
     add_input,
     add_op,

@@ -32,19 +32,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from builder.errors import BuildError
-from builder.passes.kv_quant import quantize_kv_cache
-from builder.plan import to_plan
-from kernels.attention import (
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.passes.kv_quant import quantize_kv_cache
+from llm_engine.builder.plan import to_plan
+from llm_engine.kernels.attention import (
     dequantize_kv,
     kv_scale_tensors,
     paged_attention,
     quantize_kv,
     rope_half,
 )
-from kernels.dtypes import to_torch_dtype
-from runtime.executor import KVCache, KVCacheSpec
-from runtime.plan import PlanRunner
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.runtime.executor import KVCache, KVCacheSpec
+from llm_engine.runtime.plan import PlanRunner
 
 KV_DTYPES = ("int8", "float8_e4m3fn")
 LIMIT = {"int8": 127.0, "float8_e4m3fn": 448.0}
@@ -236,10 +236,10 @@ def test_runtime_cache_sizes_allocates_and_copies(kv_dtype):
 # ---- builder pass on a tiny llama ---------------------------------------------------------
 def build_graph(ckpt: Path, *, codegen: bool = False):
     """The graph `engine build` makes (float32, max_batch_tokens 64), and its weights."""
-    from builder.build import BuildOptions, BuildUI, run_passes
-    from builder.frontend import open_model, trace_model
-    from builder.passes.lower_aten import lower_aten
-    from builder.weights import make_weight
+    from llm_engine.builder.build import BuildOptions, BuildUI, run_passes
+    from llm_engine.builder.frontend import open_model, trace_model
+    from llm_engine.builder.passes.lower_aten import lower_aten
+    from llm_engine.builder.weights import make_weight
 
     source = open_model(str(ckpt))
     traced = trace_model(source.config, torch.float32)
@@ -395,7 +395,7 @@ def test_quantize_kv_cache_errors(llama):
     fails("expected \\(k_scale, v_scale\\)", {**good, 0: [0.1, 0.2]})
     fails("not a list of numbers", {**good, 0: (["a", 0.2], [0.3, 0.4])})
     fails("'int4' is not one of int8, float8_e4m3fn", kv_dtype="int4")
-    from builder.ir import Graph
+    from llm_engine.builder.ir import Graph
 
     with pytest.raises(BuildError, match="no paged attention"):
         quantize_kv_cache(Graph(), "int8", good)
@@ -408,7 +408,7 @@ def test_quantize_kv_cache_errors(llama):
 
 
 def test_inspect_shows_kv_dtype_and_size():
-    from builder.inspect import _kv_cache
+    from llm_engine.builder.inspect import _kv_cache
 
     for dtype in KV_DTYPES:
         kv = _kv_cache({"layers": [{"num_kv_heads": 2, "head_dim": 12, "dtype": dtype,
@@ -429,9 +429,9 @@ def test_engine_on_quantized_plan_with_prefix_caching(llama, engines):
     """A whole Engine (the float engine's directory with a quantized plan): the byte budget
     buys 4x the fp32 blocks, the cache is int8, a prefix-cache hit reuses quantized blocks,
     and greedy outputs equal the float engine's."""
-    from runtime import Engine, SamplingParams
-    from runtime.engine import EngineConfig
-    from runtime.engine_dir import load_engine_dir
+    from llm_engine.runtime import Engine, SamplingParams
+    from llm_engine.runtime.engine import EngineConfig
+    from llm_engine.runtime.engine_dir import load_engine_dir
 
     graph, weights = llama
     plan = to_plan(graph)

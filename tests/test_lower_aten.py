@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.errors import BuildError
-from builder.frontend.trace import Traced
-from builder.passes.lower_aten import lower_aten
-from builder.verify import verify
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.frontend.trace import Traced
+from llm_engine.builder.passes.lower_aten import lower_aten
+from llm_engine.builder.verify import verify
 from tests.graphs import run
 
 ARCH = "TinyForCausalLM"

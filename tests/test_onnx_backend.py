@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from runtime.engine import Engine
-from runtime.engine_dir import EngineLoadError
-from runtime.onnx_backend import NEG, attention_metadata
+from llm_engine.runtime.engine import Engine
+from llm_engine.runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.onnx_backend import NEG, attention_metadata
 from tests.harness import PagedRunner
 from tests.models import build_tiny_engine
 
@@ -28,13 +28,20 @@ def _mixed_batches(runner: PagedRunner) -> list[torch.Tensor]:
     return [*first.values(), *second.values()]
 
 
-def _compare(path, atol: float, rel: float) -> None:
+def _compare(path, atol: float, rel: float, fp32=None, extra_error: float = 0.0) -> None:
+    """ONNX logits against the reference executor's: within `rel` (relative norm) and `atol`
+    per logit; with `fp32` (the unquantized engine's logits), the ONNX path must also be as
+    close to the float model as the reference is, up to `extra_error` (relative norm)."""
     ref = _mixed_batches(PagedRunner(path))
     ours = _mixed_batches(PagedRunner(path, backend="onnx"))
     for r, o in zip(ref, ours):
         err = (o - r).norm() / r.norm()
         assert err <= rel, f"relative error {err:.2e} > {rel}"
         assert (o - r).abs().max() <= atol
+    if fp32 is not None:
+        r, o, f = (torch.cat(x) for x in (ref, ours, fp32))
+        ref_err, our_err = (float((x - f).norm() / f.norm()) for x in (r, o))
+        assert our_err <= ref_err + extra_error, (our_err, ref_err)
 
 
 def test_attention_metadata_layout():
@@ -60,6 +67,16 @@ def test_attention_metadata_layout():
 # Quantized engines keep an int8 LM head, which MatMulNBits runs with activations quantized to
 # int8 per block of K (accuracy level 4), like the 8-bit body GEMMs: relative error ~0.5%, as
 # llama.cpp's Q8 activations; the int4 and fp8 bodies are otherwise computed as the reference.
+# Run-time activation rounding makes the direct comparison chaotic: a value one float rounding
+# away from an int8 / e4m3 boundary lands on either side depending on upstream summation order
+# (another CPU's GEMM blocking), and the flip grows through the layers. Measured here: the
+# reference against itself with its quantizers' inputs moved by 1 ulp differs by up to 4% (fp8
+# per-token-group on llama_wide), where ONNX against the reference is 0.5-2%. So the direct
+# bound is 10%, and the check with teeth is against the float model, whose distance from a
+# quantized engine is an average over every logit and barely moves under such flips (0.27
+# points at most, same measurement): the ONNX path's error may exceed the reference's by 0.75
+# points (measured: at most +0.24, the int8 head's activation rounding). A 5% error in the
+# per-token-group dequantization costs +1.55 points and fails it (the 10% bound alone misses it).
 @pytest.mark.parametrize(("mode", "arch", "options"), [
     ("int8-wo", "llama_tied", {}),  # K = 144: MatMulNBits 8-bit, blocks of 16
     ("int8-sq", "llama", {}),  # K = 72: blocks of 16, zero-padded
@@ -86,7 +103,8 @@ def test_quantized_graph_matches_reference(mode, arch, options, checkpoints, tmp
         assert report["lowerings"]["MatMul (fp8 per-token-group g32, dequantized)"] == 8
     if mode == "int4-gptq":  # float zero points: integer ones plus the per-group offsets
         assert report["lowerings"]["MatMulNBits 4-bit g16 + zero-point offsets"] == 8
-    _compare(path, atol=0.5, rel=0.02)
+    fp32 = _mixed_batches(PagedRunner(build_tiny_engine(ckpt, tmp_path / "fp32")))
+    _compare(path, atol=0.5, rel=0.1, fp32=fp32, extra_error=0.0075)
 
 
 def test_sliding_window_matches_hf(tmp_path):
@@ -130,7 +148,7 @@ def test_multi_rank_engines_have_no_graph(built):
 
 
 def test_engine_generates_the_same_on_both_backends(engines):
-    from runtime import SamplingParams
+    from llm_engine.runtime import SamplingParams
 
     path = engines("llama")
     params = SamplingParams(temperature=0, max_tokens=16)
@@ -146,7 +164,7 @@ def test_engine_generates_the_same_on_both_backends(engines):
 def test_cli_kernels_onnx_without_a_graph_is_one_line_error(built):
     from click.testing import CliRunner
 
-    from builder.cli import main
+    from llm_engine.builder.cli import main
     from tests.cli_util import one_line_error
 
     path = built("llama", kv_cache_dtype="int8", calib_samples=4, calib_seq_len=128,
@@ -160,10 +178,10 @@ def test_build_without_onnx_package_keeps_the_reference_path(checkpoints, tmp_pa
                                                              monkeypatch):
     import importlib.util
 
-    import builder.build
+    import llm_engine.builder.build as build_mod
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(builder.build.importlib.util, "find_spec",
+    monkeypatch.setattr(build_mod.importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnx" else real(name, *a))
     ckpt, _ = checkpoints("llama")
     path = build_tiny_engine(ckpt, tmp_path / "e")
@@ -183,9 +201,9 @@ def test_int4_lowering(K, G, uint8_zeros):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from builder.onnx_export import OPSET, _Emitter
-    from kernels import ops
-    from kernels import quant as Q
+    from llm_engine.builder.onnx_export import OPSET, _Emitter
+    from llm_engine.kernels import ops
+    from llm_engine.kernels import quant as Q
 
     N, gen = 40, torch.Generator().manual_seed(K)
     packed, scales, zeros = Q.quantize_int4_group(torch.randn(N, K, generator=gen), G)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 from tests.harness import PagedRunner, ThreadGroup
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [7, 7, 120, 33], [250, 11, 2, 87, 45, 19, 100, 64, 3]]
@@ -155,7 +155,7 @@ def test_bf16_ranks_close(tp_engines):
 
 
 def test_errors(tp_engines):
-    from builder.errors import BuildError
+    from llm_engine.builder.errors import BuildError
 
     with pytest.raises(BuildError, match="exceeds the model's 9 attention heads"):
         tp_engines("llama_tied", 10)
@@ -171,7 +171,7 @@ def test_errors(tp_engines):
 def test_build_parallel_bad_options(checkpoints, tmp_path, args, fragment):
     from click.testing import CliRunner
 
-    from builder.cli import main
+    from llm_engine.builder.cli import main
     from tests.cli_util import one_line_error
 
     ckpt, _ = checkpoints("llama")

@@ -62,7 +62,7 @@ def test_greedy_identical_int8(pp_engines, quant):
 
 
 def test_errors(pp_engines):
-    from builder.errors import BuildError
+    from llm_engine.builder.errors import BuildError
 
     with pytest.raises(BuildError, match="exceeds the model's"):
         pp_engines("llama", 64)

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.ir import Graph
-from builder.passes.plan_memory import plan_memory
-from kernels.dtypes import itemsize
-from kernels.ops import VIEW_OPS
-from kernels.symbolic import eval_shape
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.passes.plan_memory import plan_memory
+from llm_engine.kernels.dtypes import itemsize
+from llm_engine.kernels.ops import VIEW_OPS
+from llm_engine.kernels.symbolic import eval_shape
 from tests.graphs import add_input, add_op, add_weight
 
 X = (1, "T", 8)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kernels import quant as Q
+from llm_engine.kernels import quant as Q
 
 torch.set_num_threads(1)
 
@@ -366,7 +366,8 @@ def test_cpu_paths_reported():
     for op, kernel in kernels.items():
         limit = Q.KERNEL_MAX_ROWS[op]
         assert paths[op] in fallbacks[op] or \
-            (limit > 0 and paths[op].startswith(f"{kernel} (<= {limit} rows), else "))
+            (limit > 0 and paths[op].startswith(
+                f"{kernel} (<= {limit} rows, on weight shapes it verifies on), else "))
     assert paths["fp8_a8_linear"] in {"dequantize+linear (float16 bit cast)", "dequantize+linear"}
     # on this torch the exact float32 path and the fp8 bit cast verify
     assert paths["int8_a8_linear"] != "float64 reference"
@@ -381,7 +382,38 @@ def test_cpu_paths_name_the_kernels_when_enabled(monkeypatch):
     monkeypatch.setitem(Q.KERNEL_MAX_ROWS, "int8_linear", 4)
     paths = Q.cpu_paths()
     if Q._verified("int8_linear"):
-        assert paths["int8_linear"] == "torch._weight_int8pack_mm (<= 4 rows), else dequantize+linear"
+        assert paths["int8_linear"] == ("torch._weight_int8pack_mm (<= 4 rows, on weight shapes "
+                                        "it verifies on), else dequantize+linear")
+
+
+def test_a_kernel_runs_only_the_weight_shapes_it_verified_on(monkeypatch):
+    """torch's int8 kernel returned garbage on an AVX-512/VNNI CPU for a shape the one-shape
+    probe never tried. Here a kernel that is right on the probe's shape and wrong at K = 64
+    must not be used at K = 64, while K = 48 (where it is right) still takes it; shapes whose K
+    is not a multiple of 16 never take it."""
+    real, calls = torch._int_mm, []
+
+    def flaky(a, b):
+        calls.append(a.shape[1])
+        out = real(a, b)
+        return out + 12345 if a.shape[1] == 64 else out
+
+    monkeypatch.setattr(torch, "_int_mm", flaky)
+    for name in ("PATHS", "_VERIFIED", "_SHAPE_VERIFIED"):
+        monkeypatch.setattr(Q, name, {})
+    monkeypatch.setitem(Q.KERNEL_MAX_ROWS, "int8_a8_linear", 8)
+    gen = torch.Generator().manual_seed(0)
+    for K, kernel in ((64, False), (48, True), (40, False)):
+        x = torch.randn(3, K, generator=gen)
+        q, scale = Q.quantize_int8_channel(torch.randn(5, K, generator=gen))
+        calls.clear()
+        y = Q.int8_a8_linear(x, q, scale)
+        assert ((y - Q.int8_a8_linear_reference(x, q, scale)).abs() < 1e-4).all(), K
+        assert Q._SHAPE_VERIFIED.get(("int8_a8_linear", 5, K, torch.float32, 2)) is \
+            (True if kernel else False if K % 16 == 0 else None), K
+        calls.clear()  # the shape is checked now: the next call runs the kernel or not
+        assert torch.equal(Q.int8_a8_linear(x, q, scale), y)
+        assert calls == ([K] if kernel else []), K
 
 
 @pytest.fixture(params=["kernel", "dequantize", "chunked"])
@@ -394,7 +426,8 @@ def path(request, monkeypatch):
     if request.param == "chunked":
         monkeypatch.setattr(Q, "_CHUNK_ELEMENTS", 64)
         monkeypatch.setattr(Q, "_EXACT_K", 16)  # the int8 dot in several K slices too
-    monkeypatch.setattr(Q, "PATHS", {})
+    for name in ("PATHS", "_VERIFIED", "_SHAPE_VERIFIED"):  # no test sees another's checks
+        monkeypatch.setattr(Q, name, {})
     Q.cpu_paths()
     return request.param
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from builder.quant.awq import AwqResult, awq_search, awq_search_stats, fake_quant_int4
-from builder.quant.gptq import gptq_quantize, hessian_error
-from kernels import quant as Q
+from llm_engine.builder.quant.awq import AwqResult, awq_search, awq_search_stats, fake_quant_int4
+from llm_engine.builder.quant.gptq import gptq_quantize, hessian_error
+from llm_engine.kernels import quant as Q
 
 torch.set_num_threads(1)
 
@@ -256,7 +256,7 @@ def test_awq_clip_stays_in_range_and_chunks_agree(problem):
 def test_awq_clip_each_end_beats_symmetric(problem):
     """After the symmetric shrink each end of a group's range is searched on its own: the
     output error is never above the symmetric search's, and skewed groups clip one side."""
-    from builder.quant.awq import _best_ratio, _quant_range
+    from llm_engine.builder.quant.awq import _best_ratio, _quant_range
 
     w, x_cal, _ = problem
     gram = (x_cal.double().t() @ x_cal.double())
@@ -316,7 +316,7 @@ def test_awq_errors():
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_gptq_channel_grids_beat_rtn_held_out(problem, kind):
-    from builder.passes.quantize import _gptq_channel
+    from llm_engine.builder.passes.quantize import _gptq_channel
 
     w, x_cal, x_test = problem
     q, scale = _gptq_channel(w, hessian(x_cal).float(), kind)

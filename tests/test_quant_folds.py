@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 
-from builder.passes.quantize import QuantEnv, _fold_target, _Weights
-from builder.quant import calibrate as cal
-from builder.quant.patterns import through_reshapes
+from llm_engine.builder.passes.quantize import QuantEnv, _fold_target, _Weights
+from llm_engine.builder.quant import calibrate as cal
+from llm_engine.builder.quant.patterns import through_reshapes
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.build import BuildOptions
-from builder.cli import main
-from builder.errors import BuildError
-from runtime import Engine, SamplingParams
-from runtime.evaluate import builtin_text, evaluate
+from llm_engine.builder.build import BuildOptions
+from llm_engine.builder.cli import main
+from llm_engine.builder.errors import BuildError
+from llm_engine.runtime import Engine, SamplingParams
+from llm_engine.runtime.evaluate import builtin_text, evaluate
 from tests.cli_util import one_line_error
 from tests.models import build_tiny_engine
 
@@ -210,7 +210,9 @@ def test_int8_sq_rotates_by_default(quant_engines):
 
 
 def test_rotation_plot(quant_engines, tmp_path):
-    from benchmarks.rotation_plot import main as plot
+    from tests.scripts import load_script
+
+    plot = load_script("benchmarks/rotation_plot.py").main
 
     out = tmp_path / "outliers.png"
     assert plot(["--engine", f"none={quant_engines('int8-sq', rotation='none')}",
@@ -225,7 +227,7 @@ def test_rotation_plot(quant_engines, tmp_path):
 def test_rotation_choice(quant, rotation, tp, want):
     from types import SimpleNamespace
 
-    from builder.passes.quantize import rotation_for
+    from llm_engine.builder.passes.quantize import rotation_for
 
     assert rotation_for(SimpleNamespace(quant=quant, rotation=rotation, tp=tp)) == want
 
@@ -281,7 +283,7 @@ def test_exclude_by_module_name_on_a_tied_head(quant_engines):
 
 def test_exclude_that_matches_nothing_fails_before_calibrating(monkeypatch, checkpoints,
                                                                tmp_path):
-    import builder.passes.quantize as quantize
+    import llm_engine.builder.passes.quantize as quantize
 
     monkeypatch.setattr(quantize, "load_calib_data",
                         lambda *a, **k: pytest.fail("calibration started"))
@@ -377,7 +379,7 @@ def test_bad_calibration_file(content, fragment, checkpoints, tmp_path):
 
 
 def test_fp8_without_float8_support(monkeypatch, tmp_path):
-    import builder.passes.quantize as quantize
+    import llm_engine.builder.passes.quantize as quantize
 
     monkeypatch.setattr(quantize, "has_fp8", lambda: False)
     with pytest.raises(BuildError, match=r"fp8 needs torch\.float8_e4m3fn"):
@@ -389,14 +391,14 @@ def test_fp8_without_float8_support(monkeypatch, tmp_path):
     (72, 128, None), (160, 16, None), (4096, 256, 256),
 ])
 def test_fp8_group_fallback(K, requested, want):
-    from builder.passes.quantize import fp8_group_for
+    from llm_engine.builder.passes.quantize import fp8_group_for
 
     assert fp8_group_for(K, requested) == want
 
 
 def test_fp8_groups_need_a_power_of_two_width(monkeypatch, checkpoints, tmp_path):
     """The tiny llama's widths (72, 160) have no power-of-two group >= 32 dividing 72."""
-    import builder.passes.quantize as quantize
+    import llm_engine.builder.passes.quantize as quantize
 
     monkeypatch.setattr(quantize, "load_calib_data",
                         lambda *a, **k: pytest.fail("calibration started"))
@@ -409,7 +411,7 @@ def test_fp8_groups_need_a_power_of_two_width(monkeypatch, checkpoints, tmp_path
 
 def test_group_size_that_divides_nothing(monkeypatch, checkpoints, tmp_path):
     """A group size >= 8 with no usable divisor in some layer (tiny K) fails before calibrating."""
-    import builder.passes.quantize as quantize
+    import llm_engine.builder.passes.quantize as quantize
 
     monkeypatch.setattr(quantize, "load_calib_data",
                         lambda *a, **k: pytest.fail("calibration started"))

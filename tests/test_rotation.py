@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.passes.quantize import QuantEnv, _Weights
-from builder.quant import calibrate as cal
-from builder.quant.hadamard import hadamard_pm1, rotation_matrix
-from builder.quant.rotate import find_stream, is_rotation_linear, rotate
+from llm_engine.builder.passes.quantize import QuantEnv, _Weights
+from llm_engine.builder.quant import calibrate as cal
+from llm_engine.builder.quant.hadamard import hadamard_pm1, rotation_matrix
+from llm_engine.builder.quant.rotate import find_stream, is_rotation_linear, rotate
 
 
 # Hidden sizes of real models (SmolLM2 576, Llama 4096, Mistral 14336 intermediate, ...).

@@ -8,8 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from runtime import Engine, SamplingParams
+from llm_engine.builder.cli import main
+from llm_engine.runtime import Engine, SamplingParams
 from tests.cli_util import one_line_error
 
 KV = ["--kv-cache-memory", "4MiB"]  # the default would reserve up to 2 GiB

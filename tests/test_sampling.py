@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import sampling
-from runtime.sampling import (
+from llm_engine.runtime import sampling
+from llm_engine.runtime.sampling import (
     SamplerState,
     SamplingParams,
     process_logits,

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from runtime.block_manager import BlockManager
-from runtime.request import FINISH_REASONS, Request, Status
-from runtime.sampling import SamplingParams
-from runtime.scheduler import Chunk, Scheduler, SchedulerConfig, SchedulerOutput
+from llm_engine.runtime.block_manager import BlockManager
+from llm_engine.runtime.request import FINISH_REASONS, Request, Status
+from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.scheduler import Chunk, Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB = 4  # few symbols: prompts and outputs share prefixes, so the prefix cache hits
 MAX_LIVE = 8  # requests queued or running at once

@@ -16,8 +16,8 @@ import openai
 import pytest
 import uvicorn
 
-from runtime import AsyncEngine, Engine, SamplingParams
-from runtime.server import ServerConfig, create_app
+from llm_engine.runtime import AsyncEngine, Engine, SamplingParams
+from llm_engine.runtime.server import ServerConfig, create_app
 
 KEY = "sk-test-key"
 
@@ -352,7 +352,7 @@ def test_serve_command_graceful_sigterm(engines):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "builder.cli", "serve", str(engines("llama")), "--port",
+        [sys.executable, "-m", "llm_engine.builder.cli", "serve", str(engines("llama")), "--port",
          str(port), "--kv-cache-memory", "4MiB", "--block-size", "4", "--threads", "1",
          "--shutdown-timeout", "1", "--served-model-name", "tiny"],
         stderr=subprocess.PIPE, text=True)
@@ -406,7 +406,7 @@ def test_engine_bench_against_the_server(live, tmp_path):
     """`engine bench --url` measures this server over HTTP with its streaming completions."""
     from click.testing import CliRunner
 
-    from builder.cli import main
+    from llm_engine.builder.cli import main
 
     out = tmp_path / "b"
     result = CliRunner().invoke(main, ["bench", "--url", live.url, "--model", "tiny", "-c", "2",
@@ -522,7 +522,7 @@ def test_request_timeout_ends_requests_with_an_error(hasty):
 def test_serve_bad_options(engines, args, fragment):
     from click.testing import CliRunner
 
-    from builder.cli import main
+    from llm_engine.builder.cli import main
     from tests.cli_util import one_line_error
 
     one_line_error(CliRunner().invoke(main, ["serve", str(engines("llama")), *args]), fragment)

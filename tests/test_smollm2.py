@@ -33,8 +33,8 @@ PROMPTS = [
 def smol(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from builder.build import BuildOptions, build_engine
-    from builder.frontend.source import _named_model_path
+    from llm_engine.builder.build import BuildOptions, build_engine
+    from llm_engine.builder.frontend.source import _named_model_path
 
     engine = build_engine(BuildOptions(model="smollm2",
                                        output=tmp_path_factory.mktemp("smol") / "e"))
@@ -96,7 +96,7 @@ def test_smollm2_greedy_matches_hf_generate(smol, hf_greedy):
 def test_smollm2_runtime_concurrent_matches_hf(smol, hf_greedy, kv_blocks):
     """8 requests arriving at different steps through the real scheduler, chunked prefill
     and (with a 24-block cache, too small for all at once) preemption."""
-    from runtime import Engine, SamplingParams
+    from llm_engine.runtime import Engine, SamplingParams
     from tests.test_engine import run_staggered
 
     engine_dir, tok, _ = smol
@@ -116,7 +116,7 @@ def test_smollm2_runtime_concurrent_matches_hf(smol, hf_greedy, kv_blocks):
 def test_gguf_reader_matches_transformers_dequantization(smol):
     """Our streaming GGUF reader (with llama.cpp's q/k row permutation undone) yields the
     same tensors transformers gets when it dequantizes the file itself."""
-    from builder.frontend.source import _named_model_path, open_model
+    from llm_engine.builder.frontend.source import _named_model_path, open_model
 
     _, _, hf = smol
     source = open_model(str(_named_model_path("smollm2")))
@@ -133,7 +133,7 @@ def test_smollm2_engine_carries_rendered_kernels(smol):
     and the runtime's load-time re-render check accepts them all."""
     import json
 
-    from runtime.kernels import verify_kernels
+    from llm_engine.runtime.kernels import verify_kernels
 
     engine_dir = smol[0]
     plan = json.loads((engine_dir / "plan.rank0.json").read_text())
@@ -150,8 +150,8 @@ def test_smollm2_engine_carries_rendered_kernels(smol):
 def test_smollm2_multi_rank_matches_hf(tmp_path_factory, smol, hf_greedy, layout):
     """`--tp 2` (5+4 query heads, KV head 1 on both ranks, vocabulary halves) and `--pp 2`
     (15+15 layers) engines, run as two processes by the runtime, decode exactly HF's tokens."""
-    from builder.build import BuildOptions, build_engine
-    from runtime import Engine, SamplingParams
+    from llm_engine.builder.build import BuildOptions, build_engine
+    from llm_engine.runtime import Engine, SamplingParams
 
     _, tok, _ = smol
     path = build_engine(BuildOptions(model="smollm2", output=tmp_path_factory.mktemp("par")

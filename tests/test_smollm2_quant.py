@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from runtime import Engine, SamplingParams
+from llm_engine.runtime import Engine, SamplingParams
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,7 +37,7 @@ SIZE_BOUND = {"int8-wo": 0.30, "int8-sq": 0.30, "fp8": 0.30, "int4-awq": 0.20, "
 
 @pytest.fixture(scope="module")
 def fp32_bytes():
-    from builder.frontend import open_model
+    from llm_engine.builder.frontend import open_model
 
     weights = open_model("smollm2").weights
     return 4 * sum(weights.get(n).numel() for n in weights.names())
@@ -45,7 +45,7 @@ def fp32_bytes():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from builder.build import BuildOptions, build_engine
+    from llm_engine.builder.build import BuildOptions, build_engine
 
     root = tmp_path_factory.mktemp("smolq")
     cache: dict = {}

@@ -4,7 +4,9 @@ free afterwards and memory does not grow."""
 
 from __future__ import annotations
 
-from benchmarks.soak import run
+from tests.scripts import load_script
+
+run = load_script("benchmarks/soak.py").run
 
 
 def test_soak_accounts_for_every_request_and_block(engines):

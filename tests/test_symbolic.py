@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.symbolic import eval_shape, eval_size, has_sym, resolve
+from llm_engine.kernels.symbolic import eval_shape, eval_size, has_sym, resolve
 
 ENV = {"T": 7, "N": 3}
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from llm_engine.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 FAST = settings(max_examples=150, deadline=None, database=None)
 
@@ -53,8 +53,8 @@ CONVERSATIONS = {
 def smollm2_dir(tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer as the builder writes it: HF save_pretrained of the GGUF's tokenizer
     (engines/ is git-ignored, so tests make their own)."""
-    from builder.errors import BuildError
-    from builder.frontend.source import _named_model_path
+    from llm_engine.builder.errors import BuildError
+    from llm_engine.builder.frontend.source import _named_model_path
 
     try:
         path = _named_model_path("smollm2")
@@ -309,7 +309,7 @@ def test_template_errors(smollm2_dir, tmp_path):
 
 
 def test_compiled_template_is_cached(tok):
-    from runtime.tokenizer import _compile
+    from llm_engine.runtime.tokenizer import _compile
 
     tok.apply_chat_template(CONVERSATIONS["user"])
     before = _compile.cache_info().hits

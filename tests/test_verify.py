@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from builder.ir import Graph, WeightSpec
-from builder.verify import VerifyError, verify
+from llm_engine.builder.ir import Graph, WeightSpec
+from llm_engine.builder.verify import VerifyError, verify
 from tests.graphs import add_input, add_op, add_weight
 
 

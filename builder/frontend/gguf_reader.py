@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 
 # GGUF tensor names of the llama family (llama, mistral, qwen2 share them) -> HF names.
 _LAYER_MAP = {

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 
 # Named models: the package that ships them and the file inside it.
 NAMED_MODELS = {
@@ -173,7 +173,7 @@ def open_model(spec: str | os.PathLike) -> ModelSource:
     if path.suffix == ".gguf":
         from transformers import AutoConfig
 
-        from builder.frontend.gguf_reader import GGUFWeights
+        from llm_engine.builder.frontend.gguf_reader import GGUFWeights
 
         try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)

@@ -8,12 +8,14 @@ no checkpoint holds them.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 
 MAX_TOKENS = 1 << 16
 
@@ -87,9 +89,81 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildError(f"torch.export failed for {arch}: {first}") from e
+    _inline_wrappers(program.graph_module, arch)
     sig = program.graph_signature
     names = {}
     for ph, target in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
         names[ph] = target.removeprefix("m.")
+    # Tensors the model creates in forward (not parameters or buffers) are lifted to inputs
+    # too; they are values of the trace, kept like buffers.
+    for ph, target in sig.inputs_to_lifted_tensor_constants.items():
+        name = "constant." + target.removeprefix("m.")
+        names[ph] = name
+        buffers[name] = program.constants[target].detach().clone()
     return Traced(program, names, buffers, aliases, param_dtypes, arch,
                   time.perf_counter() - start)
+
+
+def _wrapper_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:
+    """(submodule node, operands) of a grad-mode or autocast region that export kept as a
+    higher-order op, else None. transformers versions differ here: RoPE's forward runs under
+    `@torch.no_grad()` in some (a `wrap_with_set_grad_enabled` region reading `inv_freq`) and
+    under `torch.autocast(enabled=False)` in others."""
+    hops = torch.ops.higher_order
+    if node.op != "call_function":
+        return None
+    if node.target is getattr(hops, "wrap_with_set_grad_enabled", None):
+        return node.args[1], tuple(node.args[2:])
+    if node.target is getattr(hops, "wrap_with_autocast", None):
+        # (device_type, dtype, enabled, cache_enabled, submodule, *operands)
+        return node.args[4], tuple(node.args[5:])
+    return None
+
+
+def _inline_wrappers(gm: torch.fx.GraphModule, arch: str) -> None:
+    """Replace each grad-mode / autocast region by the ops inside it. Inference runs without
+    grad, and a disabled autocast region's ops carry their own casts, so the ops alone are the
+    computation; an enabled autocast region would change dtypes after tracing and is refused."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        parts = _wrapper_parts(node)
+        if parts is None:
+            continue
+        sub_node, operands = parts
+        if node.target is getattr(torch.ops.higher_order, "wrap_with_autocast", None) \
+                and node.args[2]:
+            raise BuildError(f"{arch} traces with autocast enabled inside the model; build with "
+                             "the dtype autocast would pick (--dtype) instead")
+        sub = getattr(gm, sub_node.target)
+        _inline_wrappers(sub, arch)  # regions nest
+        env: dict[torch.fx.Node, object] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, operands))
+        outputs = None
+        with graph.inserting_before(node):
+            for sn in sub.graph.nodes:
+                if sn.op == "placeholder":
+                    continue
+                if sn.op == "output":
+                    outputs = torch.fx.map_arg(sn.args[0], env.__getitem__)
+                    break
+                if sn.op == "get_attr":  # a constant of the region: hoist it to the parent
+                    name = f"_inlined_{sub_node.target}_{sn.target}".replace(".", "_")
+                    setattr(gm, name, getattr(sub, sn.target))
+                    env[sn] = graph.get_attr(name)
+                    env[sn].meta = dict(sn.meta)
+                    continue
+                env[sn] = graph.node_copy(sn, env.__getitem__)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                graph.erase_node(user)
+            else:
+                raise BuildError(f"{arch}: a traced {node.target} region's result is used as a "
+                                 "whole; no lowering exists; file an issue with the model name")
+        graph.erase_node(node)
+        if not sub_node.users:
+            graph.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+    graph.lint()
+    gm.recompile()

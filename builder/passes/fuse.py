@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from builder.ir import Graph, Node, WeightSpec
-from builder.passes.report import PassReport
-from kernels.ops import OPS
+from llm_engine.builder.ir import Graph, Node, WeightSpec
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.ops import OPS
 
 
 @dataclass(frozen=True)

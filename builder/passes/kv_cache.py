@@ -9,8 +9,8 @@ Positions already are one (`position_ids`), which covers RoPE and learned (GPT-2
 
 from __future__ import annotations
 
-from builder.ir import Graph, Node
-from builder.passes.report import PassReport
+from llm_engine.builder.ir import Graph, Node
+from llm_engine.builder.passes.report import PassReport
 
 METADATA_INPUTS = {
     # name: (shape, dtype); -1 is a size only the runtime knows (sequences, blocks)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 
-from builder.errors import BuildError
-from builder.ir import Graph
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.ir import Graph
 
 KV_DTYPES = ("int8", "float8_e4m3fn")
 ALIASES = {"fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}

@@ -17,11 +17,11 @@ import sympy
 import torch
 import torch.fx
 
-from builder.errors import BuildError
-from builder.frontend.trace import Traced
-from builder.ir import Graph, WeightSpec
-from builder.passes.report import PassReport
-from kernels.dtypes import dtype_name
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.frontend.trace import Traced
+from llm_engine.builder.ir import Graph, WeightSpec
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.dtypes import dtype_name
 
 aten = torch.ops.aten
 INT64_MAX = 2**63 - 1
@@ -189,6 +189,23 @@ class Lowering:
             self.weight_nodes[name] = self.graph.add_weight(spec, origin=origin).name
         return self.weight_nodes[name]
 
+    def constant(self, node: torch.fx.Node) -> str:
+        """A tensor the graph reads as an attribute (a buffer or constant that export did not
+        lift to an input, as some transformers versions' RoPE `inv_freq`): kept like a
+        buffer, its value stored in the engine."""
+        value = self.traced.program.graph_module
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, torch.Tensor):
+            raise self.fail(f"fx get_attr of a {type(value).__name__} ({node.target})")
+        name = f"constant.{node.target}"
+        if name not in self.weight_nodes:
+            self.traced.buffers[name] = value.detach().clone()
+            spec = WeightSpec(name, tuple(value.shape), dtype_name(value.dtype),
+                              {"buffer": name})
+            self.weight_nodes[name] = self.graph.add_weight(spec, origin=[node.name]).name
+        return self.weight_nodes[name]
+
     # the walk ----------------------------------------------------------------------------
     def needed_nodes(self) -> set[torch.fx.Node]:
         """Nodes the logits depend on, not counting edges into attention masks."""
@@ -226,6 +243,8 @@ class Lowering:
                 self.graph.outputs = [self.env[o] for o in outs]
             elif node.op == "call_function":
                 self.env[node] = self.lower_call(node)
+            elif node.op == "get_attr":
+                self.env[node] = self.constant(node)
             else:
                 raise self.fail(f"fx node kind {node.op}")
         self.graph.dce()

@@ -31,13 +31,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder.errors import BuildError
-from builder.ir import Graph, Node, WeightSpec
-from builder.passes.report import PassReport
-from kernels.dtypes import to_torch_dtype
-from kernels.ops import OPS, VIEW_OPS
-from kernels.quant import FORMAT_OPERANDS
-from kernels.triton.gemm import GROUPED
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.ir import Graph, Node, WeightSpec
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.ops import OPS, VIEW_OPS
+from llm_engine.kernels.quant import FORMAT_OPERANDS
+from llm_engine.kernels.triton.gemm import GROUPED
 
 # Ops a head or channel split passes through unchanged (following their first input).
 PASS_THROUGH = VIEW_OPS | {"to_dtype", "rope"}
@@ -408,7 +408,7 @@ def _shard_vocab(graph: Graph, tp: int, rank: int, slicer: _Slicer, claimed: set
 def _reshape_nodes(graph: Graph) -> None:
     """Recompute recorded shapes after the split: run the reference ops on meta tensors at
     two token counts; symbolic entries keep their expressions."""
-    from builder.verify import PROBES, _expected
+    from llm_engine.builder.verify import PROBES, _expected
 
     probes: list[dict[str, Any]] = [{} for _ in PROBES]
     order = graph.nodes()

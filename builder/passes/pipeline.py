@@ -16,12 +16,14 @@ import copy
 import re
 from typing import Any
 
-from builder.errors import BuildError
-from builder.ir import Graph, Node
-from builder.passes.partition import split_sizes, weight_bytes
-from builder.passes.report import PassReport
-from kernels.dtypes import to_torch_dtype
-from runtime.pipeline import RECV_PREFIX  # the plan input names the runtime's stages feed
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.ir import Graph, Node
+from llm_engine.builder.passes.partition import split_sizes, weight_bytes
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.runtime.pipeline import (
+    RECV_PREFIX,  # the plan input names the runtime's stages feed
+)
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
@@ -172,7 +174,7 @@ def partition_tp_pp(graph: Graph, tp: int, pp: int) -> tuple[list[Graph], PassRe
     stages. Rank s * tp + t is stage s of tensor-parallel shard t; its collectives run among
     the ranks of stage s, and it passes the (replicated) residual stream to rank
     (s + 1) * tp + t."""
-    from builder.passes.partition import partition_tp
+    from llm_engine.builder.passes.partition import partition_tp
 
     shards, tp_report = partition_tp(graph, tp)
     staged = [partition_pp(g, pp) for g in shards]

@@ -8,11 +8,11 @@ buffer) and with it.
 
 from __future__ import annotations
 
-from builder.ir import Graph, Node
-from builder.passes.report import PassReport
-from kernels.dtypes import itemsize
-from kernels.ops import VIEW_OPS
-from kernels.symbolic import eval_shape
+from llm_engine.builder.ir import Graph, Node
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels.dtypes import itemsize
+from llm_engine.kernels.ops import VIEW_OPS
+from llm_engine.kernels.symbolic import eval_shape
 
 
 def _bytes(node: Node, env: dict[str, int]) -> int:

@@ -53,24 +53,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from builder.errors import BuildError
-from builder.ir import Graph, Node, WeightSpec
-from builder.passes.report import PassReport
-from builder.quant import calibrate as cal
-from builder.quant.calib_data import load_calib_data
-from builder.quant.patterns import (
+from llm_engine.builder.errors import BuildError
+from llm_engine.builder.ir import Graph, Node, WeightSpec
+from llm_engine.builder.passes.report import PassReport
+from llm_engine.builder.quant import calibrate as cal
+from llm_engine.builder.quant.calib_data import load_calib_data
+from llm_engine.builder.quant.patterns import (
     LAYOUT_OPS,
     attention_v_rows,
     dense_weight_names,
     only_user,
     through_reshapes,
 )
-from builder.quant.quality import compare, output_error
-from builder.quant.rotate import ROTATIONS, is_rotation_linear, rotate
-from builder.weights import make_weight
-from kernels import ops
-from kernels import quant as Q
-from kernels.triton.gemm import GROUPED
+from llm_engine.builder.quant.quality import compare, output_error
+from llm_engine.builder.quant.rotate import ROTATIONS, is_rotation_linear, rotate
+from llm_engine.builder.weights import make_weight
+from llm_engine.kernels import ops
+from llm_engine.kernels import quant as Q
+from llm_engine.kernels.triton.gemm import GROUPED
 
 MODES = ("int8-wo", "int8-sq", "fp8", "int4-awq", "int4-gptq")
 KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
@@ -197,7 +197,7 @@ class _Weights:
         spec.recipe = {"buffer": key}
 
     def add(self, name: str, tensor: torch.Tensor, origin: list[str]) -> Node:
-        from kernels.dtypes import dtype_name
+        from llm_engine.kernels.dtypes import dtype_name
 
         key = f"quant:{name}"
         tensor = tensor.contiguous()
@@ -371,8 +371,8 @@ def _quantize_rows(mode: str, W: torch.Tensor, group: int, stats: cal.ActStats,
             return [q, scale], rounding
         return [q, scale, x_scale], {"x_scale": x_scale.item(), **rounding}
     if mode == "int4-gptq":
-        from builder.quant.awq import awq_search_stats
-        from builder.quant.gptq import gptq_quantize
+        from llm_engine.builder.quant.awq import awq_search_stats
+        from llm_engine.builder.quant.gptq import gptq_quantize
 
         # Group ranges from AWQ's clip search (per-group shrink that minimises the output
         # error on all calibration rows), then GPTQ's error feedback within those ranges.
@@ -389,7 +389,7 @@ def _gptq_channel(W: torch.Tensor, hessian: torch.Tensor, kind: str) \
     """Per-channel int8 or fp8 codes of W [N, K] with GPTQ's error feedback: the row scales are
     plain round-to-nearest's (amax / qmax), and each column's rounding error is pushed onto the
     columns not yet rounded through the calibration Hessian."""
-    from builder.quant.gptq import gptq_rounded
+    from llm_engine.builder.quant.gptq import gptq_rounded
 
     quantize = Q.quantize_int8_channel if kind == "int8" else Q.quantize_fp8_channel
     _, scale = quantize(W)
@@ -444,7 +444,7 @@ def _quantize_group(g: _Group, mode: str, w: _Weights, calib: cal.Calibration, o
         W = W0 * s
         extra["smoothquant_alpha"] = alpha
     elif mode == "int4-awq":
-        from builder.quant.awq import awq_search_stats
+        from llm_engine.builder.quant.awq import awq_search_stats
 
         # The search scores candidates on every calibration row (their Gram matrix), not on
         # the row sample: a few hundred rows against K up to 1536 inputs overfit the scales
@@ -741,7 +741,7 @@ def quantize(graph: Graph, options: Any, env: QuantEnv | None = None) -> tuple[G
         layers.update(_quantize_tables(graph, w, tables, calib))
     kv_info = None
     if kv:
-        from builder.passes.kv_quant import quantize_kv_cache
+        from llm_engine.builder.passes.kv_quant import quantize_kv_cache
 
         scales = _kv_scales(calib, kv)
         quantize_kv_cache(graph, KV_DTYPES[kv], scales)

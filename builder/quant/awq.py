@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import int4_codes, int4_range, int4_range_params
+from llm_engine.kernels.quant import int4_codes, int4_range, int4_range_params
 
 __all__ = ["AwqResult", "awq_search", "awq_search_stats", "fake_quant_int4"]
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import BuildError
+from llm_engine.builder.errors import BuildError
 
 MIN_WINDOW = 16
 
@@ -61,7 +61,7 @@ def load_calib_data(path: Path | None, tokenizer, *, samples: int, seq_len: int,
     """`samples` calibration windows and `heldout` evaluation windows of `seq_len` tokens."""
     notes: list[str] = []
     if path is None:
-        from runtime.evaluate import builtin_text
+        from llm_engine.runtime.evaluate import builtin_text
 
         texts, id_lists, source = [builtin_text()], [], "builtin (Python's pydoc topic texts)"
     else:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from builder.ir import Graph
-from builder.plan import to_plan
-from kernels.attention import rope_half
-from kernels.dtypes import to_torch_dtype
-from kernels.ops import OPS
-from runtime.plan import PlanRunner
+from llm_engine.builder.ir import Graph
+from llm_engine.builder.plan import to_plan
+from llm_engine.kernels.attention import rope_half
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.ops import OPS
+from llm_engine.runtime.plan import PlanRunner
 
 CALIB_BLOCK = 16
 SAMPLE_ROWS = 256  # activation rows kept per linear input, for AWQ's search and error reports

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.quant import INT4_MAX, int4_codes, int4_range, int4_range_params, pack_int4
+from llm_engine.kernels.quant import INT4_MAX, int4_codes, int4_range, int4_range_params, pack_int4
 
 __all__ = ["gptq_quantize", "gptq_rounded", "hessian_error"]
 

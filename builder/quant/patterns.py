@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builder.ir import Graph, Node
+from llm_engine.builder.ir import Graph, Node
 
 
 def only_user(graph: Graph, name: str, user: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from builder.quant.calibrate import GraphRunner
+from llm_engine.builder.quant.calibrate import GraphRunner
 
 
 @dataclass

@@ -30,10 +30,15 @@ from typing import Any
 
 import torch
 
-from builder.ir import Graph, Node
-from builder.quant.calibrate import linear_inputs
-from builder.quant.hadamard import rotation_matrix
-from builder.quant.patterns import LAYOUT_OPS, attention_v_rows, dense_weight_names, only_user
+from llm_engine.builder.ir import Graph, Node
+from llm_engine.builder.quant.calibrate import linear_inputs
+from llm_engine.builder.quant.hadamard import rotation_matrix
+from llm_engine.builder.quant.patterns import (
+    LAYOUT_OPS,
+    attention_v_rows,
+    dense_weight_names,
+    only_user,
+)
 
 ROTATIONS = ("none", "offline", "online")
 MLP_BLOCK = 128

@@ -49,9 +49,9 @@ from typing import Any
 
 import torch
 
-from kernels.attention import kv_scale_tensors
-from kernels.codegen import load_kernel, render
-from kernels.triton import next_pow2
+from llm_engine.kernels.attention import kv_scale_tensors
+from llm_engine.kernels.codegen import load_kernel, render
+from llm_engine.kernels.triton import next_pow2
 
 TEMPLATES = ("rope_kv", "paged_attention_decode", "paged_attention_prefill")
 

@@ -16,8 +16,8 @@ Node attribute `"b_format"` (the table's storage, as in `kernels.ops.embedding`)
 
 from __future__ import annotations
 
-from kernels import codegen
-from kernels.triton import next_pow2, row_num_warps
+from llm_engine.kernels import codegen
+from llm_engine.kernels.triton import next_pow2, row_num_warps
 
 TEMPLATE = "embedding"
 

@@ -7,8 +7,8 @@ input dtype before it multiplies `up`, as two torch ops would.
 
 from __future__ import annotations
 
-from kernels import codegen
-from kernels.triton import next_pow2, row_num_warps
+from llm_engine.kernels import codegen
+from llm_engine.kernels.triton import next_pow2, row_num_warps
 
 TEMPLATE = "gated_act"
 

@@ -66,8 +66,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import codegen, quant
-from kernels.triton import is_int, next_pow2, static_numel
+from llm_engine.kernels import codegen, quant
+from llm_engine.kernels.triton import is_int, next_pow2, static_numel
 
 TEMPLATE = "gemm"
 

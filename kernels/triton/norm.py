@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import codegen
-from kernels.triton import next_pow2
+from llm_engine.kernels import codegen
+from llm_engine.kernels.triton import next_pow2
 
 TEMPLATE = "norm"
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from kernels import codegen, ops
-from kernels.dtypes import to_torch_dtype
-from kernels.pointwise import apply_node, expr_inputs
-from kernels.triton import static_numel
+from llm_engine.kernels import codegen, ops
+from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.pointwise import apply_node, expr_inputs
+from llm_engine.kernels.triton import static_numel
 
 TEMPLATE = "pointwise"
 

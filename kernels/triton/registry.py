@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kernels.codegen import load_kernel
-from kernels.triton import attention, embedding, gated_act, gemm, norm, pointwise
+from llm_engine.kernels.codegen import load_kernel
+from llm_engine.kernels.triton import attention, embedding, gated_act, gemm, norm, pointwise
 
 FAMILIES = {
     "linear": gemm,

@@ -25,9 +25,9 @@ from functools import lru_cache
 
 import torch
 
-from kernels import codegen
-from kernels.dtypes import dtype_name
-from kernels.triton import next_pow2
+from llm_engine.kernels import codegen
+from llm_engine.kernels.dtypes import dtype_name
+from llm_engine.kernels.triton import next_pow2
 
 TEMPLATE = "sampling"
 

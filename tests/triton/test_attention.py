@@ -28,9 +28,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.attention import paged_attention, rope_half
-from kernels.codegen import load_kernel
-from kernels.triton import attention as tri
+from llm_engine.kernels.attention import paged_attention, rope_half
+from llm_engine.kernels.codegen import load_kernel
+from llm_engine.kernels.triton import attention as tri
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -344,7 +344,7 @@ def quantize_batch(b, cache_dtype):
     """Turn a float32-cache batch into a quantized one: scales = absmax / limit per KV head
     over everything the step stores (cached history, and this step's K after RoPE and V),
     the caches (garbage slots included) quantized by the reference's `quantize_kv`."""
-    from kernels.attention import quantize_kv, rope_half
+    from llm_engine.kernels.attention import quantize_kv, rope_half
 
     k_new = b.k[0].float()
     if b.cos is not None:
@@ -514,11 +514,11 @@ def test_engine_with_quantized_cache_on_kernels(checkpoints, engines, fp8_roundi
     executor's outputs."""
     import shutil
 
-    from builder.passes.kv_quant import quantize_kv_cache
-    from builder.plan import to_plan
-    from runtime import Engine, SamplingParams
-    from runtime.engine import EngineConfig
-    from runtime.engine_dir import load_engine_dir
+    from llm_engine.builder.passes.kv_quant import quantize_kv_cache
+    from llm_engine.builder.plan import to_plan
+    from llm_engine.runtime import Engine, SamplingParams
+    from llm_engine.runtime.engine import EngineConfig
+    from llm_engine.runtime.engine_dir import load_engine_dir
     from tests.test_kv_quant import _prompts, build_graph, calibrate
 
     graph, weights = build_graph(checkpoints("llama")[0], codegen=True)

@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
-from kernels import codegen, ops
-from kernels import quant as Q
-from kernels.dtypes import dtype_name
-from kernels.triton import embedding
+from llm_engine.kernels import codegen, ops
+from llm_engine.kernels import quant as Q
+from llm_engine.kernels.dtypes import dtype_name
+from llm_engine.kernels.triton import embedding
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -17,9 +17,9 @@ import json
 import pytest
 import torch
 
-from kernels import codegen, ops
-from kernels.dtypes import dtype_name
-from kernels.triton import gated_act
+from llm_engine.kernels import codegen, ops
+from llm_engine.kernels.dtypes import dtype_name
+from llm_engine.kernels.triton import gated_act
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

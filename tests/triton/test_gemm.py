@@ -25,10 +25,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import codegen, ops
-from kernels import quant as Q
-from kernels.dtypes import dtype_name
-from kernels.triton import gemm
+from llm_engine.kernels import codegen, ops
+from llm_engine.kernels import quant as Q
+from llm_engine.kernels.dtypes import dtype_name
+from llm_engine.kernels.triton import gemm
 from tests.triton.util import RTOL, poison, rel_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -480,7 +480,7 @@ def test_fp8_a8_group_quantizes_activations_exactly(dtype, device):
                                       pytest.param("fp8_channel_a8_group", marks=needs_fp8)])
 def test_autotune_operands_fit_the_format(b_format, device):
     """builder.autotune times a format's kernel on operands the format's checker accepts."""
-    from builder import autotune
+    from llm_engine.builder import autotune
 
     x = activations(3, 128, torch.float16, device, 5)
     ws, attrs, _ = quantized(b_format, x, 48, 128, 32)

@@ -19,9 +19,9 @@ import json
 import pytest
 import torch
 
-from kernels import codegen, ops
-from kernels.dtypes import dtype_name
-from kernels.triton import norm
+from llm_engine.kernels import codegen, ops
+from llm_engine.kernels.dtypes import dtype_name
+from llm_engine.kernels.triton import norm
 from tests.triton.util import RTOL, PoisonedTorch, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

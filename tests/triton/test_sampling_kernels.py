@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import codegen
-from kernels.triton import sampling
+from llm_engine.kernels import codegen
+from llm_engine.kernels.triton import sampling
 from tests.triton.test_gemm import compile_for_gpu, gpu_job
 from tests.triton.util import RTOL, poison, rel_error
 

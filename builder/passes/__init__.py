@@ -1,0 +1,1 @@
+"""Compiler passes over the IR graph; `pipeline` runs them in order."""
