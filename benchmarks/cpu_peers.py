@@ -288,7 +288,8 @@ def ensure_ortgenai_model(s: Settings) -> Path:
     hf_dir = ensure_hf_dir(s)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+    # -P: run from the repository root, its kernels/ folder would shadow HF's `kernels`
+    cmd = [sys.executable, "-P", "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
            "-o", str(tmp), "-p", "int4", "-e", "cpu",
            "-c", str(s.cache / "ortgenai-builder-cache")]
     log(f"building the onnxruntime-genai int4 model at {out} (once): {' '.join(cmd)}")

@@ -35,8 +35,9 @@ Three formats also quantize the activations (W8A8), computing the product in low
 `fp8_a8_group_linear` compute x @ W^T (+ bias). On CPU each takes the path measured fastest for its row count
 (`KERNEL_MAX_ROWS`): torch's packed kernels (`torch._weight_int8pack_mm`,
 `torch._weight_int4pack_mm_for_cpu`, `torch._int_mm`) where they exist and agree with the
-reference (checked once, on a tiny case, at first use), else the weight dequantized a block of
-rows at a time and F.linear. `PATHS` records the path each one takes.
+reference (checked at first use on a tiny case, then on each weight shape before it runs
+there: `_shape_verified`), else the weight dequantized a block of rows at a time and F.linear.
+`PATHS` records the path each one takes.
 """
 
 from __future__ import annotations

@@ -387,8 +387,9 @@ class Cluster:
         out = sys.__stderr__.fileno() if sys.__stderr__ is not None else subprocess.DEVNULL
         try:
             for rank in range(1, world_size):
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "llm_engine.runtime.worker", str(path), "--rank", str(rank)],
+                proc = subprocess.Popen(  # -P: the caller's working directory stays off
+                    [sys.executable, "-P", "-m", "llm_engine.runtime.worker", str(path), "--rank",
+                     str(rank)],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     stdin=subprocess.DEVNULL, stdout=out)
                 self.workers.append(_Worker(rank, proc))

@@ -13,6 +13,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Without a GPU the Triton kernels run under the interpreter, which triton chooses when it is
+# first imported (its own @jit library functions are made then). Set here, before any test
+# module is imported: importing transformers' Llama imports triton (transformers 5.25), so a
+# test module doing that at the top would otherwise leave triton in GPU mode for every kernel
+# test after it.
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The repository root must not be on sys.path (`python -m pytest` puts the working directory
 # there): its builder/, runtime/, kernels/ and templates/ would shadow installed packages of

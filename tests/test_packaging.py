@@ -5,6 +5,7 @@ the repository's builder/, runtime/, kernels/ and templates/ folders map to llm_
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -47,6 +48,27 @@ def test_no_top_level_name_of_ours_is_importable():
     import transformers.integrations.hub_kernels  # noqa: F401  (imports HF's kernels)
 
 
+def test_strict_mode_fails_the_run_when_a_test_dependency_is_missing(tmp_path):
+    """CI runs with LLM_ENGINE_STRICT_DEPS=all: a missing dependency (here graphviz's `dot`,
+    hidden by a PATH without it) ends the run with an error naming it and how to install it,
+    instead of skipping the tests that need it."""
+    env = {**os.environ, "LLM_ENGINE_STRICT_DEPS": "all",
+           "PATH": str(Path(sys.executable).parent)}
+    out = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:randomly",
+                          str(ROOT / "tests" / "test_symbolic.py")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode != 0
+    assert "dot: apt-get install graphviz" in out.stdout + out.stderr
+
+
+def _setuptools_version() -> tuple[int, ...]:
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+
+
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
     assert out.returncode == 0, f"{cmd}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -67,7 +89,10 @@ def test_wheel_installs_and_runs_beside_hf_kernels(tmp_path, checkpoints):
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", "engines", "tests", "benchmarks"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    # This interpreter's setuptools builds it when it can (offline); one too old to build
+    # wheels by itself (< 70.1) leaves it to pip's isolated build, which fetches a new one.
+    offline = ["--no-build-isolation"] if _setuptools_version() >= (70, 1) else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-q",
           "-w", str(wheels), str(source)], cwd=tmp_path)
     wheel = next(wheels.glob("llm_engine-*.whl"))
     env_dir = tmp_path / "venv"
