@@ -8,10 +8,12 @@ triton is imported by the rendered modules themselves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
 import json
+import linecache
 import os
+import stat
 import sys
 import tempfile
 from functools import lru_cache
@@ -66,27 +68,71 @@ def kernel_name(source: str) -> str:
     return "k_" + hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+class KernelCacheError(OSError):
+    """The kernel cache directory is not private to this user."""
+
+
 def _cache_dir() -> Path:
+    """The directory rendered kernels are written to: $LLM_ENGINE_KERNEL_CACHE, else
+    `<tmp>/llm-engine-kernels-<uid>`. Another user on the host could pre-create a shared
+    name and plant files or links in it, so the directory must be a real directory (not a
+    link) owned by this user and writable by nobody else; it is created 0700."""
     root = os.environ.get("LLM_ENGINE_KERNEL_CACHE")
-    path = Path(root) if root else Path(tempfile.gettempdir()) / "llm-engine-kernels"
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(root) if root else \
+        Path(tempfile.gettempdir()) / f"llm-engine-kernels-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else \
+            f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+        raise KernelCacheError(
+            f"kernel cache {path} is {kind}, not a directory only this user (uid "
+            f"{os.getuid()}) can write; remove it or set LLM_ENGINE_KERNEL_CACHE to a private "
+            "directory")
     return path
 
 
+def _write_private(path: Path, source: str) -> None:
+    """Write `source` to `path` through a new file of a random name (created exclusively,
+    never through a link) renamed over it: a planted link at `path` is replaced, not
+    followed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def load_kernel(source: str) -> ModuleType:
-    """Import rendered kernel source as a module. Triton reads a kernel's source through
-    `inspect`, so the module must live in a real file: it is written (once) under its hash."""
+    """Run rendered (and verified) kernel source as a module.
+
+    The module executes `source` itself, compiled here, never what is on disk or a cached
+    bytecode file: the file written under its hash is only for Triton, which reads a kernel's
+    source through `inspect`, and for tracebacks, and `linecache` is given the same text so
+    that `inspect` never reads the file either."""
     name = kernel_name(source)
     if name in sys.modules:
         return sys.modules[name]
     path = _cache_dir() / f"{name}.py"
-    if not path.is_file() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        tmp.replace(path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    try:
+        current = path.read_text() if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        current = None
+    if current != source:
+        _write_private(path, source)
+    filename = str(path)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    code = compile(source, filename, "exec", dont_inherit=True)
+    module = ModuleType(name)
+    module.__file__ = filename
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
