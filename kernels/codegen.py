@@ -13,6 +13,7 @@ import hashlib
 import json
 import linecache
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -46,9 +47,66 @@ def template_names() -> list[str]:
     return sorted(p.name.removesuffix(".py.j2") for p in templates.DIR.glob("*.py.j2"))
 
 
+# Template parameters are rendered into Python source, and an engine directory from elsewhere
+# supplies them (the runtime re-renders its kernels from the plan), so only values that cannot
+# form code of their own are rendered: numbers, booleans, None, and strings from this list of
+# words the kernel families use (dtype names, op and activation names, weight formats, input
+# kinds), plus the few code fragments the families themselves choose between.
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A plan node name (weights may join several: q_proj+k_proj+v_proj).
+NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+\-]*\Z")
+_FRAGMENTS = frozenset({"", ', input_precision="ieee"'})
+_MAX_PARAM_DEPTH = 64  # an expression tree level is two (a node, its args)
+_MAX_PARAM_ITEMS = 4096
+
+
+@lru_cache(maxsize=1)
+def allowed_words() -> frozenset[str]:
+    from llm_engine.kernels.dtypes import _DTYPES
+    from llm_engine.kernels.ops import OPS
+    from llm_engine.kernels.quant import FORMAT_OPERANDS
+    from llm_engine.kernels.triton.gemm import ACTIVATIONS, FORMATS
+
+    # pointwise input layouts, gelu approximations, dot precisions, norm and sampling kinds
+    kinds = {"full", "scalar", "inner", "outer", "strided", "none", "tanh", "ieee", "tf32",
+             "rms", "layer", "argmax", "softmax_topk"}
+    return frozenset({*_DTYPES, *OPS, *FORMAT_OPERANDS, *FORMATS, *ACTIVATIONS, *kinds})
+
+
+def check_params(value: Any, where: str = "params", depth: int = 0, budget: list | None = None
+                 ) -> None:
+    """Raise TemplateError unless `value` holds only what may be rendered into code (above)."""
+    budget = [_MAX_PARAM_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0 or depth > _MAX_PARAM_DEPTH:
+        raise TemplateError(f"{where}: kernel parameters nest too deep or hold too much")
+    if value is None or isinstance(value, bool | int | float):
+        return
+    if isinstance(value, str):
+        if value in _FRAGMENTS or (_WORD.match(value) and value in allowed_words()):
+            return
+        raise TemplateError(f"{where}: {value[:40]!r} is not a value a kernel template takes")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or not _WORD.match(k):
+                raise TemplateError(f"{where}: key {str(k)[:40]!r} is not an identifier")
+            check_params(v, f"{where}.{k}", depth + 1, budget)
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_params(v, f"{where}[{i}]", depth + 1, budget)
+        return
+    raise TemplateError(f"{where}: a {type(value).__name__} is not a kernel parameter")
+
+
 def render(template: str, params: dict[str, Any], *, nodes: list[str] | None = None) -> str:
     """Render `templates/<template>.py.j2` with `params`. The source starts with a header
-    naming the template, its parameters and the IR nodes it implements."""
+    naming the template, its parameters and the IR nodes it implements. Parameters and node
+    names are checked first (`check_params`, `NODE_NAME`): nothing else reaches the source."""
+    check_params(params)
+    for node in nodes or ():
+        if not isinstance(node, str) or not NODE_NAME.match(node):
+            raise TemplateError(f"node name {str(node)[:40]!r} is not a plan node name")
     try:
         body = environment().get_template(f"{template}.py.j2").render(**params)
     except jinja2.TemplateNotFound:

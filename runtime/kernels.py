@@ -9,6 +9,7 @@ triton is imported when kernels are bound (the Triton backend).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from llm_engine.runtime.engine_dir import EngineLoadError
 
 BACKENDS = ("auto", "reference", "triton", "onnx")
+KERNEL_NAME = re.compile(r"k_[0-9a-f]{16}\Z")  # codegen.kernel_name
 
 
 def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
@@ -25,7 +27,24 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
 
     verified: dict[str, str] = {}
     rendered: dict[str, dict[str, str]] = {}
-    for name, info in plan.get("kernels", {}).items():
+    kernels = plan.get("kernels", {})
+    if not isinstance(kernels, dict):
+        raise EngineLoadError("plan 'kernels' is not a mapping; rebuild the engine")
+    # the nodes a kernel may claim: the plan's own nodes that list it
+    claims: dict[str, set[str]] = {}
+    for node in plan.get("nodes", []):
+        if isinstance(node, dict) and isinstance(node.get("kernel"), list):
+            for k in node["kernel"]:
+                claims.setdefault(str(k), set()).add(str(node.get("name")))
+    for name, info in kernels.items():
+        if not isinstance(name, str) or not KERNEL_NAME.match(name) or not isinstance(info, dict):
+            raise EngineLoadError(f"plan kernel {str(name)[:40]!r} is not a kernel entry the "
+                                  "builder writes; rebuild the engine")
+        nodes = info.get("nodes")
+        if not isinstance(nodes, list) or not nodes or \
+                any(not isinstance(n, str) or n not in claims.get(name, ()) for n in nodes):
+            raise EngineLoadError(f"kernel {name}: its nodes are not plan nodes that use it; "
+                                  "the plan was modified, rebuild the engine")
         path = engine_dir / "kernels" / f"{name}.py"
         try:
             stored = path.read_text()
@@ -37,7 +56,7 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
             if key not in rendered:
                 rendered[key] = registry.render(info["family"], info["params"], info["nodes"])
             want = rendered[key][info["template"]]
-        except (TemplateError, KeyError, ValueError) as e:
+        except (TemplateError, KeyError, ValueError, TypeError) as e:
             raise EngineLoadError(f"kernel {name}: cannot re-render it from its template "
                                   f"({e}); rebuild the engine with this llm-engine") from e
         if stored != want or kernel_name(stored) != name:
