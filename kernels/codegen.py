@@ -53,8 +53,10 @@ def template_names() -> list[str]:
 # words the kernel families use (dtype names, op and activation names, weight formats, input
 # kinds), plus the few code fragments the families themselves choose between.
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# A plan node name (weights may join several: q_proj+k_proj+v_proj).
+# A plan node name (weights may join several: q_proj+k_proj+v_proj), and the entry that ends a
+# long list in a kernel's header (builder.codegen lists at most MAX_LISTED_NODES).
 NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+\-]*\Z")
+MORE_NODES = re.compile(r"\.\.\. ([1-9][0-9]{0,6}) more\Z")
 _FRAGMENTS = frozenset({"", ', input_precision="ieee"'})
 _MAX_PARAM_DEPTH = 64  # an expression tree level is two (a node, its args)
 _MAX_PARAM_ITEMS = 4096
@@ -104,8 +106,10 @@ def render(template: str, params: dict[str, Any], *, nodes: list[str] | None = N
     naming the template, its parameters and the IR nodes it implements. Parameters and node
     names are checked first (`check_params`, `NODE_NAME`): nothing else reaches the source."""
     check_params(params)
-    for node in nodes or ():
-        if not isinstance(node, str) or not NODE_NAME.match(node):
+    nodes = list(nodes or ())
+    for i, node in enumerate(nodes):
+        if not isinstance(node, str) or not (
+                NODE_NAME.match(node) or (i == len(nodes) - 1 and MORE_NODES.match(node))):
             raise TemplateError(f"node name {str(node)[:40]!r} is not a plan node name")
     try:
         body = environment().get_template(f"{template}.py.j2").render(**params)

@@ -41,8 +41,7 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
             raise EngineLoadError(f"plan kernel {str(name)[:40]!r} is not a kernel entry the "
                                   "builder writes; rebuild the engine")
         nodes = info.get("nodes")
-        if not isinstance(nodes, list) or not nodes or \
-                any(not isinstance(n, str) or n not in claims.get(name, ()) for n in nodes):
+        if not _claims_hold(nodes, claims.get(name, set())):
             raise EngineLoadError(f"kernel {name}: its nodes are not plan nodes that use it; "
                                   "the plan was modified, rebuild the engine")
         path = engine_dir / "kernels" / f"{name}.py"
@@ -65,6 +64,20 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
                 "recorded parameters; refusing to run modified kernel code. Rebuild the engine")
         verified[name] = stored
     return verified
+
+
+def _claims_hold(nodes: Any, users: set[str]) -> bool:
+    """A kernel's recorded nodes are plan nodes that use it, the list possibly ending in
+    '... N more' (long lists are cut in the header) where N counts exactly the rest."""
+    from llm_engine.kernels.codegen import MORE_NODES
+
+    if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
+        return False
+    more = MORE_NODES.match(nodes[-1])
+    listed = nodes[:-1] if more else nodes
+    if len(set(listed)) != len(listed) or not set(listed) <= users:
+        return False
+    return more is None or int(more.group(1)) == len(users - set(listed))
 
 
 def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int

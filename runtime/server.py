@@ -117,9 +117,45 @@ async def _json_body(request: Request, max_bytes: int) -> Any:
             raise ApiError(413, f"request body over {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    _check_json(body)
+    return body
+
+
+# Deeper than any OpenAI request (a chat message's content parts are ~5 levels); validation
+# and templates recurse over what they are given, so depth is bounded before they see it.
+MAX_JSON_DEPTH = 32
+
+
+def _check_json(body: Any) -> None:
+    """400 for a body nesting deeper than MAX_JSON_DEPTH or holding a lone UTF-16 surrogate
+    (valid JSON, but no text: the tokenizer and the response encoder would fail on it).
+    Iterative, so the check itself cannot recurse too deep; the body is at most max_bytes."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(k, str):
+                    _check_text(k)
+                stack.append((v, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the body holds a lone surrogate ({text[e.start]!r} at "
+                            f"{e.start}); send valid UTF-8 text") from None
 
 
 def _decoder(engine: Any):

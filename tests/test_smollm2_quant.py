@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from llm_engine.runtime import Engine, SamplingParams
 
@@ -76,7 +77,12 @@ def test_quality_size_and_generation(mode, built, fp32_bytes):
     report = _report(path)
     quality = report["quantization"]["quality"]
     assert quality["tokens"] >= 2000
-    assert quality["ppl_increase_pct"] < PPL_BOUND[mode], quality
+    # The ISA in the message: int8-wo once missed its bound on an AVX-512/VNNI CPU only. It is
+    # not rounding noise: moving every calibration activation by 1 ulp moved int8-wo's result
+    # by 0.003 points (0.365-0.371 over three runs, AVX2), so a miss there is a systematic
+    # difference to diagnose on such a machine, not a bound to widen.
+    assert quality["ppl_increase_pct"] < PPL_BOUND[mode], \
+        (quality, torch.backends.cpu.get_cpu_capability())
     size = report["weights"]["bytes"] / fp32_bytes
     assert size <= SIZE_BOUND[mode], size
     engine = Engine.load(path)

@@ -81,9 +81,15 @@ def _foreign_node_attack(plan, info, marker):
     info["nodes"] = ["no_such_node"]
 
 
+def _more_count_attack(plan, info, marker):
+    """The '... N more' that ends a long node list must count the kernel's other users."""
+    info["nodes"] = [info["nodes"][0], "... 3 more"]
+
+
 ATTACKS = {f"param-{k}": _param_attack(k) for k in ("vocab", "dim", "dtype", "id_dtype", "op",
                                                     "BLOCK", "num_warps")}
-ATTACKS |= {"node-name": _node_name_attack, "foreign-node": _foreign_node_attack}
+ATTACKS |= {"node-name": _node_name_attack, "foreign-node": _foreign_node_attack,
+            "more-count": _more_count_attack}
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
