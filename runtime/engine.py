@@ -438,10 +438,10 @@ class Engine:
         params = req.params
         stopped_by_token = (
             req.num_output >= params.min_tokens
-            and (token in params.stop_token_ids
+            and (token in req.stop_ids
                  or (not params.ignore_eos and token in self.eos_token_ids)))
         # A stopping token adds no text, except a stop_token_id shown with special tokens kept.
-        shown = not stopped_by_token or (token in params.stop_token_ids
+        shown = not stopped_by_token or (token in req.stop_ids
                                          and not params.skip_special_tokens)
         if req.detok is not None and shown:
             req.text += req.detok.step(token)

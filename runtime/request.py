@@ -46,9 +46,12 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
+    stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for per-token lookups
+
     def __post_init__(self) -> None:
         if not self.all_ids:
             self.all_ids = list(self.prompt_ids)
+        self.stop_ids = frozenset(getattr(self.params, "stop_token_ids", None) or ())
 
     @property
     def num_prompt(self) -> int:

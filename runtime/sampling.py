@@ -26,6 +26,13 @@ from typing import Any
 import torch
 
 MAX_LOGPROBS = 20
+# Stop conditions are checked on every generated token on the engine thread, which every request
+# shares, so a client's list has a bound (OpenAI takes 4 stop strings; these leave room for
+# programmatic use): the per-token cost is then at most 64 searches of a window of about 1,000
+# characters, and stop ids are looked up in a set.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 # Below this a temperature is treated as greedy: dividing by it would overflow fp32 logits.
 _GREEDY_EPS = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -113,14 +120,19 @@ class SamplingParams:
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS}")
         if any(s == "" for s in stop):
             # An empty stop string matches before any text, so the request could never output.
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters")
         self.stop = list(stop)
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
-        if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise ValueError("stop_token_ids must be a list of integers >= 0, "
-                             f"got {self.stop_token_ids!r}")
+        if not isinstance(ids, list | tuple) or len(ids) > MAX_STOP_TOKEN_IDS or \
+                not all(_is_int(i) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} "
+                             f"integers >= 0, got {str(self.stop_token_ids)[:200]}")
         self.stop_token_ids = list(ids)
 
     @property

@@ -52,7 +52,7 @@ def _one_thread():
     ({"min_tokens": 9, "max_tokens": 8}, "min_tokens must be in [0, max_tokens=8]"),
     ({"stop": [1]}, "stop must be a string or a list of strings"),
     ({"stop": [""]}, "stop strings must be non-empty"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids must be a list of integers >= 0"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids must be a list of at most 1024 integers >= 0"),
     ({"ignore_eos": "yes"}, "ignore_eos must be a bool"),
     ({"logprobs": 21}, "logprobs must be in [0, 20] or None"),
     ({"logprobs": -1}, "logprobs must be in [0, 20] or None"),
