@@ -52,6 +52,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM
     max_concurrent_requests: int | None = None  # above it: 429 with Retry-After
     request_timeout: float | None = None  # seconds a request may take before it is ended
+    body_timeout: float = 30.0  # seconds a client has to send its body (then 408)
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -232,11 +233,21 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
                 raise ApiError(429, f"the server is at its limit of {limit} concurrent "
                                     "requests; retry shortly", type_="rate_limit_error",
                                code="too_many_requests")
-            body = await _json_body(request, config.max_body_bytes)
-            parse = parse_chat if chat else parse_completion
-            job = await prepare(parse(body, config.limits), chat)
+            # The slot is taken before the first await (nothing can run between the check and
+            # here): clients that send headers, stall, then send bodies each hold a slot while
+            # they stall, instead of all passing the check first. Reading the body has a
+            # deadline, so a stalled client gives its slot back.
             inflight[0] += 1
             admitted = True
+            try:
+                body = await asyncio.wait_for(_json_body(request, config.max_body_bytes),
+                                              config.body_timeout)
+            except TimeoutError:
+                raise ApiError(408, "the request body did not arrive within the server's "
+                                    f"--body-timeout of {config.body_timeout:g} s",
+                               code="request_timeout") from None
+            parse = parse_chat if chat else parse_completion
+            job = await prepare(parse(body, config.limits), chat)
             if job.req.stream:
                 admitted = False  # the stream releases its slot when it ends
                 return StreamingResponse(_logged_stream(job, route, start),
