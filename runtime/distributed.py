@@ -37,6 +37,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -373,15 +374,25 @@ class Cluster:
         """Start ranks 1..N-1 as `python -m runtime.worker` on this host. They import torch
         while rank 0 loads its own shard."""
         self = cls(path, world_size, device)
-        self.store = dist.TCPStore("127.0.0.1", 0, world_size, True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=START_TIMEOUT))
-        package_root = str(Path(__file__).resolve().parent.parent)
+        # TCPStore given a host still listens on every interface; anyone who reached it could
+        # read and write the ranks' keys. A socket bound to loopback here, handed to the store,
+        # keeps a single-host engine's rendezvous on this host.
+        # (The store owns the descriptor from then on, so the Python socket lets go of it.)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(max(world_size, 16))
+        port, fd = sock.getsockname()[1], sock.detach()
+        try:
+            self.store = dist.TCPStore("127.0.0.1", port, world_size, True,
+                                       wait_for_workers=False, master_listen_fd=fd,
+                                       timeout=datetime.timedelta(seconds=START_TIMEOUT))
+        except BaseException:
+            os.close(fd)
+            raise
         env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.store.port),
                    WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                   OMP_NUM_THREADS=str(threads), LLM_ENGINE_RANK0_PID=str(os.getpid()),
-                   PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                            env.get("PYTHONPATH")])))
+                   OMP_NUM_THREADS=str(threads), LLM_ENGINE_RANK0_PID=str(os.getpid()))
         # stdin stays with rank 0 (interactive chat) and stdout is rank 0's output: whatever
         # a worker prints goes to stderr
         out = sys.__stderr__.fileno() if sys.__stderr__ is not None else subprocess.DEVNULL

@@ -41,6 +41,7 @@ PYTHON_TEST_DEPS = {
     "pexpect": "pip install -e '.[test]'",
     "hypothesis": "pip install -e '.[test]'",
     "openai": "pip install -e '.[test]'",
+    "psutil": "pip install -e '.[test]'",
     "httpx2": "pip install -e '.[test]'",
     "onnx": "pip install -e '.[cpu,test]'",
     "onnxruntime": "pip install -e '.[cpu,test]'",
