@@ -125,8 +125,8 @@ class AsyncEngine:
 
     # ---- the asyncio side -------------------------------------------------------------------
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                       *, request_id: str | None = None, priority: int = 0
-                       ) -> AsyncIterator[Output]:
+                       *, request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[Output]:
         """Submit a request and yield its Outputs as they come (the last one has
         finish_reason set). Raises ValueError at once for a bad prompt or params."""
         loop = asyncio.get_running_loop()
@@ -134,7 +134,7 @@ class AsyncEngine:
 
         def add() -> str:
             rid = self.engine.add_request(prompt, params, request_id=request_id,
-                                          priority=priority)
+                                          priority=priority, cache_salt=cache_salt)
             self._sinks[rid] = sink
             return rid
 

@@ -51,6 +51,7 @@ class _Block:
 class _Seq:
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # keys of its full, committed blocks
+    root: bytes = b""  # the chain's start: b"", or its cache salt's key
     num_tokens: int = 0  # slots claimed so far
 
 
@@ -96,8 +97,19 @@ class BlockManager:
         h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
         return h.digest()
 
-    def _prefix_keys(self, token_ids: list[int], max_blocks: int) -> list[bytes]:
-        keys, parent, bs = [], b"", self.block_size
+    def _root(self, salt: bytes) -> bytes:
+        """Where a sequence's chain starts: a salt (a tenant, a request's cache_salt) gives
+        its own chain, so only sequences with the same salt can share prefix blocks (and see
+        each other's hits in timings or metrics)."""
+        if not salt:
+            return b""
+        h = hashlib.blake2b(key=self._key, digest_size=16, person=b"cache-salt")
+        h.update(salt)
+        return h.digest()
+
+    def _prefix_keys(self, token_ids: list[int], max_blocks: int, root: bytes = b""
+                     ) -> list[bytes]:
+        keys, parent, bs = [], root, self.block_size
         for i in range(min(max_blocks, len(token_ids) // bs)):
             parent = self._chain(parent, token_ids[i * bs:(i + 1) * bs])
             keys.append(parent)
@@ -122,18 +134,20 @@ class BlockManager:
         block.ref += 1
 
     def allocate_prompt(self, seq_id: str, token_ids: list[int], num_new_tokens: int,
-                        *, use_cache: bool = True) -> int | None:
+                        *, use_cache: bool = True, salt: bytes = b"") -> int | None:
         """Start `seq_id`: reuse cached prefix blocks of `token_ids`, then make room for
         `num_new_tokens` more. Returns how many leading tokens are already computed (cache
         hits), or None, changing nothing, when the free blocks do not suffice.
 
-        At least one token is always left to compute: its logits are the first prediction."""
+        At least one token is always left to compute: its logits are the first prediction.
+        `salt`: share blocks only with sequences of the same salt (see `_root`)."""
         if seq_id in self._seqs:
             raise BlockManagerError(f"sequence {seq_id} already has blocks")
         hits: list[int] = []
         keys: list[bytes] = []
         if self.prefix_caching and use_cache:
-            for key in self._prefix_keys(token_ids, (len(token_ids) - 1) // self.block_size):
+            for key in self._prefix_keys(token_ids, (len(token_ids) - 1) // self.block_size,
+                                         self._root(salt)):
                 block = self._cached.get(key)
                 if block is None:
                     break
@@ -151,7 +165,8 @@ class BlockManager:
             self.stats.hits += cached_tokens
         for b in hits:
             self._hold(b)
-        seq = _Seq(blocks=list(hits), keys=keys, num_tokens=cached_tokens + num_new_tokens)
+        seq = _Seq(blocks=list(hits), keys=keys, num_tokens=cached_tokens + num_new_tokens,
+                   root=self._root(salt))
         seq.blocks += [self._take_free() for _ in range(need)]
         self._seqs[seq_id] = seq
         return cached_tokens
@@ -189,7 +204,8 @@ class BlockManager:
             raise BlockManagerError(f"sequence {child_id} already has blocks")
         for b in parent.blocks:
             self._hold(b)
-        self._seqs[child_id] = _Seq(list(parent.blocks), list(parent.keys), parent.num_tokens)
+        self._seqs[child_id] = _Seq(list(parent.blocks), list(parent.keys),
+                                    num_tokens=parent.num_tokens, root=parent.root)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """Block copies (src, dst) the executor must do before the next step writes."""
@@ -203,7 +219,7 @@ class BlockManager:
             return
         seq = self._seqs[seq_id]
         bs = self.block_size
-        parent = seq.keys[-1] if seq.keys else b""
+        parent = seq.keys[-1] if seq.keys else seq.root
         for i in range(len(seq.keys), num_computed // bs):
             parent = self._chain(parent, token_ids[i * bs:(i + 1) * bs])
             seq.keys.append(parent)

@@ -41,6 +41,8 @@ from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOu
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
+MAX_CACHE_SALT_CHARS = 256
+
 @dataclass
 class Output:
     """A request's state as handed to callers: the whole output so far plus, for streaming,
@@ -331,10 +333,17 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    *, request_id: str | None = None, priority: int = 0) -> str:
+                    *, request_id: str | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError for a bad prompt or params,
-        RankFailedError once a multi-rank engine has stopped."""
+        RankFailedError once a multi-rank engine has stopped. `cache_salt`: the request reuses
+        (and offers) prefix-cache blocks only among requests with the same salt (vLLM's
+        `cache_salt`), so their hits reveal nothing to others."""
         self._check_healthy()
+        if cache_salt is not None and (not isinstance(cache_salt, str)
+                                       or len(cache_salt) > MAX_CACHE_SALT_CHARS):
+            raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} "
+                             "characters")
         params = params or SamplingParams()
         text, ids = self.encode(prompt)
         if len(ids) >= self.max_seq_len:
@@ -345,7 +354,8 @@ class Engine:
         if params.max_tokens is not None:
             limit = min(limit, len(ids) + params.max_tokens)
         req = Request(request_id or f"req-{next(self._ids)}", ids, params, limit,
-                      priority=priority, prompt_text=text)
+                      priority=priority, prompt_text=text,
+                      cache_salt=(cache_salt or "").encode("utf-8", "surrogatepass"))
         req.sampler = SamplerState(params, ids, self.eos_token_ids)
         if self.tokenizer is not None:
             from llm_engine.runtime.tokenizer import IncrementalDetokenizer

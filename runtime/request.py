@@ -47,6 +47,7 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
     stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for per-token lookups
+    cache_salt: bytes = b""  # prefix-cache partition (tenant and request salt); b"": shared
 
     def __post_init__(self) -> None:
         if not self.all_ids:

@@ -176,7 +176,8 @@ class Scheduler:
             n = min(len(req.all_ids), budget)
             # Prompt logprobs need every prompt row's logits, so hits cannot skip them.
             use_cache = req.params.prompt_logprobs is None
-            cached = self.blocks.allocate_prompt(req.id, req.all_ids, n, use_cache=use_cache)
+            cached = self.blocks.allocate_prompt(req.id, req.all_ids, n, use_cache=use_cache,
+                                                 salt=req.cache_salt)
             if cached is None:
                 break  # head-of-line waits for blocks; later arrivals do not jump it
             if req.num_preemptions == 0:

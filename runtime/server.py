@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -199,6 +200,19 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return _error(ApiError(503, str(e), type_="server_error", code="engine_dead"))
 
+    def cache_salt(request: Request, req: GenRequest) -> str | None:
+        """The request's prefix-cache partition: with API keys, each key's own (so one tenant
+        cannot learn from hits or timings what another sent), narrowed by the request's
+        `cache_salt`; without keys, shared unless the request sends one."""
+        tenant = b""
+        if config.api_keys:  # the guard has checked the key already
+            auth = request.headers.get("authorization", "")
+            tenant = hashlib.sha256(auth[7:].strip().encode()).digest()
+        if not tenant and req.cache_salt is None:
+            return None
+        return hashlib.sha256(tenant + b"\0" + (req.cache_salt or "").encode(
+            "utf-8", "surrogatepass")).hexdigest()
+
     async def prepare(req: GenRequest, chat: bool) -> Job:
         """Tokenize on the engine thread and check the length before anything is queued."""
         def encode(e: Any) -> tuple[str, list[int]]:
@@ -248,6 +262,7 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
                                code="request_timeout") from None
             parse = parse_chat if chat else parse_completion
             job = await prepare(parse(body, config.limits), chat)
+            job.cache_salt = cache_salt(request, job.req)
             if job.req.stream:
                 admitted = False  # the stream releases its slot when it ends
                 return StreamingResponse(_logged_stream(job, route, start),

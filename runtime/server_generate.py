@@ -36,6 +36,7 @@ class Job:
     prompt_ids: list[int]
     decode: Callable[[int], str]  # one token id -> its text (logprobs' token strings)
     id: str = ""
+    cache_salt: str | None = None  # the tenant's and the request's prefix-cache partition
     created: int = field(default_factory=lambda: int(time.time()))
     # filled in as the request runs, for the request log
     completion_tokens: int = 0
@@ -63,7 +64,8 @@ def _raise_if_error(out: Output) -> None:
 
 async def _complete(ae: AsyncEngine, job: Job, index: int) -> Output:
     params = choice_params(job.req.params, index)
-    return await ae.complete(job.prompt_ids, params, request_id=f"{job.id}-{index}")
+    return await ae.complete(job.prompt_ids, params, request_id=f"{job.id}-{index}",
+                             cache_salt=job.cache_salt)
 
 
 async def run_whole(ae: AsyncEngine, job: Job) -> dict[str, Any]:
@@ -111,7 +113,8 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
     async def pump(i: int) -> None:
         try:
             params = choice_params(job.req.params, i)
-            async for out in ae.generate(job.prompt_ids, params, request_id=f"{job.id}-{i}"):
+            async for out in ae.generate(job.prompt_ids, params, request_id=f"{job.id}-{i}",
+                                         cache_salt=job.cache_salt):
                 queue.put_nowait((i, out))
         except Exception as e:  # handed to the consumer, which reports it in the stream
             queue.put_nowait((i, e))

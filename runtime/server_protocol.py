@@ -46,7 +46,7 @@ _SAMPLING = {
     "repetition_penalty": "number", "ignore_eos": "bool", "min_tokens": "int",
     "n": "int", "stream": "bool", "stream_options": "object", "max_tokens": "int",
     "skip_special_tokens": "bool", "include_stop_str_in_output": "bool", "model": "str",
-    "user": "str",
+    "user": "str", "cache_salt": "str",
 }
 _COMPLETION = {**_SAMPLING, "prompt": "any", "echo": "bool", "logprobs": "int"}
 _CHAT = {**_SAMPLING, "messages": "any", "logprobs": "bool", "top_logprobs": "int",
@@ -101,6 +101,7 @@ class GenRequest:
     include_usage: bool
     echo: bool
     logprobs: int | None  # top-N per output token (None: no logprobs)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only within a salt
 
 
 def _stream_opts(f: dict[str, Any]) -> bool:
@@ -139,6 +140,17 @@ def _params(f: dict[str, Any], limits: Limits, max_tokens: int | None, logprobs:
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
 
 
+MAX_CACHE_SALT_CHARS = 256  # as Engine.add_request
+
+
+def _cache_salt(f: Mapping[str, Any]) -> str | None:
+    salt = f.get("cache_salt")
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT_CHARS:
+        raise ApiError(400, f"cache_salt must be 1 to {MAX_CACHE_SALT_CHARS} characters",
+                       param="cache_salt")
+    return salt
+
+
 def _prompt(value: Any) -> str | list[int]:
     """A string or token ids; a list holding one of those is accepted too (one prompt)."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
@@ -169,7 +181,7 @@ def parse_completion(body: Any, limits: Limits) -> GenRequest:
     params = _params(f, limits, f.get("max_tokens", 16), logprobs,
                      logprobs if echo and logprobs is not None else None)
     return GenRequest(prompt, None, params, f.get("n", 1), f.get("stream", False),
-                      _stream_opts(f), echo, logprobs)
+                      _stream_opts(f), echo, logprobs, _cache_salt(f))
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:
@@ -210,7 +222,7 @@ def parse_chat(body: Any, limits: Limits) -> GenRequest:
     max_tokens = f.get("max_completion_tokens", f.get("max_tokens"))
     params = _params(f, limits, max_tokens, logprobs, None)
     return GenRequest(None, messages, params, f.get("n", 1), f.get("stream", False),
-                      _stream_opts(f), False, logprobs)
+                      _stream_opts(f), False, logprobs, _cache_salt(f))
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
