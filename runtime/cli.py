@@ -360,10 +360,13 @@ def _read_api_keys(keys: tuple[str, ...], key_file: Path | None) -> tuple[str, .
 @click.option("--body-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a client has to send its request body (408 after that; the "
                    "request holds a concurrency slot meanwhile).")
+@click.option("--template-timeout", type=float, default=2.0, show_default=True,
+              help="Seconds a chat-template render may take (it runs off the engine thread; "
+                   "past this the request gets 400).")
 @engine_options
 def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max_n,
           max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, max_concurrent_requests,
-          request_timeout, body_timeout, **engine_kw) -> None:
+          request_timeout, body_timeout, template_timeout, **engine_kw) -> None:
     """Serve ENGINE_DIR over an OpenAI-compatible HTTP API."""
     from llm_engine.runtime.async_engine import AsyncEngine
     from llm_engine.runtime.server import ServerConfig
@@ -380,8 +383,10 @@ def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max
         _fail(f"--max-concurrent-requests must be >= 1, got {max_concurrent_requests}")
     if request_timeout is not None and request_timeout <= 0:
         _fail(f"--request-timeout must be > 0, got {request_timeout}")
-    if body_timeout <= 0:
-        _fail(f"--body-timeout must be > 0, got {body_timeout}")
+    for name, value in (("--body-timeout", body_timeout),
+                        ("--template-timeout", template_timeout)):
+        if value <= 0:
+            _fail(f"{name} must be > 0, got {value}")
     keys = _read_api_keys(api_keys, api_key_file)
     engine = load_engine(engine_dir, **engine_kw)
     config = ServerConfig(model_name=served_model_name or Path(engine_dir).resolve().name,
@@ -389,7 +394,8 @@ def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max
                           max_body_bytes=max_body_bytes, cors_origins=tuple(cors_origins),
                           shutdown_timeout=shutdown_timeout,
                           max_concurrent_requests=max_concurrent_requests,
-                          request_timeout=request_timeout, body_timeout=body_timeout)
+                          request_timeout=request_timeout, body_timeout=body_timeout,
+                          template_timeout=template_timeout)
     click.echo(f"serving {config.model_name} on http://{host}:{port}"
                f"{' (API key required)' if keys else ''}", err=True)
     run_server(AsyncEngine(engine, owns_engine=True), config, host, port)

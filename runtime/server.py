@@ -38,6 +38,7 @@ from llm_engine.runtime.server_protocol import (
     parse_completion,
     parse_messages,
 )
+from llm_engine.runtime.tokenizer import RenderBudget
 
 log = logging.getLogger("engine.server")
 
@@ -54,6 +55,7 @@ class ServerConfig:
     max_concurrent_requests: int | None = None  # above it: 429 with Retry-After
     request_timeout: float | None = None  # seconds a request may take before it is ended
     body_timeout: float = 30.0  # seconds a client has to send its body (then 408)
+    template_timeout: float = 2.0  # seconds a chat-template render may take (then 400)
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -213,15 +215,22 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
         return hashlib.sha256(tenant + b"\0" + (req.cache_salt or "").encode(
             "utf-8", "surrogatepass")).hexdigest()
 
+    async def render_chat(messages: list[dict[str, Any]]) -> str:
+        """The chat template rendered off the engine thread (which every request shares), in
+        a worker thread under a time and output budget: a slow template or a conversation
+        built to make it slow costs its own request a 400, not everyone a stall."""
+        budget = RenderBudget(seconds=config.template_timeout)
+        return await asyncio.to_thread(engine.apply_chat_template, messages, budget=budget)
+
     async def prepare(req: GenRequest, chat: bool) -> Job:
         """Tokenize on the engine thread and check the length before anything is queued."""
         def encode(e: Any) -> tuple[str, list[int]]:
-            prompt = e.apply_chat_template(req.messages) if chat else req.prompt
             text, ids = e.encode(prompt)
             return (text if text is not None else e.tokenizer.decode(ids)
                     if e.tokenizer is not None else ""), ids
 
         try:
+            prompt = await render_chat(req.messages) if chat else req.prompt
             text, ids = await ae.run_sync(encode)
         except ValueError as e:  # bad ids, empty prompt, template errors, no tokenizer
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
@@ -344,8 +353,11 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
         if not isinstance(body, dict) or len(set(body) & {"prompt", "messages"}) != 1:
             raise ApiError(400, 'send {"prompt": "..."} or {"messages": [...]}')
         if "messages" in body:
-            messages = parse_messages(body["messages"])
-            fn = lambda e: e.encode(e.apply_chat_template(messages))[1]  # noqa: E731
+            try:
+                text = await render_chat(parse_messages(body["messages"]))
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            fn = lambda e: e.encode(text)[1]  # noqa: E731
         elif isinstance(body["prompt"], str) and body["prompt"]:
             fn = lambda e: e.encode(body["prompt"])[1]  # noqa: E731
         else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -283,10 +285,13 @@ class Tokenizer:
                             documents: list[dict] | None = None,
                             chat_template: str | None = None,
                             continue_final_message: bool | str = False,
+                            budget: RenderBudget | None = None,
                             **kwargs: Any) -> str | list[int]:
         """Render `messages` like HF `apply_chat_template`; extra kwargs become template
         variables. With tokenize=True the ids are those of the rendered text with no special
-        tokens added: the template already wrote BOS if the model wants it."""
+        tokens added: the template already wrote BOS if the model wants it. `budget`: stop a
+        render past this much time or output (TokenizerError), as a server must for
+        templates and conversations it did not write."""
         template = self.get_chat_template(chat_template, tools)
         compiled = _compile(template)
         if not messages:
@@ -301,8 +306,9 @@ class Tokenizer:
                             "here; use transformers.utils.get_json_schema first)")
         final = _tag_final_message(chat, continue_final_message, template)
         variables = {**self.special_tokens, **_plain(kwargs)}  # kwargs override special tokens
-        text = compiled.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                               add_generation_prompt=add_generation_prompt, **variables)
+        text = _render(compiled, budget, messages=_budgeted(chat), tools=_plain(tools),
+                       documents=_plain(documents), add_generation_prompt=add_generation_prompt,
+                       **variables)
         if final is not None:
             text = _cut_at_final_tag(text, final)
         return self.encode(text, add_special_tokens=False) if tokenize else text
@@ -315,6 +321,81 @@ def _id_list(ids: Sequence[int]) -> list[int]:
 
 
 # ----------------------------------------------------------------------- chat template env
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderBudget:
+    """Limits on one chat-template render. The checks are cooperative: every call, attribute
+    or item lookup, `range` step, message-list step and output chunk of the template looks at
+    the clock, so nested loops over a long conversation end at the deadline."""
+
+    seconds: float = 2.0
+    max_chars: int = 4 << 20
+
+
+_BUDGET = threading.local()  # this thread's render: (deadline, seconds) or None
+
+
+def _check_budget() -> None:
+    limit = getattr(_BUDGET, "limit", None)
+    if limit is not None and time.monotonic() > limit[0]:
+        raise TokenizerError(f"the chat template took longer than its {limit[1]:g} s budget "
+                             "for this conversation; send a shorter conversation")
+
+
+def _render(compiled: jinja2.Template, budget: RenderBudget | None, **variables: Any) -> str:
+    if budget is None:
+        return compiled.render(**variables)
+    _BUDGET.limit = (time.monotonic() + budget.seconds, budget.seconds)
+    try:
+        chunks, size = [], 0
+        for chunk in compiled.generate(**variables):
+            size += len(chunk)
+            if size > budget.max_chars:
+                raise TokenizerError(f"the chat template's output passed its budget of "
+                                     f"{budget.max_chars} characters; send a shorter "
+                                     "conversation")
+            _check_budget()
+            chunks.append(chunk)
+        return "".join(chunks)
+    finally:
+        _BUDGET.limit = None
+
+
+class _BudgetList(list):
+    """A list whose iteration checks the render budget (a conversation can be long, and a
+    template may loop over it inside another loop)."""
+
+    def __iter__(self):
+        for item in list.__iter__(self):
+            _check_budget()
+            yield item
+
+
+def _budgeted(messages: list) -> list:
+    return _BudgetList(messages)
+
+
+def _budgeted_range(*args: int):
+    from jinja2.sandbox import safe_range
+
+    for i in safe_range(*args):
+        _check_budget()
+        yield i
+
+
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_budget()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _check_budget()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _check_budget()
+        return super().getitem(obj, argument)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -395,8 +476,9 @@ def _compile(template: str) -> jinja2.Template:
         # Templates come from model repos and are untrusted; older jinja2 has sandbox escapes.
         raise TokenizerError(f"jinja2 {jinja2.__version__} has known sandbox escapes; "
                              "upgrade it with `pip install -U 'jinja2>=3.1.6'`")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True,
+                           extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.globals["range"] = _budgeted_range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
