@@ -292,9 +292,11 @@ class Engine:
         rel = self.meta.get("tokenizer")
         if not rel:
             return None
+        from llm_engine.runtime.engine_dir import engine_path
         from llm_engine.runtime.tokenizer import Tokenizer
 
-        return Tokenizer.load(self.files.path / rel)
+        # its files are manifest entries, checked when the directory was loaded
+        return Tokenizer.load(engine_path(self.files.path, rel, "engine.json: tokenizer"))
 
     @property
     def kv_cache_summary(self) -> str:

@@ -13,9 +13,11 @@ import hashlib
 import importlib.metadata
 import json
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -136,6 +138,58 @@ def check_device(meta: dict[str, Any], device: str) -> None:
         raise EngineLoadError(f"device {device!r} requested but CUDA is not available")
 
 
+def engine_path(root: Path, rel: Any, what: str) -> Path:
+    """`root / rel` for a path an engine directory names: relative, without `..`, and with no
+    symbolic link on the way, so it cannot leave the directory. (Existence is not checked.)"""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        raise EngineLoadError(f"{what} {str(rel)[:80]!r} is not a relative path; the engine "
+                              "directory was modified, rebuild it")
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise EngineLoadError(f"{what} {rel[:80]!r} leaves the engine directory; refusing it")
+    current = root
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            raise EngineLoadError(f"{what} {rel[:80]!r} goes through a symbolic link; an engine "
+                                  "directory holds plain files only, refusing it")
+    return root / rel
+
+
+def confine_files(root: Path, files: dict[str, Any]) -> None:
+    """Every manifest entry is a plain file inside `root`, and `root` holds nothing else: no
+    unlisted file (read by a loader that globs), no link, no device or pipe (a read that never
+    ends)."""
+    listed = set()
+    for rel in files:
+        f = engine_path(root, rel, "engine.json: files entry")
+        try:
+            st = os.lstat(f)
+        except FileNotFoundError:
+            raise EngineLoadError(f"{f} is missing; the engine is incomplete, rebuild it") \
+                from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EngineLoadError(f"{f} is not a regular file; refusing the engine")
+        listed.add(PurePosixPath(rel).as_posix())
+    for dirpath, dirnames, filenames in os.walk(root):  # walk does not follow links
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if rel != "engine.json" and rel not in listed:
+                raise EngineLoadError(f"{full} is not in engine.json's file list; an engine "
+                                      "directory holds only what its builder wrote. Remove it "
+                                      "or rebuild the engine")
+            if not stat.S_ISREG(st.st_mode):
+                raise EngineLoadError(f"{full} is not a regular file; refusing the engine")
+
+
 def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
                     verify_checksums: bool = True) -> EngineFiles:
     path = Path(path)
@@ -149,10 +203,16 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
         raise EngineLoadError(f"engine format v{version} is newer than this runtime reads "
                               f"(v{FORMAT_VERSION}); upgrade llm-engine")
     check_builder_version(meta)
-    for rel, info in meta.get("files", {}).items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise EngineLoadError(f"{path}/engine.json lists no files; rebuild the engine")
+    confine_files(path, files)
+    for rel, info in files.items():
         f = path / rel
-        if not f.is_file():
-            raise EngineLoadError(f"{f} is missing; the engine is incomplete, rebuild it")
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or \
+                not isinstance(info.get("sha256"), str):
+            raise EngineLoadError(f"engine.json: files[{rel!r}] needs bytes and sha256; "
+                                  "rebuild the engine")
         if f.stat().st_size != info["bytes"] or (verify_checksums and
                                                   sha256_file(f) != info["sha256"]):
             raise EngineLoadError(f"{f} does not match its checksum in engine.json; the file "

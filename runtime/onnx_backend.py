@@ -40,15 +40,32 @@ def plan_digest(plan: dict[str, Any]) -> str:
 def available(engine_dir: Path, meta: dict[str, Any], plan: dict[str, Any]) -> str | None:
     """None when the fast path can run this engine, else why not."""
     graph = meta.get("cpu_graph")
-    if not graph or not (engine_dir / graph["file"]).is_file():
+    if not isinstance(graph, dict) or graph.get("file") != ONNX_FILE or \
+            not (engine_dir / ONNX_FILE).is_file():
         return "the engine has no ONNX graph (report.json 'onnx' says why)"
     if graph.get("plan_sha256") != plan_digest(plan):
         return "the engine's ONNX graph was built for another plan"
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError:
         return "onnxruntime is not installed (pip install onnxruntime)"
+    if _version(onnxruntime.__version__) < MIN_ORT:
+        # Older loaders follow an external-data location out of the model's directory, and
+        # the graph comes from the (untrusted) engine directory.
+        return (f"onnxruntime {onnxruntime.__version__} reads external data from outside the "
+                "model directory; pip install -U 'onnxruntime>=1.24.1'")
     return None
+
+
+MIN_ORT = (1, 24, 1)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
@@ -107,8 +124,15 @@ class OnnxRunner:
         for entry in filter(None, os.environ.get("LLM_ENGINE_ORT_CONFIG", "").split(",")):
             key, _, value = entry.partition("=")
             opts.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(engine_dir / ONNX_FILE), opts,
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(engine_dir / ONNX_FILE), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own error types; the graph is untrusted input
+            from llm_engine.runtime.engine_dir import EngineLoadError
+
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise EngineLoadError(f"onnxruntime refused {ONNX_FILE} ({first}); rebuild the "
+                                  "engine or use --kernels reference") from e
         names = [i.name for i in self.session.get_inputs()]
         self.inputs = [n for n in names if not n.startswith("attn.") and n != "kv_cache"]
         self.windows = sorted(int(n.rsplit(".w", 1)[1]) for n in names
