@@ -58,6 +58,11 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.+\-]*\Z")
 MORE_NODES = re.compile(r"\.\.\. ([1-9][0-9]{0,6}) more\Z")
 _FRAGMENTS = frozenset({"", ', input_precision="ieee"'})
+# Counts the templates loop over or that size a launch: an engine's value beyond these would
+# make rendering (or the kernel) run for ever, not compute anything.
+_INT_RANGE = {"rank": (0, 16), "num_warps": (1, 64), "num_stages": (1, 16),
+              "head_dim": (1, 1 << 12), "num_heads": (1, 1 << 12), "num_kv_heads": (1, 1 << 12),
+              "block_size": (1, 1 << 12)}
 _MAX_PARAM_DEPTH = 64  # an expression tree level is two (a node, its args)
 _MAX_PARAM_ITEMS = 4096
 
@@ -82,7 +87,13 @@ def check_params(value: Any, where: str = "params", depth: int = 0, budget: list
     budget[0] -= 1
     if budget[0] < 0 or depth > _MAX_PARAM_DEPTH:
         raise TemplateError(f"{where}: kernel parameters nest too deep or hold too much")
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | float):
+        return
+    if isinstance(value, int):
+        key = where.rsplit(".", 1)[-1]
+        low, high = _INT_RANGE.get(key, (-(1 << 40), 1 << 40))
+        if not low <= value <= high:
+            raise TemplateError(f"{where}: {value} is outside [{low}, {high}]")
         return
     if isinstance(value, str):
         if value in _FRAGMENTS or (_WORD.match(value) and value in allowed_words()):

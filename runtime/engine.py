@@ -42,6 +42,10 @@ DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
 MAX_CACHE_SALT_CHARS = 256
+# What malformed plan values raise from inside the runtime (ValueError is the caller's: bad
+# options keep their type).
+_MALFORMED = (KeyError, TypeError, IndexError, ZeroDivisionError, OverflowError,
+              AttributeError, RecursionError)
 
 @dataclass
 class Output:
@@ -219,7 +223,14 @@ class Engine:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         files = load_engine_dir(path, device=device, verify_checksums=config.verify_checksums)
-        return cls(files, config, device)
+        try:
+            return cls(files, config, device)
+        except _MALFORMED as e:
+            # The directory's values are untrusted: one the loader's own checks did not
+            # anticipate still ends as a load error, not a crash deep in the runtime.
+            raise EngineLoadError(f"{path}: the engine's files hold a value the runtime "
+                                  f"cannot use ({type(e).__name__}: {str(e)[:200]}); rebuild "
+                                  "the engine") from e
 
     @classmethod
     def _load_ranks(cls, path: Path, device: str, config: EngineConfig, world_size: int

@@ -190,6 +190,41 @@ def confine_files(root: Path, files: dict[str, Any]) -> None:
                 raise EngineLoadError(f"{full} is not a regular file; refusing the engine")
 
 
+_MAX_DIM = 1 << 16  # heads, head sizes: far above any model, far below an absurd allocation
+
+
+def _count(value: Any, where: str, low: int = 1, high: int = _MAX_DIM) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise EngineLoadError(f"{where} is {str(value)[:40]}; expected an integer in "
+                              f"[{low}, {high}]. The engine directory was modified, rebuild it")
+    return value
+
+
+def check_plan_sizes(plan: Any, name: str) -> None:
+    """The sizes the runtime divides by and allocates with (the KV cache's layers, each
+    attention node's heads) are integers in range, so a malformed value is a load error
+    naming the field, not a ZeroDivisionError or a huge allocation later."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("nodes"), list):
+        raise EngineLoadError(f"{name} has no node list; rebuild the engine")
+    layers = (plan.get("kv_cache") or {}).get("layers", [])
+    if not isinstance(layers, list) or len(layers) > _MAX_DIM:
+        raise EngineLoadError(f"{name}: kv_cache.layers is not a list of layers")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise EngineLoadError(f"{name}: kv_cache.layers[{i}] is not an object")
+        for key in ("num_kv_heads", "head_dim"):
+            _count(layer.get(key), f"{name}: kv_cache.layers[{i}].{key}")
+        if layer.get("window") is not None:
+            _count(layer["window"], f"{name}: kv_cache.layers[{i}].window", 1, 1 << 40)
+    for node in plan["nodes"]:
+        if isinstance(node, dict) and node.get("op") == "paged_attention":
+            attrs, where = node.get("attrs") or {}, f"{name}: node {str(node.get('name'))[:40]}"
+            # (not num_heads % num_kv_heads: a tensor-parallel rank may hold uneven shares,
+            # mapped by kv_head_map)
+            for key in ("num_heads", "num_kv_heads", "head_dim"):
+                _count(attrs.get(key), f"{where} {key}")
+
+
 def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
                     verify_checksums: bool = True) -> EngineFiles:
     path = Path(path)
@@ -219,5 +254,6 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
                                   "is corrupt or was modified, rebuild the engine")
     check_device(meta, device)
     plan = _read_json(path / f"plan.rank{rank}.json")
+    check_plan_sizes(plan, f"plan.rank{rank}.json")
     weights, mm = map_safetensors(path / f"weights.rank{rank}.safetensors")
     return EngineFiles(path, meta, plan, weights, [mm])
