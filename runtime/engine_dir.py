@@ -95,12 +95,17 @@ class _quiet_readonly:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
+        st = os.lstat(path)  # engine.json is read before the manifest's checks: its own here
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _SIZE_LIMITS[".json"]:
+            raise EngineLoadError(f"{path} is not a regular file of at most "
+                                  f"{_SIZE_LIMITS['.json'] >> 20} MiB; refusing the engine")
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise EngineLoadError(f"{path} is missing; rebuild the engine with `engine build`") \
             from None
-    except (OSError, ValueError) as e:
-        raise EngineLoadError(f"{path} is not valid JSON ({e}); rebuild the engine") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise EngineLoadError(f"{path} is not valid JSON ({str(e)[:200]}); rebuild the "
+                              "engine") from e
 
 
 def runtime_version() -> str:
@@ -160,6 +165,19 @@ def engine_path(root: Path, rel: Any, what: str) -> Path:
     return root / rel
 
 
+# Largest size of each kind of file, so that hashing or parsing a planted giant (a sparse file
+# costs its owner nothing) ends quickly; far above what the builder writes for any model.
+# Weights are as large as the model is, and have no bound here.
+_SIZE_LIMITS = {".json": 256 << 20, ".py": 8 << 20, ".jinja": 16 << 20, ".onnx": 2 << 30}
+_OTHER_LIMIT = 512 << 20  # tokenizer files (tokenizer.json of a 256k vocabulary is ~30 MB)
+
+
+def _size_limit(rel: PurePosixPath) -> int:
+    if rel.suffix == ".safetensors":
+        return 1 << 62
+    return _SIZE_LIMITS.get(rel.suffix, _OTHER_LIMIT)
+
+
 def confine_files(root: Path, files: dict[str, Any]) -> None:
     """Every manifest entry is a plain file inside `root`, and `root` holds nothing else: no
     unlisted file (read by a loader that globs), no link, no device or pipe (a read that never
@@ -174,6 +192,10 @@ def confine_files(root: Path, files: dict[str, Any]) -> None:
                 from None
         if not stat.S_ISREG(st.st_mode):
             raise EngineLoadError(f"{f} is not a regular file; refusing the engine")
+        limit = _size_limit(PurePosixPath(rel))
+        if st.st_size > limit:
+            raise EngineLoadError(f"{f} is {st.st_size} bytes, over the {limit >> 20} MiB a "
+                                  "file of its kind can be; refusing the engine")
         listed.add(PurePosixPath(rel).as_posix())
     for dirpath, dirnames, filenames in os.walk(root):  # walk does not follow links
         for name in dirnames + filenames:

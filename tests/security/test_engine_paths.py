@@ -121,3 +121,17 @@ def test_onnx_external_data_outside_is_refused(engines, tmp_path):
     _relist(path, "model.onnx")
     with pytest.raises(EngineLoadError, match=r"escapes model directory|External data path"):
         _load(path, kernels="onnx")
+
+
+def test_a_giant_listed_file_is_refused_before_it_is_read(engines, tmp_path):
+    """A sparse file costs nothing to plant but its size to hash; a kind of file the builder
+    writes small (here report.json) has a size bound checked before any read."""
+    path = _copy(engines, tmp_path)
+    with open(path / "report.json", "r+b") as f:
+        f.truncate(300 << 20)  # sparse: no disk used
+    _manifest(path, lambda m: m["files"].__setitem__(
+        "report.json", {"sha256": "0" * 64, "bytes": 300 << 20}))
+    start = time.monotonic()
+    with pytest.raises(EngineLoadError, match="over the 256 MiB"):
+        _load(path)
+    assert time.monotonic() - start < 5
