@@ -11,10 +11,8 @@ import time
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime import AsyncEngine
-from llm_engine.runtime.server import ServerConfig
 from llm_engine.runtime.tokenizer import RenderBudget, TokenizerError
-from tests.test_server import LiveServer, _engine
+from tests.test_server import _engine
 
 # Quadratic and silent: for each message, a walk over the whole conversation.
 SLOW = ("{% for m in messages %}{% for n in messages %}{% if n.role == 'x' %}!{% endif %}"
@@ -53,15 +51,11 @@ def test_within_budget_the_render_is_unchanged(tokenizer):
         tokenizer.apply_chat_template(messages)
 
 
-@pytest.fixture
-def live(engines):
+@pytest.fixture(scope="module")
+def live(engines, serve_tiny):
     engine = _engine(engines)
     engine.tokenizer.chat_template = SLOW
-    ae = AsyncEngine(engine)
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", template_timeout=1.5))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    return serve_tiny(engine, template_timeout=1.5)
 
 
 def test_a_slow_template_costs_only_its_own_request(live):

@@ -11,10 +11,7 @@ import re
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime import AsyncEngine
 from llm_engine.runtime.block_manager import BlockManager
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
 
 PROMPT = list(range(10, 30))  # five full blocks of 4
 
@@ -33,12 +30,8 @@ def test_blocks_are_shared_only_within_a_salt():
 
 
 @pytest.fixture(scope="module")
-def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", api_keys=("key-alice", "key-bob")))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+def live(serve_tiny):
+    return serve_tiny(api_keys=("key-alice", "key-bob"))
 
 
 def _hits(live, key: str) -> float:

@@ -13,21 +13,12 @@ import time
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime import AsyncEngine
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
-
 BODY = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
 
 
 @pytest.fixture(scope="module")
-def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_concurrent_requests=1,
-                                      body_timeout=1.0))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+def live(serve_tiny):
+    return serve_tiny(max_concurrent_requests=1, body_timeout=1.0)
 
 
 def _open(port: int) -> socket.socket:

@@ -8,18 +8,10 @@ from __future__ import annotations
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime import AsyncEngine
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
-
 
 @pytest.fixture(scope="module")
-def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_body_bytes=1 << 20))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+def live(serve_tiny):
+    return serve_tiny(max_body_bytes=1 << 20)
 
 
 def _deep(n: int) -> str:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime import AsyncEngine, SamplingParams
+from llm_engine.runtime import SamplingParams
 from llm_engine.runtime.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
+from tests.test_server import _engine
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -31,12 +30,8 @@ def test_lists_at_the_caps_are_taken():
 
 
 @pytest.fixture(scope="module")
-def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_body_bytes=1 << 20))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+def live(serve_tiny):
+    return serve_tiny(max_body_bytes=1 << 20)
 
 
 @pytest.mark.parametrize("field, value", [
