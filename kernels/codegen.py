@@ -141,6 +141,9 @@ def kernel_name(source: str) -> str:
     return "k_" + hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+KERNEL_NAME = re.compile(r"k_[0-9a-f]{16}\Z")  # what kernel_name returns
+
+
 class KernelCacheError(OSError):
     """The kernel cache directory is not private to this user."""
 

@@ -480,12 +480,8 @@ def int8_a8_linear_reference(x, q, scale, bias=None):
 
 
 def _probe_int_mm() -> bool:
-    if not hasattr(torch, "_int_mm"):
-        return False
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (3, 24), generator=gen, dtype=torch.int8)
-    b = torch.randint(-127, 128, (24, 5), generator=gen, dtype=torch.int8)
-    return torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int())
+    return hasattr(torch, "_int_mm") and _check_int_mm_shape(
+        5, 24, torch.float32, 3, torch.Generator().manual_seed(0))
 
 
 def _int8_dot_exact(xq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -678,7 +674,7 @@ def _verified(check: str) -> bool:
 # shape agreed: a check on one shape says nothing about another. Model layers are multiples
 # of 64 wide.
 _KERNEL_K_MULTIPLE = 16
-# (op, N, K, dtype) -> did the kernel agree with the reference on that weight shape?
+# (op, N, K, dtype, row class) -> did the kernel agree with the reference on that shape?
 _SHAPE_VERIFIED: dict[tuple, bool] = {}
 
 

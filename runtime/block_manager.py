@@ -145,9 +145,10 @@ class BlockManager:
             raise BlockManagerError(f"sequence {seq_id} already has blocks")
         hits: list[int] = []
         keys: list[bytes] = []
+        root = self._root(salt)
         if self.prefix_caching and use_cache:
             for key in self._prefix_keys(token_ids, (len(token_ids) - 1) // self.block_size,
-                                         self._root(salt)):
+                                         root):
                 block = self._cached.get(key)
                 if block is None:
                     break
@@ -166,7 +167,7 @@ class BlockManager:
         for b in hits:
             self._hold(b)
         seq = _Seq(blocks=list(hits), keys=keys, num_tokens=cached_tokens + num_new_tokens,
-                   root=self._root(salt))
+                   root=root)
         seq.blocks += [self._take_free() for _ in range(need)]
         self._seqs[seq_id] = seq
         return cached_tokens

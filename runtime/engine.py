@@ -34,18 +34,18 @@ from llm_engine.runtime.engine_dir import EngineFiles, EngineLoadError, load_eng
 from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
 from llm_engine.runtime.kernels import bind_kernels, choose_backend, verify_kernels
 from llm_engine.runtime.plan import PlanRunner
-from llm_engine.runtime.request import Request
+from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS, Request
 from llm_engine.runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
 from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 
 
-MAX_CACHE_SALT_CHARS = 256
 # What malformed plan values raise from inside the runtime (ValueError is the caller's: bad
 # options keep their type).
 _MALFORMED = (KeyError, TypeError, IndexError, ZeroDivisionError, OverflowError,
               AttributeError, RecursionError)
+
 
 @dataclass
 class Output:

@@ -9,7 +9,6 @@ triton is imported when kernels are bound (the Triton backend).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,11 @@ from typing import Any
 from llm_engine.runtime.engine_dir import EngineLoadError
 
 BACKENDS = ("auto", "reference", "triton", "onnx")
-KERNEL_NAME = re.compile(r"k_[0-9a-f]{16}\Z")  # codegen.kernel_name
 
 
 def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
     """kernel name -> verified source, for every kernel the plan lists."""
-    from llm_engine.kernels.codegen import TemplateError, kernel_name
+    from llm_engine.kernels.codegen import KERNEL_NAME, TemplateError, kernel_name
     from llm_engine.kernels.triton import registry
 
     verified: dict[str, str] = {}

@@ -15,6 +15,7 @@ class Status(enum.Enum):
 
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+MAX_CACHE_SALT_CHARS = 256  # a request's cache_salt (Engine.add_request, the server's field)
 
 
 @dataclass(eq=False)

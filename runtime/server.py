@@ -68,6 +68,11 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+def _bearer(auth: bytes) -> bytes:
+    """The key of an `Authorization: Bearer KEY` header value (b"" for any other)."""
+    return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+
+
 class _Guard:
     """ASGI middleware for what must hold before any route runs: the API key (on every path but
     /health) and the body-size limit by Content-Length. Plain ASGI rather than
@@ -95,8 +100,7 @@ class _Guard:
 
     def _check(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
         if self.keys and path != "/health":
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            given = _bearer(headers.get(b"authorization", b""))
             # compare with every key, so timing tells nothing about which (or whether) matched
             ok = False
             for key in self.keys:
@@ -208,8 +212,8 @@ def create_app(ae: AsyncEngine, config: ServerConfig) -> FastAPI:
         `cache_salt`; without keys, shared unless the request sends one."""
         tenant = b""
         if config.api_keys:  # the guard has checked the key already
-            auth = request.headers.get("authorization", "")
-            tenant = hashlib.sha256(auth[7:].strip().encode()).digest()
+            auth = request.headers.get("authorization", "").encode("latin-1")
+            tenant = hashlib.sha256(_bearer(auth)).digest()
         if not tenant and req.cache_salt is None:
             return None
         return hashlib.sha256(tenant + b"\0" + (req.cache_salt or "").encode(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS
 from llm_engine.runtime.sampling import SamplingParams
 
 
@@ -138,9 +139,6 @@ def _params(f: dict[str, Any], limits: Limits, max_tokens: int | None, logprobs:
                               prompt_logprobs=prompt_logprobs, **fields)
     except ValueError as e:  # SamplingParams names the field first: reuse it as param
         raise ApiError(400, str(e), param=str(e).split()[0]) from None
-
-
-MAX_CACHE_SALT_CHARS = 256  # as Engine.add_request
 
 
 def _cache_salt(f: Mapping[str, Any]) -> str | None:

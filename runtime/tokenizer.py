@@ -25,7 +25,7 @@ import jinja2.nodes
 import jinja2.parser
 import jinja2.utils
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from tokenizers import Tokenizer as _Backend
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -306,7 +306,7 @@ class Tokenizer:
                             "here; use transformers.utils.get_json_schema first)")
         final = _tag_final_message(chat, continue_final_message, template)
         variables = {**self.special_tokens, **_plain(kwargs)}  # kwargs override special tokens
-        text = _render(compiled, budget, messages=_budgeted(chat), tools=_plain(tools),
+        text = _render(compiled, budget, messages=_BudgetList(chat), tools=_plain(tools),
                        documents=_plain(documents), add_generation_prompt=add_generation_prompt,
                        **variables)
         if final is not None:
@@ -372,13 +372,7 @@ class _BudgetList(list):
             yield item
 
 
-def _budgeted(messages: list) -> list:
-    return _BudgetList(messages)
-
-
 def _budgeted_range(*args: int):
-    from jinja2.sandbox import safe_range
-
     for i in safe_range(*args):
         _check_budget()
         yield i

@@ -517,6 +517,8 @@ def test_request_timeout_ends_requests_with_an_error(hasty):
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
     (["--max-concurrent-requests", "0"], "--max-concurrent-requests must be >= 1"),
     (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--body-timeout", "0"], "--body-timeout must be > 0"),
+    (["--template-timeout", "-1"], "--template-timeout must be > 0"),
     (["--api-key-file", "/nonexistent/keys.txt"], "cannot read --api-key-file"),
 ])
 def test_serve_bad_options(engines, args, fragment):
