@@ -121,20 +121,21 @@ def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: 
                 ) -> PlanRunner:
     """The plan bound to this rank's weights and (triton backend) verified kernels, or
     (onnx backend) the engine's ONNX graph in an onnxruntime session."""
+    # the plan's ops and weights first: an op this runtime lacks is "upgrade", not "tampered"
+    runner = PlanRunner(files.plan, files.weights)
     sources = verify_kernels(files.path, files.plan)
     if backend == "onnx":
         from llm_engine.runtime.onnx_backend import OnnxRunner
 
-        PlanRunner(files.plan, files.weights)  # the same plan checks as the other backends
         # onnxruntime's pool gets the cores; torch (sampling, KV stores, metadata) runs on the
         # calling thread, because two thread pools spinning on the same cores cost more than
         # torch's small per-step work gains from threads (measured: 46 -> 102 tok/s on 2 cores).
         runner = OnnxRunner(files.path, files.plan, config.threads or default_threads(1))
         torch.set_num_threads(1)
         return runner
-    bound = {}
-    if backend == "triton":
-        bound = bind_kernels(files.plan, sources, config.block_size)
+    if backend != "triton" and device == "cpu":
+        return runner
+    bound = bind_kernels(files.plan, sources, config.block_size) if backend == "triton" else {}
     weights = files.weights
     if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
         weights = {k: v.to(device) for k, v in weights.items()}

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -51,24 +52,87 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[str, list[int], int, int]]]:
+    """(data start, name -> (dtype, shape, start, end)) of a safetensors file, read from its
+    header alone and checked: known dtypes, each tensor's bytes exactly its shape's, the
+    tensors tiling the data without gap or overlap, and the file ending where they end. So
+    the file is as large as the tensors it declares and no larger: a planted giant is refused
+    before anything hashes or maps it."""
+    def bad(why: str) -> EngineLoadError:
+        return EngineLoadError(f"{path}: not a safetensors file the builder writes ({why}); "
+                               "rebuild the engine")
+
+    size = os.lstat(path).st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("no header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad(f"a header of {n} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise bad(f"header: {str(e)[:80]}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not an object")
+    header.pop("__metadata__", None)
+    tensors: dict[str, tuple[str, list[int], int, int]] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name[:80]!r} has no dtype, shape and data_offsets") from None
+        if dtype not in _ST_DTYPES or not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
+            raise bad(f"tensor {name[:80]!r}: dtype {str(dtype)[:20]!r}, shape {str(shape)[:60]}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if type(start) is not int or type(end) is not int or \
+                not 0 <= start <= end or end - start != numel * _ST_DTYPES[dtype].itemsize:
+            raise bad(f"tensor {name[:80]!r}: offsets {start}..{end} for shape {shape}")
+        tensors[name] = (dtype, shape, start, end)
+    at = 0
+    for _, _, start, end in sorted(tensors.values(), key=lambda t: (t[2], t[3])):
+        if start != at:
+            raise bad(f"tensor data {'overlaps' if start < at else 'has a gap'} at {start}")
+        at = end
+    if 8 + n + at != size:
+        raise bad(f"the file is {size} bytes, its tensors end at {8 + n + at}")
+    return 8 + n, tensors
+
+
+def check_weights(path: Path, weights: Any, name: str) -> None:
+    """The weights file holds exactly the tensors the plan declares, of their shapes and
+    dtypes (checked from the header, before the file is hashed or mapped)."""
+    _, tensors = safetensors_layout(path)
+    if not isinstance(weights, dict):
+        raise EngineLoadError(f"{name}: 'weights' is not a mapping; rebuild the engine")
+    if set(tensors) != set(weights):
+        odd = sorted(set(tensors) ^ set(weights))
+        raise EngineLoadError(f"{path.name} and {name} disagree on the weight list "
+                              f"({', '.join(o[:60] for o in odd[:3])}); rebuild the engine")
+    for key, (dtype, shape, _, _) in tensors.items():
+        want = weights[key]
+        if not isinstance(want, dict) or want.get("shape") != shape or \
+                want.get("dtype") != str(_ST_DTYPES[dtype]).removeprefix("torch."):
+            raise EngineLoadError(f"{path.name}: {key[:80]} is {dtype} {shape}, not what "
+                                  f"{name} declares; rebuild the engine")
+
+
 def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
-    """Zero-copy tensors over a memory map of a safetensors file."""
+    """Zero-copy tensors over a memory map of a safetensors file (its layout checked)."""
+    base, layout = safetensors_layout(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8:8 + n])
-    except (struct.error, ValueError) as e:
-        raise EngineLoadError(f"{path}: not a safetensors file ({e})") from e
-    base = 8 + n
     buf = memoryview(mm)
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        shape = info["shape"]
+    for name, (st_dtype, shape, start, end) in layout.items():
+        dtype = _ST_DTYPES[st_dtype]
         if end == start:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
@@ -167,13 +231,15 @@ def engine_path(root: Path, rel: Any, what: str) -> Path:
 
 # Largest size of each kind of file, so that hashing or parsing a planted giant (a sparse file
 # costs its owner nothing) ends quickly; far above what the builder writes for any model.
-# Weights are as large as the model is, and have no bound here.
+# Weights are as large as the model is: their bound is the plan's weight list, which their
+# headers must match (check_weights) before they are hashed.
 _SIZE_LIMITS = {".json": 256 << 20, ".py": 8 << 20, ".jinja": 16 << 20, ".onnx": 2 << 30}
 _OTHER_LIMIT = 512 << 20  # tokenizer files (tokenizer.json of a 256k vocabulary is ~30 MB)
+_WEIGHTS_FILE = re.compile(r"weights\.rank([0-9]{1,4})\.safetensors\Z")
 
 
 def _size_limit(rel: PurePosixPath) -> int:
-    if rel.suffix == ".safetensors":
+    if _WEIGHTS_FILE.match(rel.as_posix()):
         return 1 << 62
     return _SIZE_LIMITS.get(rel.suffix, _OTHER_LIMIT)
 
@@ -264,18 +330,30 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
     if not isinstance(files, dict) or not files:
         raise EngineLoadError(f"{path}/engine.json lists no files; rebuild the engine")
     confine_files(path, files)
-    for rel, info in files.items():
+    plans: dict[str, Any] = {}
+    # Weights last: they are hashed only once the plan that declares them is read, and their
+    # headers agree with it (so their size is what the plan says, not what a file claims).
+    for rel, info in sorted(files.items(), key=lambda kv: kv[0].endswith(".safetensors")):
         f = path / rel
         if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or \
                 not isinstance(info.get("sha256"), str):
             raise EngineLoadError(f"engine.json: files[{rel!r}] needs bytes and sha256; "
                                   "rebuild the engine")
-        if f.stat().st_size != info["bytes"] or (verify_checksums and
-                                                  sha256_file(f) != info["sha256"]):
+        if f.stat().st_size != info["bytes"]:
+            raise EngineLoadError(f"{f} does not match its checksum in engine.json (it is "
+                                  f"{f.stat().st_size} bytes, not {info['bytes']}); the file is "
+                                  "corrupt or was modified, rebuild the engine")
+        weights = _WEIGHTS_FILE.match(rel)
+        if weights:
+            plan_name = f"plan.rank{weights.group(1)}.json"
+            if plan_name not in plans:
+                plans[plan_name] = _read_json(path / plan_name)
+            check_weights(f, (plans[plan_name] or {}).get("weights"), plan_name)
+        if verify_checksums and sha256_file(f) != info["sha256"]:
             raise EngineLoadError(f"{f} does not match its checksum in engine.json; the file "
                                   "is corrupt or was modified, rebuild the engine")
     check_device(meta, device)
-    plan = _read_json(path / f"plan.rank{rank}.json")
+    plan = plans.get(f"plan.rank{rank}.json") or _read_json(path / f"plan.rank{rank}.json")
     check_plan_sizes(plan, f"plan.rank{rank}.json")
     weights, mm = map_safetensors(path / f"weights.rank{rank}.safetensors")
     return EngineFiles(path, meta, plan, weights, [mm])

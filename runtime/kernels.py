@@ -1,10 +1,15 @@
 """The engine's rendered kernels: check them against their templates, then bind them.
 
-An engine directory must never be a way to run arbitrary code, so the runtime does not trust
-`kernels/*.py`: it re-renders every kernel from the template, parameters and node list the
-plan records and refuses the engine unless the stored file is byte-identical (and named by
-the hash of that source). Only then are the modules imported. Rendering needs jinja2 only;
-triton is imported when kernels are bound (the Triton backend).
+An engine directory must never be a way to run arbitrary code, and its author writes the plan
+as well as `kernels/*.py`, so neither is taken on trust. For every kernel the runtime
+1. checks that the nodes it claims are plan nodes that use it;
+2. derives its parameters from each of those nodes (op, attributes, input shapes and dtypes)
+   with the kernel family's own checker, as the builder did, and requires the recorded
+   parameters to be exactly those (a GEMM tiling: one of the template's candidates);
+3. re-renders it (the renderer admits only numbers, booleans and allow-listed words) and
+   requires the stored file to be byte-identical and named by the hash of that source.
+Only then are the modules run. Rendering needs jinja2 only; triton is imported when kernels
+are bound (the Triton backend).
 """
 
 from __future__ import annotations
@@ -29,19 +34,28 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
     if not isinstance(kernels, dict):
         raise EngineLoadError("plan 'kernels' is not a mapping; rebuild the engine")
     # the nodes a kernel may claim: the plan's own nodes that list it
-    claims: dict[str, set[str]] = {}
+    users: dict[str, list[dict[str, Any]]] = {}
+    by_name: dict[str, dict[str, Any]] = {}
     for node in plan.get("nodes", []):
-        if isinstance(node, dict) and isinstance(node.get("kernel"), list):
-            for k in node["kernel"]:
-                claims.setdefault(str(k), set()).add(str(node.get("name")))
+        if isinstance(node, dict):
+            by_name[str(node.get("name"))] = node
+            for k in node.get("kernel") if isinstance(node.get("kernel"), list) else ():
+                users.setdefault(str(k), []).append(node)
     for name, info in kernels.items():
         if not isinstance(name, str) or not KERNEL_NAME.match(name) or not isinstance(info, dict):
             raise EngineLoadError(f"plan kernel {str(name)[:40]!r} is not a kernel entry the "
                                   "builder writes; rebuild the engine")
         nodes = info.get("nodes")
-        if not _claims_hold(nodes, claims.get(name, set())):
+        if not _claims_hold(nodes, {str(n.get("name")) for n in users.get(name, ())}):
             raise EngineLoadError(f"kernel {name}: its nodes are not plan nodes that use it; "
                                   "the plan was modified, rebuild the engine")
+        for node in users[name]:
+            why = _params_differ(plan, by_name, node, info)
+            if why:
+                raise EngineLoadError(f"kernel {name}: its parameters are not what the "
+                                      f"{info.get('family')!r} kernels derive from plan node "
+                                      f"{str(node.get('name'))[:80]!r} ({why}); the plan was "
+                                      "modified, rebuild the engine")
         path = engine_dir / "kernels" / f"{name}.py"
         try:
             stored = path.read_text()
@@ -62,6 +76,37 @@ def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
                 "recorded parameters; refusing to run modified kernel code. Rebuild the engine")
         verified[name] = stored
     return verified
+
+
+def _params_differ(plan: dict[str, Any], by_name: dict[str, dict[str, Any]],
+                   node: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """Why `info` (a kernel's plan entry) is not what the builder's checker makes of `node`,
+    or None when it is. The checker sees the node as the builder's codegen did: its op and
+    attributes, its inputs' shapes and dtypes, its layer's KV-cache dtype."""
+    from llm_engine.kernels.triton import registry
+
+    try:
+        inputs = [by_name[i] for i in node["inputs"]]
+        layers = (plan.get("kv_cache") or {}).get("layers") or []
+        layer = node["attrs"].get("layer")
+        kv_dtype = layers[layer]["dtype"] if type(layer) is int and 0 <= layer < len(layers) \
+            else None
+        block_size = info["params"].get("block_size", registry.DEFAULT_BLOCK_SIZE)
+        derived = registry.choose(node["op"], node["attrs"], [tuple(n["shape"]) for n in inputs],
+                                  [n["dtype"] for n in inputs], node["dtype"],
+                                  kv_cache_dtype=kv_dtype, block_size=block_size)
+        if derived is None:
+            return "no kernel family takes that node"
+        family, params = derived
+        if family != info["family"]:
+            return f"it is a {family!r} node"
+        if not registry.same_kernel(family, info["params"], params):
+            keys = sorted(k for k in {*params, *info["params"]}
+                          if params.get(k) != info["params"].get(k))
+            return f"{', '.join(map(str, keys))[:200]} differ"
+    except Exception as e:  # whatever a forged node makes the checker raise
+        return f"the node is malformed: {type(e).__name__}"
+    return None
 
 
 def _claims_hold(nodes: Any, users: set[str]) -> bool:

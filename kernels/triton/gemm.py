@@ -282,22 +282,14 @@ def _smem_limit(device: torch.device) -> int:
     return 160 * 1024  # building for a GPU elsewhere: fits A100 (164 KiB) and H100 (227 KiB)
 
 
-def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu", *,
-            dtype: str = "float16", b_format: str = "dense",
-            group_size: int | None = None) -> list[dict]:
-    """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
-    unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
-    mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
-    the pipelined A and B tiles of `dtype` (and int4's per-element scales and zero points)
-    would not fit in shared memory. The 8-bit dots of
-    `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot);
-    `TILE_IS_GROUP` formats get BLOCK_K = group_size."""
+def _tilings(M_hint: int | None, N: int, K: int, cuda: bool, b_format: str,
+             group_size: int | None) -> list[tuple[int, ...]]:
+    """The candidate tilings (TILE_KEYS order) before any shared-memory cut of num_stages."""
     if b_format in TILE_IS_GROUP and not is_int(group_size):
         raise ValueError(f"{b_format} tilings need the group size (BLOCK_K = group_size)")
-    dev = torch.device(device)
     k_min = 32 if b_format in EIGHT_BIT_DOT else 16
     n_cap, k_cap = max(16, next_pow2(N)), max(k_min, next_pow2(K))
-    if dev.type != "cuda":
+    if not cuda:
         bm = min(max(16, next_pow2(M_hint or 64)), 64)
         cands = [(bm, 64, 64, 8, 4, 1), (16, 32, 32, 4, 4, 1)]
     elif M_hint is not None and M_hint <= 16:  # decode: skinny A, stream B
@@ -309,13 +301,43 @@ def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cp
     else:  # prefill / unknown
         cands = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4),
                  (128, 64, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)]
+    return [(bm, min(bn, n_cap), group_size if b_format in TILE_IS_GROUP else min(bk, k_cap),
+             gm, nw, ns) for bm, bn, bk, gm, nw, ns in cands]
+
+
+def tiling_allowed(p: dict) -> bool:
+    """Whether `p`'s tiling is one the builder can have recorded for its shape and format: a
+    candidate of `configs` for some row count on CPU or CUDA (the build host's choice, or the
+    autotuner's), num_stages possibly cut for shared memory. The runtime checks an engine's
+    recorded tiling with this; the other GEMM parameters follow from the plan node."""
+    tile = tuple(p.get(k) for k in TILE_KEYS)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in tile):
+        return False
+    N, K, b_format, group_size = p["N"], p["K"], p.get("b_format", "dense"), p.get("group_size")
+    for cuda in (False, True):
+        for m in (1, 16, 32, 64, 512, None):  # every branch of _tilings
+            for cand in _tilings(m, N, K, cuda, b_format, group_size):
+                if tile[:-1] == cand[:-1] and 1 <= tile[-1] <= cand[-1]:
+                    return True
+    return False
+
+
+def configs(M_hint: int | None, N: int, K: int, device: str | torch.device = "cpu", *,
+            dtype: str = "float16", b_format: str = "dense",
+            group_size: int | None = None) -> list[dict]:
+    """Candidate tilings, best guess first. M_hint is the expected row count (tokens), None if
+    unknown. On CUDA the builder times them; on CPU (the Triton interpreter, where large tiles
+    mean fewer, cheaper numpy steps) the first is used. On CUDA, num_stages is lowered where
+    the pipelined A and B tiles of `dtype` (and int4's per-element scales and zero points)
+    would not fit in shared memory. The 8-bit dots of
+    `EIGHT_BIT_DOT` formats get BLOCK_K >= 32 (the smallest K of an 8-bit tensor-core dot);
+    `TILE_IS_GROUP` formats get BLOCK_K = group_size."""
+    dev = torch.device(device)
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
     limit = _smem_limit(dev) if dev.type == "cuda" else None
     out: list[dict] = []
-    for bm, bn, bk, gm, nw, ns in cands:
-        bn, bk = min(bn, n_cap), min(bk, k_cap)
-        if b_format in TILE_IS_GROUP:
-            bk = group_size
+    for bm, bn, bk, gm, nw, ns in _tilings(M_hint, N, K, dev.type == "cuda", b_format,
+                                           group_size):
         stage = (bm * bk + bk * bn) * itemsize
         if b_format == "int4_group" and (group_size is None or group_size % bk):
             # a tile spanning groups gathers a scale and a zero point per element: two more

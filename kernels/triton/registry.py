@@ -58,6 +58,18 @@ def choose(op: str, attrs: dict[str, Any], in_shapes: list[tuple], in_dtypes: li
     return None if p is None else (family_name(module), p)
 
 
+def same_kernel(family: str, recorded: dict[str, Any], derived: dict[str, Any]) -> bool:
+    """Whether an engine's recorded params are what the family's checker derives from the
+    plan node: equal, except a GEMM tiling, which the build host chose (or timed) among the
+    template's candidates and need only be one of them."""
+    if family != family_name(gemm):
+        return recorded == derived
+    tile = set(gemm.TILE_KEYS)
+    return ({k: v for k, v in recorded.items() if k not in tile}
+            == {k: v for k, v in derived.items() if k not in tile}
+            and gemm.tiling_allowed(recorded))
+
+
 def render(family: str, p: dict[str, Any], nodes: list[str] | None = None) -> dict[str, str]:
     """Template name -> source for one (family, params)."""
     module = _module(family)

@@ -135,3 +135,53 @@ def test_a_giant_listed_file_is_refused_before_it_is_read(engines, tmp_path):
     with pytest.raises(EngineLoadError, match="over the 256 MiB"):
         _load(path)
     assert time.monotonic() - start < 5
+
+
+def _weights_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, json.loads(f.read(n))
+
+
+def _rewrite_weights(path: Path, header: dict, data_bytes: int) -> None:
+    """A weights file of `header` whose data is `data_bytes` of (sparse) zeros."""
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    f = path / "weights.rank0.safetensors"
+    with open(f, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little") + blob)
+        out.truncate(8 + len(blob) + data_bytes)
+
+
+@pytest.mark.parametrize("case", ["appended", "undeclared-tensor", "overlapping"])
+def test_a_giant_weights_file_is_refused_before_it_is_hashed(engines, tmp_path, case):
+    """Weights have no size bound of their own (a model is as large as it is), so their bound
+    is the plan's weight list: the header must declare exactly the plan's tensors, tiling the
+    data with no gap or overlap up to the end of the file. Each forged 64 GiB sparse file
+    would take minutes to hash; it is refused from its header in well under a second."""
+    path = _copy(engines, tmp_path)
+    f = path / "weights.rank0.safetensors"
+    _, header = _weights_header(f)
+    meta = header.pop("__metadata__", None)
+    end = max(info["data_offsets"][1] for info in header.values())
+    giant = 64 << 30
+    if case == "appended":  # the genuine header, and 64 GiB of data after the tensors
+        _rewrite_weights(path, {"__metadata__": meta, **header}, giant)
+        match = "its tensors end at"
+    elif case == "undeclared-tensor":  # a tensor the plan does not have covers the rest
+        header["padding"] = {"dtype": "U8", "shape": [giant - end],
+                             "data_offsets": [end, giant]}
+        _rewrite_weights(path, header, giant)
+        match = "disagree on the weight list"
+    else:  # one tensor's offsets claim the whole file
+        name = next(iter(header))
+        header[name]["data_offsets"] = [0, giant]
+        _rewrite_weights(path, header, giant)
+        match = "offsets"
+    size = f.stat().st_size
+    _manifest(path, lambda m: m["files"].__setitem__(
+        "weights.rank0.safetensors", {"sha256": "0" * 64, "bytes": size}))
+    start = time.monotonic()
+    with pytest.raises(EngineLoadError, match=match):
+        _load(path)
+    assert time.monotonic() - start < 2

@@ -13,10 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+import jinja2
 import pytest
 
 from llm_engine.kernels import codegen
-from llm_engine.runtime import Engine, EngineLoadError
+from llm_engine.runtime import Engine, EngineLoadError, SamplingParams
 
 BACKENDS = ("auto", "reference", "onnx", "triton")
 
@@ -30,16 +31,20 @@ def _render_unchecked(template: str, params: dict, nodes: list[str]) -> str:
     return "\n".join(header) + "\n" + body
 
 
-def _forge(src: Path, dst: Path, tamper) -> None:
-    """Copy an engine, let `tamper(plan, info)` rewrite one kernel's plan entry (and the plan),
-    re-render that kernel from the tampered entry and make every name and checksum agree."""
+def _forge(src: Path, dst: Path, tamper, template: str = "embedding") -> None:
+    """Copy an engine, let `tamper(plan, info)` rewrite the plan entry of its first kernel
+    rendered from `template` (and the plan), re-render that kernel from the tampered entry and
+    make every name and checksum agree."""
     shutil.copytree(src, dst)
     plan_path = dst / "plan.rank0.json"
     plan = json.loads(plan_path.read_text())
-    old = next(n for n, i in plan["kernels"].items() if i["family"] == "embedding")
+    old = next(n for n, i in plan["kernels"].items() if i["template"] == template)
     info = copy.deepcopy(plan["kernels"].pop(old))
     tamper(plan, info)
-    source = _render_unchecked(info["template"], info["params"], info["nodes"])
+    try:
+        source = _render_unchecked(info["template"], info["params"], info["nodes"])
+    except (jinja2.TemplateError, TypeError, ValueError):  # unrenderable: keep the old code
+        source = (dst / "kernels" / f"{old}.py").read_text() + f"# {info['params']}\n"
     new = codegen.kernel_name(source)
     plan["kernels"][new] = info
     for node in plan["nodes"]:
@@ -103,6 +108,102 @@ def test_forged_kernel_is_refused_and_never_runs(attack, engines, tmp_path):
         with pytest.raises(EngineLoadError, match="kernel"):
             Engine.load(path, kernels=backend, kv_cache_memory=1 << 20)
         assert not marker.exists(), backend
+
+
+def _kernel_params(engine: Path) -> list[tuple[str, str, object]]:
+    """(template, key, value) for every parameter of every template the engine renders."""
+    plan = json.loads((engine / "plan.rank0.json").read_text())
+    seen: dict[tuple[str, str], object] = {}
+    for info in plan["kernels"].values():
+        for key, value in info["params"].items():
+            seen.setdefault((info["template"], key), value)
+    return [(t, k, v) for (t, k), v in sorted(seen.items())]
+
+
+def _plausible(key: str, value):
+    """A different value of the same kind, one the renderer accepts: the attack is a kernel
+    that is genuine code but not the node's (a GEMM over more rows than its weight has, an
+    embedding wider than its table)."""
+    from llm_engine.kernels.triton.gemm import TILE_KEYS
+
+    if key in TILE_KEYS:  # a tiling no candidate list has (another candidate is legitimate)
+        return {"num_stages": 6, "num_warps": 3, "GROUP_M": 3}.get(key, 24)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 + 1
+    if isinstance(value, float):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return "float16" if value != "float16" else "float32"
+    return 1
+
+
+def test_every_template_parameter_is_derived_from_its_node(engines, tmp_path):
+    """Each parameter of each kernel, changed to a value the renderer would take, is refused:
+    the runtime derives the parameters from the plan node with the family's own checker. The
+    backend rotates over the cases; `onnx` is left out here because it refuses any changed
+    plan earlier (its graph records the plan it was built for), which the payload test below
+    shows."""
+    engine = engines("llama")
+    cases = _kernel_params(engine)
+    assert {t for t, _, _ in cases} >= {"embedding", "gemm", "norm", "gated_act", "pointwise",
+                                         "rope_kv", "paged_attention_decode",
+                                         "paged_attention_prefill"}
+    for i, (template, key, value) in enumerate(cases):
+        if key == "block_size":  # the KV-cache block size is the runtime's choice (see below)
+            continue
+        path = tmp_path / f"{template}-{key}"
+        new = _plausible(key, value)
+
+        def tamper(plan, info, key=key, new=new):
+            info["params"][key] = new
+        _forge(engine, path, tamper, template)
+        backend = ("reference", "triton", "auto")[i % 3]
+        with pytest.raises(EngineLoadError, match=f"parameters are not what .*{key}"):
+            Engine.load(path, kernels=backend, kv_cache_memory=1 << 20)
+        shutil.rmtree(path)
+
+
+def test_payload_in_any_parameter_is_refused_and_never_runs(engines, tmp_path):
+    """A code payload as the value of each parameter of each template, under a rotating
+    backend."""
+    engine = engines("llama")
+    marker = tmp_path / "payload-ran"
+    for i, (template, key, _) in enumerate(_kernel_params(engine)):
+        path = tmp_path / f"{template}-{key}"
+
+        def tamper(plan, info, key=key):
+            info["params"][key] = _payload(marker)
+        _forge(engine, path, tamper, template)
+        with pytest.raises(EngineLoadError, match="kernel"):
+            Engine.load(path, kernels=BACKENDS[i % len(BACKENDS)], kv_cache_memory=1 << 20)
+        assert not marker.exists(), (template, key)
+        shutil.rmtree(path)
+
+
+def test_another_candidate_tiling_is_accepted(engines, tmp_path):
+    """The freedoms the check leaves: a GEMM tiling the build host chose or timed among the
+    template's candidates (a CUDA build's, loaded here), and the attention kernels' KV-cache
+    block size (the runtime renders its own for the cache it allocates). It runs and computes
+    the same."""
+    from llm_engine.kernels.triton import gemm
+
+    engine = engines("llama")
+    path = tmp_path / "engine"
+
+    def tamper(plan, info):
+        p = info["params"]
+        cuda = gemm.configs(1, p["N"], p["K"], "cuda", dtype=p["a_dtype"])[0]
+        assert any(p[k] != cuda[k] for k in gemm.TILE_KEYS)
+        p.update(cuda)
+    _forge(engine, path, tamper, "gemm")
+    prompt, params = [5, 9, 13, 7], SamplingParams(max_tokens=3, temperature=0.0)
+    want = Engine.load(engine, kernels="triton", kv_cache_memory=1 << 20).generate(
+        [prompt], params)[0].token_ids
+    got = Engine.load(path, kernels="triton", kv_cache_memory=1 << 20, block_size=32).generate(
+        [prompt], params)[0].token_ids
+    assert got == want
 
 
 def test_a_kernel_name_that_is_a_path_is_refused(engines, tmp_path):
