@@ -4,7 +4,7 @@ ENGINE ?= engines/smollm2
 PROMPT ?= What is the capital of France? Answer in one sentence.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-test demo test test-all test-fast lint bench
+.PHONY: install install-test demo test test-all test-fast golden lint bench
 
 # torch goes first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 install:
@@ -33,6 +33,11 @@ test: install-test
 
 test-all: install-test
 	LLM_ENGINE_STRICT_DEPS=$(STRICT) $(PY) -P -m pytest -m "" -q
+
+# Rewrite tests/golden (what the builder emits for the golden engines): after a change to the
+# builder's output that is meant, with the reason in the commit message.
+golden:
+	$(PY) -P -m pytest -q tests/test_golden.py --update-golden
 
 test-fast:
 	$(PY) -P -m pytest -q

@@ -59,6 +59,11 @@ def missing_test_deps(level: str) -> list[str]:
     return missing
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden from this build (`make golden`)")
+
+
 def pytest_sessionstart(session):
     level = os.environ.get("LLM_ENGINE_STRICT_DEPS", "")
     if level not in ("", "python", "all"):
