@@ -7,8 +7,9 @@
 Imports neither `builder` nor networkx, onnx or transformers (a test enforces it)."""
 
 from llm_engine.runtime.async_engine import AsyncEngine
-from llm_engine.runtime.engine import Engine, EngineConfig, Output
+from llm_engine.runtime.engine import Engine, EngineConfig
 from llm_engine.runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.output import Output
 from llm_engine.runtime.sampling import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineLoadError", "Output",

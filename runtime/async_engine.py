@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llm_engine.runtime.engine import Engine, Output
+from llm_engine.runtime.engine import Engine
+from llm_engine.runtime.output import Output
 from llm_engine.runtime.sampling import SamplingParams
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
-from llm_engine.runtime.distributed import RankFailedError, engine_ranks
+from llm_engine.runtime.cluster import RankFailedError
 from llm_engine.runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.rank_files import engine_ranks
 
 
 def _fail(message: str) -> None:

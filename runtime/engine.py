@@ -3,72 +3,41 @@
 `Engine` is synchronous and single-threaded: `add_request` queues, `step` runs one batch and
 returns what changed, `generate`/`stream` loop over `step`. `AsyncEngine` (runtime.async_engine)
 runs the same loop on a thread for asyncio callers.
+
+Around the loop: runtime.kv_budget sizes the KV cache, runtime.backend chooses the step backend
+and builds its runner, runtime.multi_rank starts the other ranks of a multi-rank engine, and
+runtime.output turns each sampled token into text, stop decisions and `Output`s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import os
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llm_engine.runtime.backend import choose_backend, make_runner
 from llm_engine.runtime.block_manager import BlockManager
-from llm_engine.runtime.distributed import (
-    Cluster,
-    check_rank_files,
-    default_threads,
-    engine_ranks,
-    pipeline_stages,
-    tensor_parallel,
-    torchrun_env,
-    verify_rank_files,
-)
+from llm_engine.runtime.cluster import Cluster
 from llm_engine.runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
 from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
-from llm_engine.runtime.kernels import bind_kernels, choose_backend, verify_kernels
-from llm_engine.runtime.plan import PlanRunner
+from llm_engine.runtime.kv_budget import kv_cache_blocks
+from llm_engine.runtime.multi_rank import load_ranks
+from llm_engine.runtime.output import Output, append_token, flush, make_output
+from llm_engine.runtime.rank_files import engine_ranks, pipeline_stages, tensor_parallel
 from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS, Request
 from llm_engine.runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
 from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-
-DEFAULT_KV_CACHE_BYTES = 2 << 30
-
 
 # What malformed plan values raise from inside the runtime (ValueError is the caller's: bad
 # options keep their type).
 _MALFORMED = (KeyError, TypeError, IndexError, ZeroDivisionError, OverflowError,
               AttributeError, RecursionError)
-
-
-@dataclass
-class Output:
-    """A request's state as handed to callers: the whole output so far plus, for streaming,
-    what is new since the last Output of the same request (`delta_*`)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # None while running; stop | length | abort | error
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    error: str | None = None
-    num_cached_tokens: int = 0
-    metrics: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass
@@ -87,59 +56,6 @@ class EngineConfig:
     pp_microbatches: int | None = None  # pipeline engines: micro-batches per step (default:
     #                                     one per stage)
     collective_timeout: float = 60.0  # seconds a rank waits inside a step for a stalled peer
-
-
-def available_memory() -> int:
-    """Bytes the OS would hand out now (MemAvailable), the CPU analogue of free GPU memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def kv_cache_blocks(layers: list[dict[str, Any]], config: EngineConfig,
-                    ranks_here: int = 1) -> int:
-    """Blocks this rank's KV-cache budget holds. The default budget is shared by the ranks on
-    one host; an explicit kv_cache_memory is per rank (like memory per GPU)."""
-    per_block = KVCacheSpec.bytes_per_block(layers, config.block_size)
-    budget = config.kv_cache_memory
-    if budget is None:
-        budget = min(DEFAULT_KV_CACHE_BYTES,
-                     int(config.kv_cache_fraction * available_memory()) // ranks_here)
-    num_blocks = budget // per_block
-    if num_blocks < 1:
-        raise EngineLoadError(f"KV cache budget of {budget} bytes holds no block "
-                              f"({per_block} bytes each); raise --kv-cache-memory")
-    return num_blocks
-
-
-def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: str
-                ) -> PlanRunner:
-    """The plan bound to this rank's weights and (triton backend) verified kernels, or
-    (onnx backend) the engine's ONNX graph in an onnxruntime session."""
-    # the plan's ops and weights first: an op this runtime lacks is "upgrade", not "tampered"
-    runner = PlanRunner(files.plan, files.weights)
-    sources = verify_kernels(files.path, files.plan)
-    if backend == "onnx":
-        from llm_engine.runtime.onnx_backend import OnnxRunner
-
-        # onnxruntime's pool gets the cores; torch (sampling, KV stores, metadata) runs on the
-        # calling thread, because two thread pools spinning on the same cores cost more than
-        # torch's small per-step work gains from threads (measured: 46 -> 102 tok/s on 2 cores).
-        runner = OnnxRunner(files.path, files.plan, config.threads or default_threads(1))
-        torch.set_num_threads(1)
-        return runner
-    if backend != "triton" and device == "cpu":
-        return runner
-    bound = bind_kernels(files.plan, sources, config.block_size) if backend == "triton" else {}
-    weights = files.weights
-    if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
-        weights = {k: v.to(device) for k, v in weights.items()}
-    return PlanRunner(files.plan, weights, bound)
 
 
 class Engine:
@@ -220,7 +136,8 @@ class Engine:
             raise ValueError(f"threads must be >= 1, got {config.threads}")
         world_size = engine_ranks(path)
         if world_size > 1:
-            return cls._load_ranks(Path(path), device, config, world_size)
+            return load_ranks(Path(path), device, config, world_size,
+                              lambda files, cluster: cls(files, config, device, cluster))
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         files = load_engine_dir(path, device=device, verify_checksums=config.verify_checksums)
@@ -232,35 +149,6 @@ class Engine:
             raise EngineLoadError(f"{path}: the engine's files hold a value the runtime "
                                   f"cannot use ({type(e).__name__}: {str(e)[:200]}); rebuild "
                                   "the engine") from e
-
-    @classmethod
-    def _load_ranks(cls, path: Path, device: str, config: EngineConfig, world_size: int
-                    ) -> Engine:
-        """Rank 0 of a multi-rank engine: spawn ranks 1..N-1 on this host, or, under a
-        torchrun launch of the same size, join the ranks it started (runtime.worker)."""
-        # Everything that can be checked here is, before any process starts.
-        files = load_engine_dir(path, device=device, verify_checksums=False)
-        check_rank_files(path, world_size)
-        env = torchrun_env()
-        if env is not None and env["world_size"] == world_size:
-            if env["rank"] != 0:
-                raise EngineLoadError("under torchrun, Engine.load runs on rank 0 only; the "
-                                      "other ranks run `python -m runtime.worker ENGINE_DIR`")
-            threads = config.threads or default_threads(env["local_world_size"])
-            cluster = Cluster.join_torchrun(path, env, device)
-        else:
-            threads = config.threads or default_threads(world_size)
-            cluster = Cluster.spawn(path, world_size, device, threads)
-        torch.set_num_threads(threads)
-        try:
-            if config.verify_checksums:  # the workers verify theirs meanwhile
-                verify_rank_files(path, files.meta, 0)
-            cluster.connect(dataclasses.asdict(config), files.meta, files.plan,
-                            config.collective_timeout)
-            return cls(files, config, device, cluster)
-        except BaseException as e:
-            cluster.abort(f"loading failed: {e}")  # no worker may outlive a failed load
-            raise
 
     # ---- lifetime -------------------------------------------------------------------------
     @property
@@ -372,7 +260,7 @@ class Engine:
                       cache_salt=(cache_salt or "").encode("utf-8", "surrogatepass"))
         req.sampler = SamplerState(params, ids, self.eos_token_ids)
         if self.tokenizer is not None:
-            from llm_engine.runtime.tokenizer import IncrementalDetokenizer
+            from llm_engine.runtime.detokenizer import IncrementalDetokenizer
 
             req.detok = IncrementalDetokenizer(self.tokenizer, ids,
                                                skip_special_tokens=params.skip_special_tokens)
@@ -386,7 +274,7 @@ class Engine:
 
     def abort(self, request_id: str) -> Output | None:
         req = self.scheduler.abort(request_id)
-        return self._output(req) if req is not None else None
+        return make_output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -405,11 +293,11 @@ class Engine:
         changed: dict[str, Request] = {r.id: r for r in sched.finished}
         for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
             if req.finish_reason == "length":
-                self._flush(req)
+                flush(req)
         if sched.chunks:
             self._run(sched, changed)
         self.stats["steps"] += 1
-        return [self._output(r) for r in changed.values()]
+        return [make_output(r) for r in changed.values()]
 
     def _run(self, sched: SchedulerOutput, changed: dict[str, Request]) -> None:
         tables = [self.blocks.block_table(c.req.id) for c in sched.chunks]
@@ -440,7 +328,10 @@ class Engine:
             req = chunk.req
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._append(req, s)
+            self.stats["generated_tokens"] += 1
+            reason = append_token(req, s, self.eos_token_ids)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
             changed[req.id] = req
 
     def _prompt_logprobs(self, chunk, rows: torch.Tensor) -> None:
@@ -451,86 +342,6 @@ class Engine:
         next_ids = req.prompt_ids[chunk.start + 1:chunk.start + 1 + n_prompt_rows]
         for s in prompt_logprobs_for(rows[:n_prompt_rows], next_ids, req.params.prompt_logprobs):
             req.prompt_logprobs.append(s.top_logprobs)
-
-    def _append(self, req: Request, s) -> None:
-        token = s.token_id
-        req.all_ids.append(token)
-        req.sampler.append(token)
-        self.stats["generated_tokens"] += 1
-        if req.logprobs is not None:
-            req.logprobs.append(s.top_logprobs or {token: s.logprob})
-        params = req.params
-        stopped_by_token = (
-            req.num_output >= params.min_tokens
-            and (token in req.stop_ids
-                 or (not params.ignore_eos and token in self.eos_token_ids)))
-        # A stopping token adds no text, except a stop_token_id shown with special tokens kept.
-        shown = not stopped_by_token or (token in req.stop_ids
-                                         and not params.skip_special_tokens)
-        if req.detok is not None and shown:
-            req.text += req.detok.step(token)
-        if stopped_by_token:
-            self._flush(req)  # hand out what the detokenizer still holds, as "length" does
-            self._finish(req, "stop")
-            return
-        if params.stop and req.num_output >= params.min_tokens and self._check_stop_strings(req):
-            self._finish(req, "stop")
-            return
-        if len(req.all_ids) >= req.max_total_tokens:
-            self._finish(req, "length")
-
-    def _check_stop_strings(self, req: Request) -> bool:
-        params = req.params
-        longest = max(len(s) for s in params.stop)
-        # Only the new text (plus an overlap for stops spanning the boundary) can hold a match.
-        lo = max(0, req.sent_text - longest)
-        best = None
-        for stop in params.stop:
-            at = req.text.find(stop, lo)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, stop)
-        if best is None:
-            return False
-        at, stop = best
-        req.text = req.text[:at + len(stop)] if params.include_stop_str_in_output \
-            else req.text[:at]
-        return True
-
-    def _finish(self, req: Request, reason: str) -> None:
-        if reason == "length":
-            self._flush(req)
-        self.scheduler.finish(req, reason)
-
-    @staticmethod
-    def _flush(req: Request) -> None:
-        """Append text the detokenizer holds back (an incomplete character at the end)."""
-        if req.detok is not None:
-            req.text += req.detok.flush()
-
-    def _output(self, req: Request) -> Output:
-        text = req.text
-        if req.finish_reason is None and req.params.stop:
-            # Hold back what could still turn out to be the start of a stop string.
-            hold = max(len(s) for s in req.params.stop) - 1
-            visible = max(req.sent_text, len(text) - hold)
-        else:
-            visible = len(text)
-        delta_text = text[req.sent_text:visible]
-        req.sent_text = visible
-        delta_ids = req.output_ids[req.sent_tokens:]
-        req.sent_tokens = req.num_output
-        if req.finish_reason is not None:
-            req.finish_time = req.finish_time or time.monotonic()
-        return Output(
-            request_id=req.id, prompt=req.prompt_text, prompt_token_ids=req.prompt_ids,
-            text=text[:visible], token_ids=req.output_ids, finish_reason=req.finish_reason,
-            delta_text=delta_text, delta_token_ids=delta_ids,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            prompt_logprobs=req.prompt_logprobs if req.finish_reason else None,
-            error=req.error, num_cached_tokens=req.num_cached_tokens,
-            metrics={"arrival": req.arrival, "first_scheduled": req.first_scheduled_time,
-                     "first_token": req.first_token_time, "finish": req.finish_time,
-                     "preemptions": req.num_preemptions})
 
     # ---- convenience loops ----------------------------------------------------------------
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],

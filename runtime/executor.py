@@ -37,7 +37,7 @@ class KVCacheSpec:
 class KVCache:
     """Per layer a (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] tensors; the
     attention ops find them through the context object passed to the plan, as the collective
-    ops find `comm` (runtime.distributed.Comm on a multi-rank engine)."""
+    ops find `comm` (runtime.comm.Comm on a multi-rank engine)."""
 
     def __init__(self, spec: KVCacheSpec, device: str = "cpu", comm: Any = None) -> None:
         self.spec = spec
@@ -163,8 +163,8 @@ class Executor:
 
     def _run_pipeline(self, chunks: list[Chunk], block_tables: list[list[int]],
                       copies: list[tuple[int, int]]) -> StepLogits:
-        from llm_engine.runtime.distributed import MICRO, STEP
         from llm_engine.runtime.pipeline import split_microbatches
+        from llm_engine.runtime.wire import MICRO, STEP
 
         stage, shape, dtype, stats = self.pipeline
         groups = split_microbatches(len(chunks), [c.num_tokens for c in chunks],

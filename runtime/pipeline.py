@@ -2,7 +2,7 @@
 
 A step's chunks are independent sequences, so rank 0 splits them into micro-batches
 (`EngineConfig.pp_microbatches`, default one per stage) and sends every micro-batch's inputs to
-all ranks up front (the control broadcasts of runtime.distributed, MICRO for all but the last,
+all ranks up front (the control broadcasts of runtime.wire, MICRO for all but the last,
 STEP for the last). Then each stage runs its micro-batches in order: receive the residual
 stream from the stage before (point-to-point, tag = micro-batch), run its plan, post the send to
 the next stage (the last stage sends logits back to rank 0) and go on to the next micro-batch

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_engine.runtime.async_engine import AsyncEngine
-from llm_engine.runtime.engine import Output
+from llm_engine.runtime.output import Output
 from llm_engine.runtime.server_protocol import (
     ApiError,
     GenRequest,

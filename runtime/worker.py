@@ -26,37 +26,42 @@ from typing import Any
 import torch
 
 from llm_engine.kernels.dtypes import to_torch_dtype
-from llm_engine.runtime.distributed import (
+from llm_engine.runtime.backend import choose_backend, make_runner
+from llm_engine.runtime.cluster import (
+    START_TIMEOUT,
+    control_group,
+    data_group,
+    default_threads,
+    env_store,
+    torchrun_env,
+)
+from llm_engine.runtime.comm import make_comm
+from llm_engine.runtime.engine import EngineConfig
+from llm_engine.runtime.engine_dir import EngineLoadError, load_engine_dir
+from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
+from llm_engine.runtime.kv_budget import kv_cache_blocks
+from llm_engine.runtime.pipeline import RECV_PREFIX, Stage, StageIO
+from llm_engine.runtime.rank_files import (
+    engine_digest,
+    engine_ranks,
+    pipeline_stages,
+    tensor_parallel,
+    verify_rank_files,
+)
+from llm_engine.runtime.wire import (
     HELLO,
     IDLE_TIMEOUT,
     MICRO,
     PROTOCOL,
     SHUTDOWN,
-    START_TIMEOUT,
     STEP,
     broadcast,
-    control_group,
-    data_group,
     decode_step,
-    default_threads,
-    engine_digest,
-    engine_ranks,
-    env_store,
     exchange_reports,
     first_error,
     json_from_tensor,
-    make_comm,
     payload_size,
-    pipeline_stages,
-    tensor_parallel,
-    torchrun_env,
-    verify_rank_files,
 )
-from llm_engine.runtime.engine import EngineConfig, kv_cache_blocks, make_runner
-from llm_engine.runtime.engine_dir import EngineLoadError, load_engine_dir
-from llm_engine.runtime.executor import Executor, KVCache, KVCacheSpec
-from llm_engine.runtime.kernels import choose_backend
-from llm_engine.runtime.pipeline import RECV_PREFIX, Stage, StageIO
 
 
 def _say(rank: int, message: str) -> None:

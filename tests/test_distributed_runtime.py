@@ -24,14 +24,8 @@ import torch
 
 from llm_engine.runtime import AsyncEngine, Engine, EngineLoadError, SamplingParams
 from llm_engine.runtime.async_engine import EngineDeadError
-from llm_engine.runtime.distributed import (
-    STEP,
-    RankFailedError,
-    decode_step,
-    encode_step,
-    exchange_reports,
-    payload_size,
-)
+from llm_engine.runtime.cluster import RankFailedError
+from llm_engine.runtime.wire import STEP, decode_step, encode_step, exchange_reports, payload_size
 from tests.models import build_tiny_engine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from llm_engine.runtime import Engine, SamplingParams
-from llm_engine.runtime.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from llm_engine.runtime.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 # ASCII-heavy greedy output from the random model (good for stop strings), and a unicode prompt
 # whose output splits characters over byte tokens.

@@ -37,7 +37,7 @@ def _request(rid: str, prompt: list[int], max_tokens: int = 16, priority: int = 
 
 def _sample(sched: Scheduler, out: SchedulerOutput, token: int | random.Random = 0) -> None:
     """Engine._run after the executor: prompt logprob rows, then one token per sampling
-    chunk, finishing a request once it reaches its length limit (Engine._append)."""
+    chunk, finishing a request once it reaches its length limit (runtime.output.append_token)."""
     for c in out.chunks:
         req = c.req
         if c.prompt_logits:

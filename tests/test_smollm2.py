@@ -133,7 +133,7 @@ def test_smollm2_engine_carries_rendered_kernels(smol):
     and the runtime's load-time re-render check accepts them all."""
     import json
 
-    from llm_engine.runtime.kernels import verify_kernels
+    from llm_engine.runtime.kernel_check import verify_kernels
 
     engine_dir = smol[0]
     plan = json.loads((engine_dir / "plan.rank0.json").read_text())

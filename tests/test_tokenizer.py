@@ -1,5 +1,6 @@
-"""runtime.tokenizer against HF transformers (the oracle) on the real SmolLM2 tokenizer: encode,
-decode, chat templates, the jinja sandbox, and the streaming detokenizer."""
+"""runtime.tokenizer, runtime.chat_template and runtime.detokenizer against HF transformers (the
+oracle) on the real SmolLM2 tokenizer: encode, decode, chat templates, the jinja sandbox, and the
+streaming detokenizer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from llm_engine.runtime.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from llm_engine.runtime.detokenizer import IncrementalDetokenizer
+from llm_engine.runtime.tokenizer import Tokenizer
+from llm_engine.runtime.tokenizer_errors import TokenizerError
 
 FAST = settings(max_examples=150, deadline=None, database=None)
 
@@ -309,7 +312,7 @@ def test_template_errors(smollm2_dir, tmp_path):
 
 
 def test_compiled_template_is_cached(tok):
-    from llm_engine.runtime.tokenizer import _compile
+    from llm_engine.runtime.chat_template import _compile
 
     tok.apply_chat_template(CONVERSATIONS["user"])
     before = _compile.cache_info().hits

@@ -11,7 +11,8 @@ import time
 import httpx2 as httpx
 import pytest
 
-from llm_engine.runtime.tokenizer import RenderBudget, TokenizerError
+from llm_engine.runtime.chat_template import RenderBudget
+from llm_engine.runtime.tokenizer_errors import TokenizerError
 from tests.test_server import _engine
 
 # Quadratic and silent: for each message, a walk over the whole conversation.

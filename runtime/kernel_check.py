@@ -1,4 +1,6 @@
-"""The engine's rendered kernels: check them against their templates, then bind them.
+"""Verify an engine's stored kernels against their templates, then bind them for the Triton
+backend. (The kernels themselves are llm_engine.kernels and the engine's `kernels/*.py`;
+runtime.backend decides which backend runs and calls this.)
 
 An engine directory must never be a way to run arbitrary code, and its author writes the plan
 as well as `kernels/*.py`, so neither is taken on trust. For every kernel the runtime
@@ -19,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from llm_engine.runtime.engine_dir import EngineLoadError
-
-BACKENDS = ("auto", "reference", "triton", "onnx")
 
 
 def verify_kernels(engine_dir: Path, plan: dict[str, Any]) -> dict[str, str]:
@@ -146,32 +146,3 @@ def bind_kernels(plan: dict[str, Any], sources: dict[str, str], block_size: int
             by_group[names] = registry.bind(family, params, group_sources)
         bound[node["name"]] = by_group[names]
     return bound
-
-
-def choose_backend(requested: str, device: str, files: Any = None) -> str:
-    """The step backend. `files` (runtime.engine_dir.EngineFiles) is given for a single-rank
-    engine, the only kind the ONNX fast path runs: "auto" picks it on CPU when the engine
-    has a graph for its plan."""
-    if requested not in BACKENDS:
-        raise ValueError(f"kernels={requested!r}; choose one of {', '.join(BACKENDS)}")
-    if requested == "onnx":
-        if device != "cpu":
-            raise EngineLoadError("kernels=onnx is the CPU backend; use triton on a GPU")
-        why = "a multi-rank engine" if files is None else _onnx_unavailable(files)
-        if why:
-            raise EngineLoadError(f"kernels=onnx cannot run this engine: {why}; "
-                                  "use kernels=reference")
-        return requested
-    if requested == "auto":
-        if device.startswith("cuda"):
-            return "triton"
-        if files is not None and _onnx_unavailable(files) is None:
-            return "onnx"
-        return "reference"
-    return requested
-
-
-def _onnx_unavailable(files: Any) -> str | None:
-    from llm_engine.runtime.onnx_backend import available
-
-    return available(files.path, files.meta, files.plan)

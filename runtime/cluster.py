@@ -1,26 +1,17 @@
-"""Several processes serve one multi-rank engine (engine.json "ranks": N > 1): tensor-parallel
-shards, or pipeline stages (runtime.pipeline).
+"""The processes of a multi-rank engine (engine.json "ranks": N > 1; tensor-parallel shards, or
+pipeline stages, runtime.pipeline): how they are started, find each other and are stopped.
 
 Rank 0 is the process that called `Engine.load`: it owns the scheduler, block manager and
-tokenizer, builds every step's inputs and broadcasts them; ranks 1..N-1 (`runtime.worker`)
-only execute their plan shard (plan.rank<r>.json) on those inputs. The plan's `all_reduce` and
-`all_gather` ops reach the other ranks through `Comm`.
+tokenizer, builds every step's inputs and broadcasts them (runtime.wire); ranks 1..N-1
+(`runtime.worker`) only execute their plan shard (plan.rank<r>.json) on those inputs. The plan's
+`all_reduce` and `all_gather` ops reach the other ranks through `Comm` (runtime.comm).
 
-Wire protocol, on process groups built directly over one TCPStore (not the global default
-group, so an engine leaves torch.distributed to the user and several engines can coexist):
-- control (gloo, CPU tensors): the handshake and each step's inputs. Nothing is pickled: JSON
-  travels as bytes in a uint8 tensor, step inputs as one int64 tensor after a small header.
-  Handshake reports wait long (a rank may be checksumming a big shard), workers wait for
-  the next step without limit; everything else has the collective timeout.
-- data (gloo on CPU, NCCL on CUDA): the plan's collectives, with the collective timeout
-  (over gloo as point-to-point exchanges, see Comm).
-
-Handshake: rank 0 broadcasts HELLO (engine.json digest, device, the whole EngineConfig, plan
-input names); every rank loads and verifies its own files and all ranks exchange a JSON report
-(KV-cache blocks its budget holds, or its error); every rank takes the smallest block count, so
-block ids mean the same on all ranks; a second report round says each rank has allocated.
-Then each step: header [STEP, num_copies, the feeds' shapes] and one int64 payload (the feeds in
-plan-input order, then the copy-on-write block pairs); SHUTDOWN ends the workers' loop.
+Connecting: rank 0 either spawns ranks 1..N-1 on this host, with a TCPStore listening on
+loopback only (`Cluster.spawn`), or joins a torchrun launch's store (`Cluster.join_torchrun`);
+the workers reach the same store (`env_store`). On it go process groups built directly (not the
+global default group, so an engine leaves torch.distributed to the user and several engines can
+coexist): control (gloo, CPU tensors) for runtime.wire's messages, and data (gloo on CPU, NCCL
+on CUDA) for the plan's collectives, with the collective timeout.
 
 Failure: gloo raises within tens of milliseconds when a peer's socket closes (measured ~40 ms
 after SIGKILL, on both the reducing and the waiting side), so a dead rank surfaces as an error
@@ -33,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -49,89 +38,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm_engine.runtime.engine_dir import EngineLoadError, sha256_file
+from llm_engine.runtime.comm import Comm, make_comm
+from llm_engine.runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.rank_files import engine_digest
+from llm_engine.runtime.wire import (
+    HELLO,
+    PROTOCOL,
+    SHUTDOWN,
+    STEP,
+    broadcast,
+    encode_step,
+    exchange_reports,
+    first_error,
+    json_tensor,
+)
 
-PROTOCOL = 1
-# MICRO: a pipeline micro-batch whose step continues with more MICROs and a final STEP.
-HELLO, STEP, SHUTDOWN, MICRO = 1, 2, 3, 4
-REPORT_BYTES = 8192  # one rank's handshake report (JSON), zero-padded
 START_TIMEOUT = 300.0  # seconds for spawned workers to import torch and connect
-LOAD_TIMEOUT = datetime.timedelta(minutes=30)  # loading + checksumming a large shard
-IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait this long between steps
 STOP_GRACE = 5.0  # seconds a worker gets to exit after SHUTDOWN before it is killed
 
 
 class RankFailedError(RuntimeError):
     """A rank of a multi-rank engine died or failed; the engine is stopped for good."""
-
-
-def engine_ranks(path: str | Path) -> int:
-    """engine.json's "ranks" (1 when absent); an unreadable file reads as 1 so that
-    load_engine_dir reports the problem."""
-    try:
-        meta = json.loads((Path(path) / "engine.json").read_text())
-        ranks = meta.get("ranks", 1)
-    except (OSError, ValueError, AttributeError):
-        return 1
-    if not isinstance(ranks, int) or ranks < 1:
-        raise EngineLoadError(f"{path}/engine.json: 'ranks' must be a positive integer, got "
-                              f"{ranks!r}; rebuild the engine")
-    parallel = meta.get("parallel") or {}
-    tp, pp = parallel.get("tp", ranks), parallel.get("pp", 1)
-    if tp * pp != ranks:
-        raise EngineLoadError(f"{path}/engine.json: {ranks} ranks with tp={tp}, pp={pp} is "
-                              "not a layout this runtime runs; rebuild the engine")
-    return ranks
-
-
-def pipeline_stages(meta: dict[str, Any]) -> int:
-    return int((meta.get("parallel") or {}).get("pp", 1))
-
-
-def tensor_parallel(meta: dict[str, Any]) -> int:
-    return int((meta.get("parallel") or {}).get("tp", meta.get("ranks", 1)))
-
-
-def make_comm(group: Any, rank: int, meta: dict[str, Any], device: str) -> Comm:
-    """The communicator of `rank`'s tensor-parallel group: the ranks of its pipeline stage
-    (rank = stage * tp + shard), or all ranks without pipelining."""
-    tp = tensor_parallel(meta)
-    world = int(meta.get("ranks", 1))
-    stage = rank // tp
-    peers = list(range(stage * tp, stage * tp + tp))
-    # NCCL's collectives span the whole group: with stages, exchange among the peers instead.
-    p2p = not device.startswith("cuda") or len(peers) != world
-    return Comm(group, rank, world, p2p=p2p, peers=peers)
-
-
-def check_rank_files(path: Path, world_size: int) -> None:
-    """Every rank's plan and weights exist: found here, before any process starts."""
-    for rank in range(world_size):
-        for name in (f"plan.rank{rank}.json", f"weights.rank{rank}.safetensors"):
-            if not (path / name).is_file():
-                raise EngineLoadError(f"{path / name} is missing; the {world_size}-rank engine "
-                                      "is incomplete, rebuild it")
-
-
-_RANK_FILE = re.compile(r"\.rank(\d+)\.")
-
-
-def verify_rank_files(path: Path, meta: dict[str, Any], rank: int) -> None:
-    """Checksum the files this rank reads: its own plan and weights, and (rank 0) the shared
-    ones. Each rank hashes its own shard, so the ranks verify in parallel."""
-    for rel, info in meta.get("files", {}).items():
-        m = _RANK_FILE.search(rel)
-        if (int(m.group(1)) if m else 0) != rank:
-            continue
-        if sha256_file(path / rel) != info["sha256"]:
-            raise EngineLoadError(f"{path / rel} does not match its checksum in engine.json; "
-                                  "the file is corrupt or was modified, rebuild the engine")
-
-
-def engine_digest(path: Path) -> str:
-    """Identifies the build: every rank must serve the same engine.json (multi-node ranks
-    read their own copy of the directory)."""
-    return sha256_file(path / "engine.json")
 
 
 def default_threads(ranks_here: int) -> int:
@@ -142,60 +69,6 @@ def default_threads(ranks_here: int) -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus // ranks_here)
-
-
-# ---- the data plane -------------------------------------------------------------------------
-class Comm:
-    """What the plan's collective ops call (`ctx.comm`): sums and gathers over the ranks.
-
-    Over gloo both are one exchange of point-to-point messages with every peer, summed here
-    in rank order: gloo's own allreduce took 1.5-2.9 ms for a few KiB on a 2-core host, the
-    exchange 0.3-0.5 ms, and a model runs two per layer. Every rank adds the same tensors in
-    the same order, so all ranks get bitwise the same sum (and so the same KV and tokens).
-    NCCL's collectives are the fast path on GPUs and are used as they are."""
-
-    def __init__(self, group: Any, rank: int, world_size: int, *, p2p: bool = True,
-                 peers: list[int] | None = None) -> None:
-        self.group = group
-        self.rank = rank
-        self.world_size = world_size
-        self.p2p = p2p
-        self.peers = peers if peers is not None else list(range(world_size))
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p2p:
-            parts = self._exchange(x)
-            out = parts[0] + parts[1]
-            for part in parts[2:]:
-                out += part
-            return out
-        # The collective works in place; x may be read again by the plan or be a read-only
-        # mmapped weight, so reduce a contiguous copy.
-        y = x.clone(memory_format=torch.contiguous_format)
-        self.group.allreduce([y]).wait()
-        return y
-
-    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.p2p:
-            return self._exchange(x)
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self.group.allgather([parts], [x]).wait()
-        return parts
-
-    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's x, in rank order. All sends and receives are posted before any is
-        waited for, so no order of arrival can deadlock."""
-        x = x.contiguous()
-        parts = [x if r == self.rank else torch.empty_like(x) for r in self.peers]
-        pending = []
-        for r, part in zip(self.peers, parts):
-            if r != self.rank:
-                pending.append(self.group.send([x], r, 0))
-                pending.append(self.group.recv([part], r, 0))
-        for work in pending:
-            work.wait()
-        return parts
 
 
 # ---- connecting -----------------------------------------------------------------------------
@@ -236,97 +109,6 @@ def env_store(rank: int, world_size: int) -> Any:
         return store
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                          False, timeout=datetime.timedelta(seconds=START_TIMEOUT))
-
-
-# ---- messages -------------------------------------------------------------------------------
-def broadcast(group: Any, tensor: torch.Tensor, timeout: datetime.timedelta | None = None,
-              root: int = 0) -> None:
-    """`timeout` overrides the group's for this call."""
-    opts = dist.BroadcastOptions()
-    opts.rootRank = root
-    if timeout is not None:
-        opts.timeout = timeout
-    group.broadcast([tensor], opts).wait()
-
-
-def json_tensor(obj: Any, size: int | None = None) -> torch.Tensor:
-    data = json.dumps(obj).encode()
-    if size is not None and len(data) > size:
-        raise ValueError(f"handshake message of {len(data)} bytes exceeds {size}")
-    buf = torch.zeros(size or len(data), dtype=torch.uint8)
-    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return buf
-
-
-def json_from_tensor(buf: torch.Tensor) -> Any:
-    return json.loads(bytes(buf.tolist()).rstrip(b"\0"))
-
-
-def encode_step(input_names: list[str], feeds: dict[str, torch.Tensor],
-                copies: list[tuple[int, int]], command: int = STEP
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(header, payload) for a step: shapes of the feeds in plan-input order, then all of
-    them and the copy pairs flattened into one int64 tensor."""
-    header = [command, len(copies)]
-    parts = []
-    for name in input_names:
-        t = feeds[name]
-        if t.is_floating_point() or t.dim() > 2:
-            raise TypeError(f"step input {name!r} ({t.dtype}, {t.dim()}-d) cannot be sent to "
-                            "the other ranks: only integer inputs of up to 2 dimensions are")
-        shape = list(t.shape)
-        header += shape + [-1] * (2 - len(shape))
-        parts.append(t.reshape(-1).to(torch.int64))
-    parts.append(torch.tensor(copies, dtype=torch.int64).reshape(-1))
-    return torch.tensor(header, dtype=torch.int64), torch.cat(parts)
-
-
-def decode_step(inputs: list[tuple[str, torch.dtype]], header: list[int],
-                payload: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-    feeds = {}
-    at = 0
-    for i, (name, dtype) in enumerate(inputs):
-        shape = [d for d in header[2 + 2 * i:4 + 2 * i] if d >= 0]
-        n = 1
-        for d in shape:
-            n *= d
-        feeds[name] = payload[at:at + n].view(shape).to(dtype)
-        at += n
-    pairs = payload[at:].view(-1, 2).tolist()
-    return feeds, [(s, d) for s, d in pairs]
-
-
-def payload_size(num_inputs: int, header: list[int]) -> int:
-    n = 2 * header[1]
-    for i in range(num_inputs):
-        dims = [d for d in header[2 + 2 * i:4 + 2 * i] if d >= 0]
-        size = 1
-        for d in dims:
-            size *= d
-        n += size
-    return n
-
-
-def exchange_reports(group: Any, rank: int, world_size: int, report: dict[str, Any]
-                     ) -> list[dict[str, Any]]:
-    """Every rank's JSON report, in rank order, on every rank: one broadcast per rank, as
-    only broadcast takes a per-call timeout in torch's public API."""
-    if "error" in report:  # an over-long error must not break the exchange itself
-        report = {**report, "error": report["error"][:REPORT_BYTES // 2]}
-    parts = []
-    for r in range(world_size):
-        buf = json_tensor(report, REPORT_BYTES) if r == rank else \
-            torch.zeros(REPORT_BYTES, dtype=torch.uint8)
-        broadcast(group, buf, LOAD_TIMEOUT, root=r)
-        parts.append(json_from_tensor(buf))
-    return parts
-
-
-def first_error(reports: list[dict[str, Any]]) -> str | None:
-    for rank, r in enumerate(reports):
-        if not r.get("ok"):
-            return f"rank {rank}: {r.get('error', 'failed')}"
-    return None
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------
