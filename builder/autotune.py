@@ -52,26 +52,21 @@ def tune(p: dict[str, Any], time_fn: Callable[[dict[str, Any], int], float]
 
 
 def weight_operands(p: dict[str, Any], device: str = "cuda") -> list[Any]:
-    """Random weight operands in the params' `b_format` (see `kernels.triton.gemm.FORMATS`),
-    made by the format's own quantizer, for timing a kernel."""
+    """Random weight operands in the params' `b_format` (`kernels.formats`), made by the
+    format's own quantizer, for timing a kernel (a calibrated part, the static fp8 activation
+    scale, gets a typical value)."""
     import torch
 
-    from llm_engine.kernels import quant
+    from llm_engine.kernels import formats
 
-    N, K, fmt = p["N"], p["K"], p["b_format"]
+    N, K, fmt = p["N"], p["K"], formats.get(p["b_format"])
     w = torch.randn(N, K, device=device) * 0.05
-    if fmt == "dense":
+    if fmt.quantize is None:
         return [w.to(getattr(torch, p["a_dtype"]))]
-    if fmt in ("int8_channel", "int8_channel_a8"):
-        return list(quant.quantize_int8_channel(w))
-    if fmt == "int4_group":
-        return list(quant.quantize_int4_group(w, p["group_size"],
-                                              integer_zeros="zero_dtype" not in p))
-    if fmt == "fp8_channel_a8":
-        return [*quant.quantize_fp8_channel(w), torch.full((1,), 4.0 / 448, device=device)]
-    if fmt in ("fp8_channel_a8_token", "fp8_channel_a8_group"):
-        return list(quant.quantize_fp8_channel(w))
-    raise ValueError(f"autotune: no operands for b_format {fmt!r}")
+    parts = fmt.quantize(w, group_size=p.get("group_size"),
+                         integer_zeros="zero_dtype" not in p)
+    return [*parts, *(torch.full((1,), 4.0 / 448, device=device)
+                      for _ in fmt.parts[len(parts):])]
 
 
 def gpu_time(p: dict[str, Any], rows: int) -> float:

@@ -1,60 +1,53 @@
-"""`engine build`: the compiler driver. Reads like a table of contents."""
+"""`engine build`: the compiler driver. Reads like a table of contents: open and trace the
+model, run PASSES over it, write the engine directory."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import importlib.util
 import json
-import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llm_engine.builder.codegen import codegen
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.frontend import open_model, trace_model
+from llm_engine.builder.frontend.trace import Traced
 from llm_engine.builder.ir import Graph
 from llm_engine.builder.onnx_export_report import OnnxExport
 from llm_engine.builder.passes.fuse import RULES as FUSE_RULES
 from llm_engine.builder.passes.fuse import fuse
 from llm_engine.builder.passes.kv_cache import kv_cache, select_logits
 from llm_engine.builder.passes.lower_aten import lower_aten
-from llm_engine.builder.passes.partition import partition_tp
-from llm_engine.builder.passes.pipeline import partition_pp, partition_tp_pp
+from llm_engine.builder.passes.partition import partition
 from llm_engine.builder.passes.plan_memory import plan_memory
-from llm_engine.builder.passes.quantize import QuantEnv, check_options, quantize
+from llm_engine.builder.passes.quantize import quantize
 from llm_engine.builder.passes.report import PassReport
 from llm_engine.builder.plan import to_plan
+from llm_engine.builder.quant.config import QuantConfig
 from llm_engine.builder.verify import VerifyError, verify
 from llm_engine.builder.weights import make_weight
-from llm_engine.builder.writer import EngineWriter, write_safetensors_streaming
-from llm_engine.runtime.engine_dir import sha256_file
+from llm_engine.builder.writer import (
+    EngineWriter,
+    engine_manifest,
+    engine_report,
+    write_safetensors_streaming,
+)
 from llm_engine.runtime.onnx_backend import ONNX_FILE, plan_digest
 
-BUILDER_VERSION = "0.1.0"
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
-def partition(graph: Graph, options: BuildOptions) -> tuple[list[Graph], PassReport]:
-    """One graph per rank: passes before this one see the whole model, passes after it run
-    once per rank."""
-    if options.tp > 1 and options.pp > 1:
-        return partition_tp_pp(graph, options.tp, options.pp)
-    if options.pp > 1:
-        return partition_pp(graph, options.pp)
-    if options.tp > 1:
-        return partition_tp(graph, options.tp)
-    return [graph], PassReport("partition", notes=["a single rank"])
-
-
-# The pass list is data: (name, function, can the user disable it?).
-PASSES = [
+# The pass list is data: (name, pass, can the user disable it?). Every pass is a function
+# (graph, options) -> (graph, PassReport); lower_aten's graph is torch.export's, the others'
+# the IR. `partition` splits the model into ranks: the passes after it run once per rank.
+PASSES: list[tuple[str, Callable[[Any, PassOptions], tuple[Graph, PassReport]], bool]] = [
+    ("lower_aten", lower_aten, False),
     ("kv_cache", kv_cache, False),
     ("select_logits", select_logits, False),
     ("fuse", fuse, True),
@@ -97,10 +90,12 @@ class BuildOptions:
     min_greedy_agreement: float | None = None
     tp: int = 1
     pp: int = 1
+    # the --quant family, typed and checked once here; the quantize pass reads only this
+    quant_config: QuantConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
-        check_options(self)
+        self.quant_config = QuantConfig.from_options(self)
         if self.dtype not in DTYPES:
             raise BuildError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_batch_tokens < 1:
@@ -115,7 +110,7 @@ class BuildOptions:
         valid = {name for name, _, optional in PASSES if optional}
         valid |= {f"fuse.{r.name}" for r in FUSE_RULES}
         for name in self.disabled_passes:
-            if name in {n for n, _, optional in PASSES if not optional} or name == "lower_aten":
+            if name in {n for n, _, optional in PASSES if not optional}:
                 raise BuildError(f"pass {name} is required by the runtime and cannot be disabled")
             if name not in valid:
                 raise BuildError(f"unknown pass {name!r}; passes: {', '.join(sorted(valid))}")
@@ -135,33 +130,43 @@ class BuildUI:
         pass
 
 
-def _run_pass(fn, graph: Graph, options: BuildOptions, quant_env: QuantEnv | None
-              ) -> tuple[Graph, PassReport]:
-    if fn is fuse:
-        disabled = frozenset(p.removeprefix("fuse.") for p in options.disabled_passes
-                             if p.startswith("fuse."))
-        return fn(graph, options, disabled=disabled)
-    if fn is quantize:
-        return fn(graph, options, quant_env)
-    return fn(graph, options)
+@dataclass
+class PassOptions(BuildOptions):
+    """What every pass gets as `options`: the build's options, max_seq_len resolved against
+    the model, plus what opening and tracing the model gave, for the passes that read the
+    checkpoint (lower_aten, quantize). None of these extras is written to engine.json."""
+
+    weights: Any = None  # the checkpoint's tensors by name, read lazily
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # traced; + computed weights
+    tokenizer: Callable[[], Any] | None = None  # loads the model's tokenizer, or None
+    vocab_size: int = 0
+    ui: BuildUI = field(default_factory=BuildUI)  # the build's progress display
+
+    @classmethod
+    def of(cls, options: BuildOptions, source, traced: Traced, max_seq_len: int,
+           ui: BuildUI | None = None) -> PassOptions:
+        build = {f.name: getattr(options, f.name) for f in fields(BuildOptions) if f.init}
+        return cls(**{**build, "max_seq_len": max_seq_len}, weights=source.weights,
+                   buffers=traced.buffers,
+                   tokenizer=source.load_tokenizer if source.has_tokenizer() else None,
+                   vocab_size=int(source.config.vocab_size), ui=ui or BuildUI())
 
 
-def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI,
-               quant_env: QuantEnv | None = None) -> tuple[list[Graph], list[PassReport]]:
-    """Run the pass list; returns the rank graphs (one unless --tp) and the reports (for
-    passes after the partition, rank 0's)."""
+def run_passes(graph: Any, options: PassOptions) -> tuple[list[Graph], list[PassReport]]:
+    """Run PASSES in order over `graph` (torch.export's, as lower_aten takes it), verifying
+    the graph after each; returns the rank graphs (one unless --tp/--pp) and the reports (for
+    passes after the partition, rank 0's). A pass that splits the model hands back its ranks
+    in graph.meta["ranks"]; every pass after it runs once per rank."""
     graphs, reports = [graph], []
     for name, fn, _ in PASSES:
         if name in options.disabled_passes:
             reports.append(PassReport(name, notes=["disabled by --disable-pass"]))
             continue
-        with ui.stage(f"pass {name}"):
+        with options.ui.stage(f"pass {name}"):
             start = time.perf_counter()
-            if fn is partition:
-                graphs, report = partition(graphs[0], options)
-            else:
-                results = [_run_pass(fn, g, options, quant_env) for g in graphs]
-                graphs, report = [g for g, _ in results], results[0][1]
+            results = [fn(g, options) for g in graphs]
+            graphs = [rank for g, _ in results for rank in g.meta.pop("ranks", [g])]
+            report = results[0][1]
             for rank, g in enumerate(graphs):
                 try:
                     verify(g)
@@ -171,9 +176,50 @@ def run_passes(graph: Graph, options: BuildOptions, ui: BuildUI,
                         from e
             report.seconds = round(time.perf_counter() - start, 3)
             report.op_counts_after = graphs[0].op_counts()
-            ui.note(report.summary())
+            options.ui.note(report.summary())
         reports.append(report)
     return graphs, reports
+
+
+def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
+    """Open and trace the model, run PASSES over it, write the engine directory (atomically:
+    nothing is left behind on failure); returns the engine's path."""
+    ui = ui or BuildUI()
+    timings = _Timings()
+    EngineWriter(options.output, options.force)  # refuses an existing output before slow work
+    with timings("open_model"), ui.stage("open model"):
+        source = open_model(options.model)
+        max_seq_len = _resolve_max_seq_len(source.config, options.max_seq_len)
+    with timings("trace"), ui.stage("trace (torch.export)"):
+        traced = trace_model(source.config, DTYPES[options.dtype])
+    with timings("passes"):
+        graphs, reports = run_passes(traced, PassOptions.of(options, source, traced,
+                                                            max_seq_len, ui))
+
+    with EngineWriter(options.output, options.force) as out:
+        with timings("write_weights"):
+            weight_bytes = _write_ranks(out, graphs, source, traced, ui)
+        with timings("onnx"):
+            onnx, cpu_graph = _write_onnx(out, graphs, options, ui)
+        with timings("tokenizer"):
+            _write_tokenizer(out, source, ui)
+        _write_kernels(out, graphs)
+        out.write_json("report.json", engine_report(traced, graphs, reports, onnx=onnx,
+                                                    weight_bytes=weight_bytes, timings=timings))
+        out.write_json("engine.json", engine_manifest(out, options, source, traced, graphs,
+                                                      max_seq_len=max_seq_len,
+                                                      cpu_graph=cpu_graph))
+    return options.output
+
+
+class _Timings(dict[str, float]):
+    """Seconds per build stage (report.json -> timings_s)."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self[stage] = round(time.perf_counter() - start, 3)
 
 
 def _resolve_max_seq_len(config, requested: int | None) -> int:
@@ -187,26 +233,18 @@ def _resolve_max_seq_len(config, requested: int | None) -> int:
     return requested
 
 
-def _eos_ids(source) -> list[int]:
-    """EOS ids from config.json plus generation_config.json: instruct models often list
-    their end-of-turn tokens only in the latter (e.g. Llama 3's <|eot_id|>), as vLLM reads."""
-    found: list[int] = []
-    values = [getattr(source.config, "eos_token_id", None)]
-    gen_file = source.path / "generation_config.json" if source.kind == "hf" else None
-    if gen_file is not None and gen_file.is_file():
-        try:
-            values.append(json.loads(gen_file.read_text()).get("eos_token_id"))
-        except ValueError as e:
-            raise BuildError(f"{gen_file}: not valid JSON ({e})") from e
-    for ids in values:
-        for i in [ids] if isinstance(ids, int) else list(ids or []):
-            if i not in found:
-                found.append(i)
-    return found
-
-
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+# ---- writing the engine directory ------------------------------------------------------------
+def _write_ranks(out: EngineWriter, graphs: list[Graph], source, traced: Traced,
+                 ui: BuildUI) -> dict[str, int]:
+    """Each rank's weights file and plan; returns the weight bytes by dtype."""
+    weight_bytes: dict[str, int] = {}
+    for rank, graph in enumerate(graphs):
+        label = f"write weights (rank {rank})" if len(graphs) > 1 else "write weights"
+        with ui.stage(label):
+            _write_rank_weights(out.path(f"weights.rank{rank}.safetensors"), graph, source,
+                                traced.buffers, weight_bytes, ui)
+        out.write_json(f"plan.rank{rank}.json", to_plan(graph))
+    return weight_bytes
 
 
 def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes: dict[str, int],
@@ -224,138 +262,43 @@ def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes:
     write_safetensors_streaming(path, specs, stream(), on_tensor=tick)
 
 
-def _export_onnx(out: EngineWriter, plan: dict) -> OnnxExport:
-    """The CPU fast path's graph, from the plan as written (needs the `onnx` package, in the
-    cpu and gpu extras; without it the engine runs on the reference executor)."""
-    if importlib.util.find_spec("onnx") is None:
-        return OnnxExport(False, "the onnx package is not installed (pip install onnx)")
-    from llm_engine.builder.onnx_export import export_onnx
-
-    return export_onnx(plan, out.path("weights.rank0.safetensors"), out.path(ONNX_FILE))
-
-
-def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
-    ui = ui or BuildUI()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal t0
-        timings[stage] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-
-    dtype = DTYPES[options.dtype]
-    # Refuse an existing output before any slow work.
-    EngineWriter(options.output, options.force)
-    with ui.stage("open model"):
-        source = open_model(options.model)
-        max_seq_len = _resolve_max_seq_len(source.config, options.max_seq_len)
-    lap("open_model")
-    with ui.stage("trace (torch.export)"):
-        traced = trace_model(source.config, dtype)
-        aten_counts: dict[str, int] = {}
-        for n in traced.program.graph_module.graph.nodes:
-            if n.op == "call_function":
-                aten_counts[str(n.target)] = aten_counts.get(str(n.target), 0) + 1
-    lap("trace")
-    with ui.stage("pass lower_aten"):
-        graph, lower_report = lower_aten(traced, source.weights.__contains__)
-        verify(graph)
-        lower_report.op_counts_after = graph.op_counts()
-        ui.note(lower_report.summary())
-    lowered_counts = graph.op_counts()
-    quant_env = QuantEnv(source.weights, traced.buffers,
-                         source.load_tokenizer if source.has_tokenizer() else None,
-                         int(source.config.vocab_size), max_seq_len, ui)
-    graphs, passes = run_passes(graph, options, ui, quant_env)
-    reports = [lower_report, *passes]
-    graph = graphs[0]
-    lap("passes")
-
-    weight_bytes: dict[str, int] = {}
-    with EngineWriter(options.output, options.force) as out:
-        for rank, rank_graph in enumerate(graphs):
-            label = f"write weights (rank {rank})" if len(graphs) > 1 else "write weights"
-            with ui.stage(label):
-                _write_rank_weights(out.path(f"weights.rank{rank}.safetensors"), rank_graph,
-                                    source, traced.buffers, weight_bytes, ui)
-            out.write_json(f"plan.rank{rank}.json", to_plan(rank_graph))
-        lap("write_weights")
-        onnx_export, cpu_graph = None, None
-        if len(graphs) == 1 and options.device == "cpu":
-            with ui.stage("onnx graph (CPU fast path)"):
-                plan = json.loads(out.path("plan.rank0.json").read_text())
-                onnx_export = _export_onnx(out, plan)
-                if onnx_export.written:
-                    cpu_graph = {"file": ONNX_FILE, "plan_sha256": plan_digest(plan)}
-                else:
-                    ui.note(f"no ONNX graph: {onnx_export.reason}; the CPU runtime will use "
-                            "the reference executor")
-        lap("onnx")
-        has_tokenizer = source.has_tokenizer()
-        if has_tokenizer:
-            with ui.stage("tokenizer"):
-                tokenizer = source.load_tokenizer()
-                tokenizer.save_pretrained(str(out.path("tokenizer")))
-                if not out.path("tokenizer/tokenizer.json").is_file():
-                    raise BuildError("the model's tokenizer has no fast (tokenizer.json) form; "
-                                     "the runtime needs one")
+def _write_onnx(out: EngineWriter, graphs: list[Graph], options: BuildOptions, ui: BuildUI
+                ) -> tuple[OnnxExport | None, dict[str, str] | None]:
+    """The CPU fast path's graph for a single-rank CPU engine, from the plan as written (needs
+    the `onnx` package, in the cpu and gpu extras; without it the engine runs on the reference
+    executor). Returns report.json's `onnx` and engine.json's `cpu_graph`."""
+    if len(graphs) > 1 or options.device != "cpu":
+        return None, None
+    with ui.stage("onnx graph (CPU fast path)"):
+        plan = json.loads(out.path("plan.rank0.json").read_text())
+        if importlib.util.find_spec("onnx") is None:
+            export = OnnxExport(False, "the onnx package is not installed (pip install onnx)")
         else:
-            ui.note("no tokenizer in the checkpoint: the engine takes token ids only")
-        lap("tokenizer")
-        sources: dict[str, str] = {}
-        for g in graphs:  # kernels are named by their hash: ranks share identical ones
-            sources.update(g.meta.get("codegen", {}).get("sources", {}))
-        for name, text in sorted(sources.items()):
-            out.path(f"kernels/{name}.py").write_text(text)
-        plan_memory = graph.meta.get("memory", {})
-        report = {
-            "passes": [r.to_json() for r in reports],
-            "op_counts": {"traced_aten": dict(sorted(aten_counts.items())),
-                          "lowered": lowered_counts, "final": graph.op_counts()},
-            "weights": {"count": len(graph.weights), "bytes_by_dtype": weight_bytes,
-                        "bytes": sum(weight_bytes.values())},
-            "memory": {k: v for k, v in plan_memory.items() if k != "assignment"},
-            **({"partition": graph.meta["partition"]["report"]}
-               if "report" in graph.meta.get("partition", {}) else {}),
-            **({"quantization": graph.meta["quantization"]}
-               if "quantization" in graph.meta else {}),
-            **({"onnx": onnx_export.to_json()} if onnx_export else {}),
-            "timings_s": timings,
-            "peak_rss_mb": _peak_rss_mb(),
-        }
-        out.write_json("report.json", report)
-        files = {}
-        assert out.tmp is not None
-        for p in sorted(out.tmp.rglob("*")):
-            if p.is_file():
-                files[str(p.relative_to(out.tmp))] = {"sha256": sha256_file(p),
-                                                      "bytes": p.stat().st_size}
-        config = source.config.to_dict()
-        config.pop("quantization_config", None)
-        out.write_json("engine.json", {
-            "format_version": FORMAT_VERSION,
-            "builder_version": BUILDER_VERSION,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "model": {"architecture": traced.architecture, "source": str(source.path),
-                      "source_kind": source.kind, "config": config},
-            "build": {**{k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in asdict(options).items()
-                         if k not in ("output", "force", "model", "calib_cache")},
-                      "disabled_passes": list(options.disabled_passes),
-                      "max_seq_len": max_seq_len},
-            "target": {"device": options.device, "dtype": options.dtype},
-            "ranks": len(graphs),
-            "parallel": {"tp": options.tp, "pp": options.pp},
-            "tokenizer": "tokenizer" if has_tokenizer else None,
-            "cpu_graph": cpu_graph,
-            "kv_cache": graph.meta.get("kv_cache"),
-            "generation": {"eos_token_ids": _eos_ids(source),
-                           "bos_token_id": getattr(source.config, "bos_token_id", None),
-                           "max_seq_len": max_seq_len,
-                           "vocab_size": int(source.config.vocab_size)},
-            "files": files,
-        })
-    lap("finalize")
-    return options.output
+            from llm_engine.builder.onnx_export import export_onnx
 
+            export = export_onnx(plan, out.path("weights.rank0.safetensors"),
+                                 out.path(ONNX_FILE))
+        if export.written:
+            return export, {"file": ONNX_FILE, "plan_sha256": plan_digest(plan)}
+        ui.note(f"no ONNX graph: {export.reason}; the CPU runtime will use the reference "
+                "executor")
+        return export, None
+
+
+def _write_tokenizer(out: EngineWriter, source, ui: BuildUI) -> None:
+    if not source.has_tokenizer():
+        ui.note("no tokenizer in the checkpoint: the engine takes token ids only")
+        return
+    with ui.stage("tokenizer"):
+        source.load_tokenizer().save_pretrained(str(out.path("tokenizer")))
+        if not out.path("tokenizer/tokenizer.json").is_file():
+            raise BuildError("the model's tokenizer has no fast (tokenizer.json) form; "
+                             "the runtime needs one")
+
+
+def _write_kernels(out: EngineWriter, graphs: list[Graph]) -> None:
+    sources: dict[str, str] = {}
+    for g in graphs:  # kernels are named by their hash: ranks share identical ones
+        sources.update(g.meta.get("codegen", {}).get("sources", {}))
+    for name, text in sorted(sources.items()):
+        out.path(f"kernels/{name}.py").write_text(text)

@@ -70,14 +70,14 @@ _MAX_PARAM_ITEMS = 4096
 @lru_cache(maxsize=1)
 def allowed_words() -> frozenset[str]:
     from llm_engine.kernels.dtypes import _DTYPES
+    from llm_engine.kernels.formats import FORMATS
     from llm_engine.kernels.ops import OPS
-    from llm_engine.kernels.quant import FORMAT_OPERANDS
-    from llm_engine.kernels.triton.gemm import ACTIVATIONS, FORMATS
+    from llm_engine.kernels.triton.gemm import ACTIVATIONS
 
     # pointwise input layouts, gelu approximations, dot precisions, norm and sampling kinds
     kinds = {"full", "scalar", "inner", "outer", "strided", "none", "tanh", "ieee", "tf32",
              "rms", "layer", "argmax", "softmax_topk"}
-    return frozenset({*_DTYPES, *OPS, *FORMAT_OPERANDS, *FORMATS, *ACTIVATIONS, *kinds})
+    return frozenset({*_DTYPES, *OPS, *FORMATS, *ACTIVATIONS, *kinds})
 
 
 def check_params(value: Any, where: str = "params", depth: int = 0, budget: list | None = None

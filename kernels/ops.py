@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llm_engine.kernels import formats
 from llm_engine.kernels.attention import paged_attention, sdpa
 from llm_engine.kernels.dtypes import to_torch_dtype
 from llm_engine.kernels.pointwise import eval_expr
@@ -151,7 +152,7 @@ def embedding(weight, ids, scale=None, *, b_format="dense", dtype=None, vocab_st
 
 
 def linear(x, w, *rest, b_format="dense", group_size=None):
-    """x @ W^T (+ bias), W stored as `b_format` (formats in `kernels.quant`, operands in order):
+    """x @ W^T (+ bias), W stored as `b_format` (`kernels.formats`, operands in order):
 
     - "dense":           w [N, K] in x's dtype
     - "int8_channel":    q int8 [N, K], scale fp32 [N]                  (weight-only)
@@ -167,25 +168,13 @@ def linear(x, w, *rest, b_format="dense", group_size=None):
                          x quantized to e4m3 per token and group of G channels (dynamic)
 
     followed by the optional bias [N]."""
-    if b_format == "dense":
-        return F.linear(x, w, rest[0] if rest else None)
-    from llm_engine.kernels import quant
-
-    n = quant.FORMAT_OPERANDS.get(b_format)
-    if n is None:
-        raise ValueError(f"linear: unknown b_format {b_format!r}")
+    try:
+        fmt = formats.get(b_format)
+    except ValueError as e:
+        raise ValueError(f"linear: {e}") from None
+    n = fmt.operands
     ops, bias = (w, *rest[: n - 1]), (rest[n - 1] if len(rest) >= n else None)
-    if b_format == "int8_channel":
-        return quant.int8_linear(x, *ops, bias)
-    if b_format == "int4_group":
-        return quant.int4_linear(x, *ops, group_size, bias)
-    if b_format == "int8_channel_a8":
-        return quant.int8_a8_linear(x, *ops, bias)
-    if b_format == "fp8_channel_a8_token":
-        return quant.fp8_a8_token_linear(x, *ops, bias)
-    if b_format == "fp8_channel_a8_group":
-        return quant.fp8_a8_group_linear(x, *ops, group_size, bias)
-    return quant.fp8_a8_linear(x, *ops, bias)
+    return fmt.linear(x, *ops, group_size=group_size, bias=bias)
 
 
 def all_reduce(x, *, ctx):
@@ -251,7 +240,7 @@ def gated_act(x, *, act):
 
 
 def pointwise(*xs, expr, dtype):
-    return eval_expr(expr, xs).to(to_torch_dtype(dtype))
+    return eval_expr(expr, xs, OPS).to(to_torch_dtype(dtype))
 
 
 UNARY: dict[str, Callable] = {

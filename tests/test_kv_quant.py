@@ -236,17 +236,15 @@ def test_runtime_cache_sizes_allocates_and_copies(kv_dtype):
 # ---- builder pass on a tiny llama ---------------------------------------------------------
 def build_graph(ckpt: Path, *, codegen: bool = False):
     """The graph `engine build` makes (float32, max_batch_tokens 64), and its weights."""
-    from llm_engine.builder.build import BuildOptions, BuildUI, run_passes
+    from llm_engine.builder.build import BuildOptions, PassOptions, run_passes
     from llm_engine.builder.frontend import open_model, trace_model
-    from llm_engine.builder.passes.lower_aten import lower_aten
     from llm_engine.builder.weights import make_weight
 
     source = open_model(str(ckpt))
     traced = trace_model(source.config, torch.float32)
-    graph, _ = lower_aten(traced, source.weights.__contains__)
     options = BuildOptions(model=str(ckpt), output=Path("unused"), max_batch_tokens=64,
                            disabled_passes=() if codegen else ("codegen",))
-    graph = run_passes(graph, options, BuildUI())[0][0]
+    graph = run_passes(traced, PassOptions.of(options, source, traced, max_seq_len=128))[0][0]
     weights = {name: make_weight(spec, source.weights, traced.buffers)
                for name, spec in graph.weights.items()}
     return graph, weights

@@ -6,6 +6,7 @@ module it came from and the architecture; the lowered graph computes the module'
 from __future__ import annotations
 
 from functools import cache
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def traced(mask: str = "causal", window: int = 4, unsupported: bool = False,
 
 def _lower(mask: str = "causal", **kwargs):
     program, model, state = traced(mask, **kwargs)
-    graph, report = lower_aten(program, state.__contains__)
+    graph, report = lower_aten(program, SimpleNamespace(weights=state))
     return graph, report, model, state
 
 
@@ -154,7 +155,8 @@ def test_unsupported_op_names_op_module_and_architecture() -> None:
 def test_missing_checkpoint_tensor_is_refused() -> None:
     program, _, state = traced()
     with pytest.raises(BuildError, match=r"checkpoint has no tensor 'attn.o_proj.bias'"):
-        lower_aten(program, lambda name: name in state and name != "attn.o_proj.bias")
+        lower_aten(program, SimpleNamespace(weights={k: v for k, v in state.items()
+                                                     if k != "attn.o_proj.bias"}))
 
 
 def test_lowered_graph_computes_the_module() -> None:

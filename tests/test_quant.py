@@ -1,5 +1,6 @@
-"""kernels/quant.py: round-trip error bounds, int4 packing layout, group-size resolution and the
-CPU linear paths against dequantize + F.linear."""
+"""kernels/quant.py: round-trip error bounds, int4 packing layout, group-size resolution;
+kernels/quant_linear.py and kernels/cpu_kernels.py: the CPU linear paths against dequantize +
+F.linear, and the checks and state (`CpuKernels`) that choose them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from llm_engine.kernels import cpu_kernels as CK
 from llm_engine.kernels import quant as Q
+from llm_engine.kernels import quant_linear as QL
 
 torch.set_num_threads(1)
 
@@ -17,7 +20,8 @@ torch.set_num_threads(1)
 FP_SLACK = 1e-5
 
 SETTINGS = settings(max_examples=40, deadline=None)
-# The `path` fixture only pins PATHS for the whole test, so not resetting it per example is fine.
+# The `path` fixture only pins the CPU paths (`CK.KERNELS`) for the whole test, so not resetting
+# it per example is fine.
 LINEAR_SETTINGS = settings(max_examples=25, deadline=None,
                            suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -355,7 +359,7 @@ def linear_tolerance(x: torch.Tensor, w: torch.Tensor, rel: float) -> torch.Tens
 
 
 def test_cpu_paths_reported():
-    paths = Q.cpu_paths()
+    paths = CK.cpu_paths()
     assert set(paths) == {"int8_linear", "int4_linear", "int8_a8_linear", "fp8_a8_linear",
                           "fp8_a8_token_linear", "fp8_a8_group_linear"}
     kernels = {"int8_linear": "torch._weight_int8pack_mm",
@@ -364,7 +368,7 @@ def test_cpu_paths_reported():
     fallbacks = {"int8_linear": {"dequantize+linear"}, "int4_linear": {"dequantize+linear"},
                  "int8_a8_linear": {"exact float32 linear", "float64 reference"}}
     for op, kernel in kernels.items():
-        limit = Q.KERNEL_MAX_ROWS[op]
+        limit = CK.KERNELS.max_rows[op]
         assert paths[op] in fallbacks[op] or \
             (limit > 0 and paths[op].startswith(
                 f"{kernel} (<= {limit} rows, on weight shapes it verifies on), else "))
@@ -378,12 +382,28 @@ def test_cpu_paths_reported():
 
 
 def test_cpu_paths_name_the_kernels_when_enabled(monkeypatch):
-    monkeypatch.setattr(Q, "PATHS", {})
-    monkeypatch.setitem(Q.KERNEL_MAX_ROWS, "int8_linear", 4)
-    paths = Q.cpu_paths()
-    if Q._verified("int8_linear"):
+    monkeypatch.setattr(CK, "KERNELS", CK.CpuKernels())
+    monkeypatch.setitem(CK.KERNELS.max_rows, "int8_linear", 4)
+    paths = CK.cpu_paths()
+    if CK.KERNELS.check("int8_linear"):
         assert paths["int8_linear"] == ("torch._weight_int8pack_mm (<= 4 rows, on weight shapes "
                                         "it verifies on), else dequantize+linear")
+
+
+def test_reset_forgets_checks_and_paths_but_keeps_limits(monkeypatch):
+    state = CK.CpuKernels(max_rows={**CK.KERNEL_MAX_ROWS, "int8_a8_linear": 8})
+    monkeypatch.setattr(CK, "KERNELS", state)
+    gen = torch.Generator().manual_seed(1)
+    q, scale = Q.quantize_int8_channel(torch.randn(16, 32, generator=gen))
+    QL.int8_a8_linear(torch.randn(3, 32, generator=gen), q, scale)
+    paths = dict(state.paths)
+    assert set(paths) == {"int8_a8_linear"} and state.verified
+    if state.check("int8_a8_linear"):
+        assert state.shape_verified
+    state.reset()
+    assert not (state.paths or state.verified or state.shape_verified)
+    assert state.max_rows["int8_a8_linear"] == 8
+    assert CK.cpu_paths()["int8_a8_linear"] == paths["int8_a8_linear"]  # the checks run again
 
 
 def test_a_kernel_runs_only_the_weight_shapes_it_verified_on(monkeypatch):
@@ -399,20 +419,19 @@ def test_a_kernel_runs_only_the_weight_shapes_it_verified_on(monkeypatch):
         return out + 12345 if a.shape[1] == 64 else out
 
     monkeypatch.setattr(torch, "_int_mm", flaky)
-    for name in ("PATHS", "_VERIFIED", "_SHAPE_VERIFIED"):
-        monkeypatch.setattr(Q, name, {})
-    monkeypatch.setitem(Q.KERNEL_MAX_ROWS, "int8_a8_linear", 8)
+    monkeypatch.setattr(CK, "KERNELS", CK.CpuKernels())
+    monkeypatch.setitem(CK.KERNELS.max_rows, "int8_a8_linear", 8)
     gen = torch.Generator().manual_seed(0)
     for K, kernel in ((64, False), (48, True), (40, False)):
         x = torch.randn(3, K, generator=gen)
         q, scale = Q.quantize_int8_channel(torch.randn(5, K, generator=gen))
         calls.clear()
-        y = Q.int8_a8_linear(x, q, scale)
+        y = QL.int8_a8_linear(x, q, scale)
         assert ((y - Q.int8_a8_linear_reference(x, q, scale)).abs() < 1e-4).all(), K
-        assert Q._SHAPE_VERIFIED.get(("int8_a8_linear", 5, K, torch.float32, 2)) is \
+        assert CK.KERNELS.shape_verified.get(("int8_a8_linear", 5, K, torch.float32, 2)) is \
             (True if kernel else False if K % 16 == 0 else None), K
         calls.clear()  # the shape is checked now: the next call runs the kernel or not
-        assert torch.equal(Q.int8_a8_linear(x, q, scale), y)
+        assert torch.equal(QL.int8_a8_linear(x, q, scale), y)
         assert calls == ([K] if kernel else []), K
 
 
@@ -421,14 +440,13 @@ def path(request, monkeypatch):
     """Runs a test on torch's kernels (at every row count, where they verify), on the
     dequantizing paths as chosen, and on those with tiny row blocks (many blocks per weight)."""
     rows = 1 << 30 if request.param == "kernel" else 0
-    for op in list(Q.KERNEL_MAX_ROWS):
-        monkeypatch.setitem(Q.KERNEL_MAX_ROWS, op, rows)
+    # a fresh state: no test sees another's checks, and the process's comes back afterwards
+    state = CK.CpuKernels(max_rows=dict.fromkeys(CK.KERNEL_MAX_ROWS, rows))
+    monkeypatch.setattr(CK, "KERNELS", state)
     if request.param == "chunked":
-        monkeypatch.setattr(Q, "_CHUNK_ELEMENTS", 64)
-        monkeypatch.setattr(Q, "_EXACT_K", 16)  # the int8 dot in several K slices too
-    for name in ("PATHS", "_VERIFIED", "_SHAPE_VERIFIED"):  # no test sees another's checks
-        monkeypatch.setattr(Q, name, {})
-    Q.cpu_paths()
+        monkeypatch.setattr(CK, "_CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(CK, "_EXACT_K", 16)  # the int8 dot in several K slices too
+    CK.cpu_paths()
     return request.param
 
 
@@ -441,7 +459,7 @@ def test_int8_linear_matches_reference(path, shape, M, seed, bias):
     q, scale = Q.quantize_int8_channel(weight(N, K, seed, 0, "mixed"))
     b = torch.randn(N, generator=gen) if bias else None
     w = Q.dequantize_int8_channel(q, scale)
-    y = Q.int8_linear(x, q, scale, b)
+    y = QL.int8_linear(x, q, scale, b)
     assert y.shape == (2, M, N) and y.dtype == x.dtype
     assert ((y - F.linear(x, w, b)).abs() <= linear_tolerance(x, w, 1e-5)).all()
 
@@ -458,7 +476,7 @@ def test_int4_linear_matches_reference(path, N, K, requested, M, seed, bias):
     packed, scales, zeros = Q.quantize_int4_group(weight(N, K, seed, 0, "mixed"), G)
     b = torch.randn(N, generator=gen) if bias else None
     w = Q.dequantize_int4_group(packed, scales, zeros, G)
-    y = Q.int4_linear(x, packed, scales, zeros, G, b)
+    y = QL.int4_linear(x, packed, scales, zeros, G, b)
     assert y.shape == (M, 2, N) and y.dtype == x.dtype
     # torch's kernel builds W as (q - 8) * s + (8 - z) * s: its rounding is relative to those
     # terms (up to 16 s), not to W, which is ~0 where q is near z.
@@ -474,22 +492,22 @@ def test_linear_half_precision(path, dtype):
     w = torch.randn(32, 128, generator=gen)
     q, s = Q.quantize_int8_channel(w)
     w8 = Q.dequantize_int8_channel(q, s)
-    y8 = Q.int8_linear(x, q, s)
+    y8 = QL.int8_linear(x, q, s)
     assert y8.dtype == dtype
     assert ((y8.float() - x.float() @ w8.t()).abs() <= linear_tolerance(x, w8, 2.0**-6)).all()
     p, sc, z = Q.quantize_int4_group(w, 64)
     w4 = Q.dequantize_int4_group(p, sc, z, 64)
-    y4 = Q.int4_linear(x, p, sc, z, 64)
+    y4 = QL.int4_linear(x, p, sc, z, 64)
     assert y4.dtype == dtype
     assert ((y4.float() - x.float() @ w4.t()).abs() <= linear_tolerance(x, w4, 2.0**-6)).all()
 
 
 def test_linear_empty_batch(path):
     q, s = Q.quantize_int8_channel(torch.randn(16, 64))
-    assert Q.int8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
-    assert Q.int8_a8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
+    assert QL.int8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
+    assert QL.int8_a8_linear(torch.randn(0, 64), q, s).shape == (0, 16)
     p, sc, z = Q.quantize_int4_group(torch.randn(16, 64), 32)
-    assert Q.int4_linear(torch.randn(0, 64), p, sc, z, 32).shape == (0, 16)
+    assert QL.int4_linear(torch.randn(0, 64), p, sc, z, 32).shape == (0, 16)
 
 
 # ---- W8A8 linears against float64 -------------------------------------------------------------
@@ -531,11 +549,11 @@ def test_int8_a8_linear_vs_float64(path, M, N, K, seed, log_scale, bias, dtype):
     assert torch.equal(exact, (xq.long() @ q.long().t()).double())  # float64 is exact here
     y64 = exact * a.double()[:, None] * scale.double()[None, :]
     assume(fits(y64, b, dtype))
-    y = Q.int8_a8_linear(x, q, scale, b)
+    y = QL.int8_a8_linear(x, q, scale, b)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, torch.zeros_like(y64), K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
-    if Q.PATHS["int8_a8_linear"] in ("exact float32 linear", "float64 reference"):
+    if CK.KERNELS.paths["int8_a8_linear"] in ("exact float32 linear", "float64 reference"):
         assert torch.equal(y, Q.int8_a8_linear_reference(x, q, scale, b))  # bit for bit
 
 
@@ -558,7 +576,7 @@ def test_fp8_a8_linear_vs_float64(path, M, N, K, seed, log_scale, saturate, bias
     y64 = (xq @ q.double().t()) * c[None, :]
     sum_abs = (xq.abs() @ q.double().abs().t()) * c[None, :]
     assume(fits(y64, b, dtype))
-    y = Q.fp8_a8_linear(x, q, scale, x_scale, b)
+    y = QL.fp8_a8_linear(x, q, scale, x_scale, b)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, sum_abs, K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
@@ -585,7 +603,7 @@ def test_fp8_a8_token_linear_vs_float64(path, M, N, K, seed, log_scale, zero_row
     y64 = (xq.double() @ q.double().t()) * c
     sum_abs = (xq.double().abs() @ q.double().abs().t()) * c
     assume(fits(y64, b, dtype))
-    y = Q.fp8_a8_token_linear(x, q, scale, b)
+    y = QL.fp8_a8_token_linear(x, q, scale, b)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, sum_abs, K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
@@ -621,7 +639,7 @@ def test_fp8_a8_group_linear_vs_float64(path, M, N, groups, G, seed, log_scale, 
     y64 = (xd @ q.double().t()) * scale.double()[None, :]
     sum_abs = (xd.abs() @ q.double().abs().t()) * scale.double()[None, :]
     assume(fits(y64, b, dtype))
-    y = Q.fp8_a8_group_linear(x, q, scale, G, b)
+    y = QL.fp8_a8_group_linear(x, q, scale, G, b)
     assert y.dtype == dtype and y.shape == (M, N)
     tol = a8_tolerance(y64, sum_abs, K, b, dtype)
     assert ((y.double() - (y64 if b is None else y64 + b.double())).abs() <= tol).all()
@@ -641,7 +659,7 @@ def test_fp8_token_group_is_per_token_at_one_group():
 def test_fp8_bit_cast_is_exact_for_every_value():
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     want = every.float()
-    got = Q._fp8_div256(every) * 256
+    got = CK.fp8_div256(every) * 256
     finite = ~want.isnan()
     assert finite.sum() == 254  # e4m3fn: NaN is 0x7f / 0xff only; no inf
     assert torch.equal(got[finite], want[finite])
@@ -652,7 +670,7 @@ def test_exact_int8_dot_at_its_worst_case():
     """K = 1100 needs two float32 slices; each slice's sums reach ~2**24 and stay exact."""
     a = torch.full((2, 1100), 127, dtype=torch.int8)
     b = torch.full((3, 1100), -127, dtype=torch.int8)
-    got = Q._int8_dot_exact(a, b)
+    got = CK.int8_dot_exact(a, b)
     assert torch.equal(got, torch.full((2, 3), -1100.0 * 127 * 127, dtype=torch.float64))
 
 
@@ -662,9 +680,9 @@ def test_row_blocks_match_one_block(monkeypatch):
     x, w, b = torch.randn(3, 64, generator=gen), torch.randn(37, 64, generator=gen), \
         torch.randn(37, generator=gen)
     q, s = Q.quantize_int8_channel(w)
-    whole = Q.int8_linear(x, q, s, b)
-    monkeypatch.setattr(Q, "_CHUNK_ELEMENTS", 64 * 5)  # 5 rows a block: 8 blocks, the last short
-    blocks = Q.int8_linear(x, q, s, b)
+    whole = QL.int8_linear(x, q, s, b)
+    monkeypatch.setattr(CK, "_CHUNK_ELEMENTS", 64 * 5)  # 5 rows a block: 8 blocks, the last short
+    blocks = QL.int8_linear(x, q, s, b)
     assert torch.allclose(blocks, whole, rtol=1e-6, atol=1e-6)
 
 
@@ -674,12 +692,12 @@ def test_row_blocks_match_one_block(monkeypatch):
 @pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no int8 CPU kernel")
 def test_int8_kernel_direct():
     # Checks the kernel call itself, so a convention mismatch fails here rather than only
-    # silently demoting PATHS to the fallback.
+    # silently demoting KERNELS.paths to the fallback.
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 96, generator=gen)
     q, s = Q.quantize_int8_channel(torch.randn(24, 96, generator=gen))
     w = Q.dequantize_int8_channel(q, s)
-    y = Q._int8_kernel(x, q, s)
+    y = CK.int8_kernel(x, q, s)
     assert ((y - x @ w.t()).abs() <= linear_tolerance(x, w, 1e-5)).all()
 
 
@@ -695,7 +713,7 @@ def test_int4_kernel_direct(N, K, G):
     x = torch.randn(3, K, generator=gen)
     p, sc, z = Q.quantize_int4_group(weight(N, K, 3, 0, "mixed"), G)
     w = Q.dequantize_int4_group(p, sc, z, G)
-    y = Q._int4_kernel(x, p, sc, z, G)
+    y = CK.int4_kernel(x, p, sc, z, G)
     w_terms = w.abs() + 16 * sc.repeat_interleave(G, dim=1)  # see test_int4_linear_...
     assert ((y - x @ w.t()).abs() <= linear_tolerance(x, w_terms, 1e-5)).all()
 
@@ -713,28 +731,28 @@ def test_int4_pack_is_converted_once_per_weight(monkeypatch):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 64, generator=gen)
     p, sc, z = Q.quantize_int4_group(torch.randn(32, 64, generator=gen), 32)
-    y1 = Q._int4_kernel(x, p, sc, z, 32)
-    y2 = Q._int4_kernel(x, p, sc, z, 32)
-    Q._int4_kernel(x.bfloat16(), p, sc, z, 32)  # another activation dtype: same pack
+    y1 = CK.int4_kernel(x, p, sc, z, 32)
+    y2 = CK.int4_kernel(x, p, sc, z, 32)
+    CK.int4_kernel(x.bfloat16(), p, sc, z, 32)  # another activation dtype: same pack
     assert len(calls) == 1 and torch.equal(y1, y2)
     # a weight changed in place is converted again, and gives the new result
     p2, sc2, z2 = Q.quantize_int4_group(torch.randn(32, 64, generator=gen), 32)
     p.copy_(p2)
     sc.copy_(sc2)
     z.copy_(z2)
-    y3 = Q._int4_kernel(x, p, sc, z, 32)
+    y3 = CK.int4_kernel(x, p, sc, z, 32)
     assert len(calls) == 2
     w2 = Q.dequantize_int4_group(p2, sc2, z2, 32)
     w_terms = w2.abs() + 16 * sc2.repeat_interleave(32, dim=1)
     assert ((y3 - x @ w2.t()).abs() <= linear_tolerance(x, w_terms, 1e-5)).all()
     # the entry goes with the weight
     key = id(p)
-    assert key in Q._INT4_PACKS
+    assert key in CK._INT4_PACKS
     del p
-    assert key not in Q._INT4_PACKS
+    assert key not in CK._INT4_PACKS
     # weights made in inference mode (no version counter) are cached too
     with torch.inference_mode():
         p3 = p2.clone()
-        Q._int4_kernel(x, p3, sc2, z2, 32)
-        Q._int4_kernel(x, p3, sc2, z2, 32)
+        CK.int4_kernel(x, p3, sc2, z2, 32)
+        CK.int4_kernel(x, p3, sc2, z2, 32)
     assert len(calls) == 3

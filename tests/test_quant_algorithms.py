@@ -316,7 +316,7 @@ def test_awq_errors():
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_gptq_channel_grids_beat_rtn_held_out(problem, kind):
-    from llm_engine.builder.passes.quantize import _gptq_channel
+    from llm_engine.builder.quant.linear import _gptq_channel
 
     w, x_cal, x_test = problem
     q, scale = _gptq_channel(w, hessian(x_cal).float(), kind)

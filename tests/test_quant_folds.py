@@ -10,8 +10,10 @@ import copy
 import pytest
 import torch
 
-from llm_engine.builder.passes.quantize import QuantEnv, _fold_target, _Weights
+from llm_engine.builder.passes.quantize import QuantEnv
 from llm_engine.builder.quant import calibrate as cal
+from llm_engine.builder.quant.folds import Weights as _Weights
+from llm_engine.builder.quant.folds import fold_target as _fold_target
 from llm_engine.builder.quant.patterns import through_reshapes
 
 

@@ -225,11 +225,9 @@ def test_rotation_plot(quant_engines, tmp_path):
     ("int4-gptq", "online", 1, "online"), ("int8-sq", "auto", 2, "offline"),
     ("fp8", "offline", 2, "offline")])
 def test_rotation_choice(quant, rotation, tp, want):
-    from types import SimpleNamespace
+    from llm_engine.builder.quant.config import QuantConfig
 
-    from llm_engine.builder.passes.quantize import rotation_for
-
-    assert rotation_for(SimpleNamespace(quant=quant, rotation=rotation, tp=tp)) == want
+    assert QuantConfig(mode=quant, rotation=rotation, tp=tp).applied_rotation == want
 
 
 def test_kv_cache_int8(quant_engines, engines):
@@ -379,9 +377,9 @@ def test_bad_calibration_file(content, fragment, checkpoints, tmp_path):
 
 
 def test_fp8_without_float8_support(monkeypatch, tmp_path):
-    import llm_engine.builder.passes.quantize as quantize
+    import llm_engine.builder.quant.config as config
 
-    monkeypatch.setattr(quantize, "has_fp8", lambda: False)
+    monkeypatch.setattr(config, "has_fp8", lambda: False)
     with pytest.raises(BuildError, match=r"fp8 needs torch\.float8_e4m3fn"):
         BuildOptions(model="x", output=tmp_path / "e", quant="fp8")
 
@@ -391,7 +389,7 @@ def test_fp8_without_float8_support(monkeypatch, tmp_path):
     (72, 128, None), (160, 16, None), (4096, 256, 256),
 ])
 def test_fp8_group_fallback(K, requested, want):
-    from llm_engine.builder.passes.quantize import fp8_group_for
+    from llm_engine.builder.quant.config import fp8_group_for
 
     assert fp8_group_for(K, requested) == want
 

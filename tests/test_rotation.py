@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_engine.builder.passes.quantize import QuantEnv, _Weights
+from llm_engine.builder.passes.quantize import QuantEnv
 from llm_engine.builder.quant import calibrate as cal
+from llm_engine.builder.quant.folds import Weights as _Weights
 from llm_engine.builder.quant.hadamard import hadamard_pm1, rotation_matrix
 from llm_engine.builder.quant.rotate import find_stream, is_rotation_linear, rotate
 

@@ -367,6 +367,11 @@ RULES: list[Rule] = [
 
 def fuse(graph: Graph, options=None, *, disabled: frozenset[str] = frozenset(),
          verify_each: Callable[[Graph], None] | None = None) -> tuple[Graph, PassReport]:
+    """Apply RULES in order, skipping those in `disabled` and those options.disabled_passes
+    names as `fuse.<rule>` (--disable-pass)."""
+    disabled = disabled | {p.removeprefix("fuse.") for p in
+                           getattr(options, "disabled_passes", None) or ()
+                           if p.startswith("fuse.")}
     before = len(graph)
     report = PassReport("fuse")
     for rule in RULES:

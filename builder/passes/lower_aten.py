@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
@@ -513,9 +514,11 @@ def _sdpa(lo, node, args, kwargs):
     return lo.emit("sdpa", [q, k, v], {"scale": scale, "window": window})
 
 
-def lower_aten(traced: Traced, weights_available: Callable[[str], bool]) -> tuple[Graph, PassReport]:
+def lower_aten(traced: Traced, options: Any) -> tuple[Graph, PassReport]:
+    """The first pass: torch.export's ATen graph -> the IR graph. `options.weights` is the
+    checkpoint's tensors by name; a weight the graph reads that it lacks is refused."""
     before = sum(1 for n in traced.program.graph_module.graph.nodes if n.op == "call_function")
-    lowering = Lowering(traced, weights_available)
+    lowering = Lowering(traced, options.weights.__contains__)
     graph = lowering.run()
     graph.meta["architecture"] = traced.architecture
     report = PassReport("lower_aten", changed=True, stats={

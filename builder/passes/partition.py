@@ -34,15 +34,12 @@ from typing import Any
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.ir import Graph, Node, WeightSpec
 from llm_engine.builder.passes.report import PassReport
+from llm_engine.kernels import formats
 from llm_engine.kernels.dtypes import to_torch_dtype
 from llm_engine.kernels.ops import OPS, VIEW_OPS
-from llm_engine.kernels.quant import FORMAT_OPERANDS
-from llm_engine.kernels.triton.gemm import GROUPED
 
 # Ops a head or channel split passes through unchanged (following their first input).
 PASS_THROUGH = VIEW_OPS | {"to_dtype", "rope"}
-# Scalar per-tensor operands that every shard keeps whole.
-_WHOLE_OPERANDS = {("fp8_channel_a8", 2)}
 
 
 @dataclass
@@ -111,20 +108,19 @@ class _Slicer:
         node.shape = tuple(shape)
 
 
-def _operands(node: Node) -> tuple[str, list[str], str | None]:
-    """(b_format, weight operands, bias) of a linear node."""
-    fmt = node.attrs.get("b_format", "dense")
-    n = FORMAT_OPERANDS[fmt]
-    ops = node.inputs[1:1 + n]
-    bias = node.inputs[1 + n] if len(node.inputs) > 1 + n else None
+def _operands(node: Node) -> tuple[formats.WeightFormat, list[str], str | None]:
+    """(weight format, weight operands, bias) of a linear node."""
+    fmt = formats.of(node.attrs)
+    ops = node.inputs[1:1 + fmt.operands]
+    bias = node.inputs[1 + fmt.operands] if len(node.inputs) > 1 + fmt.operands else None
     return fmt, ops, bias
 
 
 def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
                    pad_to: int | None = None) -> None:
     fmt, ops, bias = _operands(node)
-    for i, name in enumerate(ops):
-        if (fmt, i) not in _WHOLE_OPERANDS:
+    for part, name in zip(fmt.parts, ops, strict=True):
+        if part.rows:  # per-tensor parts (a static activation scale) stay whole
             slicer.take(name, 0, index, pad_to)
     if bias is not None:
         slicer.take(bias, 0, index, pad_to)
@@ -132,25 +128,22 @@ def _take_out_rows(slicer: _Slicer, node: Node, index: list[int],
 
 def _take_in_cols(slicer: _Slicer, node: Node, cols: range, keep_bias: bool) -> None:
     fmt, ops, bias = _operands(node)
-    g = node.attrs.get("group_size") if fmt in GROUPED else None
+    g = node.attrs.get("group_size") if fmt.grouped else None
     if g and (cols.start % g or len(cols) % g):
-        what, other = ("int4 group", "") if fmt == "int4_group" else \
-            ("fp8 activation group", ", or --fp8-act-scales per-token")
+        what, other = ("fp8 activation group", ", or --fp8-act-scales per-token") \
+            if fmt.activations else ("int4 group", "")
         raise BuildError(f"tensor parallelism: {node.name}'s input channels "
                          f"[{cols.start}, {cols.stop}) do not fall on {what} boundaries "
                          f"(group size {g}); rebuild with a --group-size dividing each rank's "
                          f"share{other}")
-    if fmt in ("dense", "int8_channel", "int8_channel_a8", "fp8_channel_a8",
-               "fp8_channel_a8_token", "fp8_channel_a8_group"):
-        slicer.take(ops[0], 1, list(cols))  # per-row scales stay whole
-    elif fmt == "int4_group":
-        slicer.take(ops[0], 1, list(range(cols.start // 2, cols.stop // 2)))
-        groups = list(range(cols.start // g, cols.stop // g))
-        slicer.take(ops[1], 1, groups)
-        slicer.take(ops[2], 1, groups)
-    else:
-        raise BuildError(f"tensor parallelism: {node.name} has weight format {fmt!r}, which "
-                         "the partitioner cannot split")
+    for part, name in zip(fmt.parts, ops, strict=True):
+        if part.cols == "channel":
+            slicer.take(name, 1, list(cols))
+        elif part.cols == "pair":
+            slicer.take(name, 1, list(range(cols.start // 2, cols.stop // 2)))
+        elif part.cols == "group":
+            slicer.take(name, 1, list(range(cols.start // g, cols.stop // g)))
+        # cols None: per-row scales and per-tensor parts stay whole
     if bias is not None and not keep_bias:
         slicer.graph.set_inputs(node, node.inputs[:-1])
 
@@ -345,7 +338,7 @@ def _feeds_gated(graph: Graph, node: Node) -> bool:
 def _shard_mlp(graph: Graph, down: Node, columns: list[Node], region: list[Node], tp: int,
                rank: int, slicer: _Slicer, claimed: set[str], plan: RankPlan) -> None:
     width = graph.node(down.inputs[0]).shape[-1]
-    unit = (down.attrs.get("group_size") or 1) if down.attrs.get("b_format") in GROUPED else 1
+    unit = (down.attrs.get("group_size") or 1) if formats.of(down.attrs).grouped else 1
     local = _share(split_sizes(width, tp, unit), rank)
     plan.mlp_channels.append((local.start, local.stop))
     for node in region:
@@ -505,3 +498,23 @@ def partition_tp(graph: Graph, tp: int) -> tuple[list[Graph], PassReport]:
     if replicated:
         report.notes.append(f"replicated (not split): {', '.join(replicated[:6])}")
     return graphs, report
+
+
+def partition(graph: Graph, options: Any = None) -> tuple[Graph, PassReport]:
+    """The pass: one graph per rank by --tp and --pp (tensor parallelism here, pipeline
+    stages in pipeline_parallel), handed back in graph.meta["ranks"]: the passes before this
+    one see the whole model, the driver runs those after it once per rank."""
+    # Imported here: pipeline_parallel builds on this module's split.
+    from llm_engine.builder.passes.pipeline_parallel import partition_pp, partition_tp_pp
+
+    tp, pp = getattr(options, "tp", 1), getattr(options, "pp", 1)
+    if tp == 1 and pp == 1:
+        return graph, PassReport("partition", notes=["a single rank"])
+    if pp == 1:
+        ranks, report = partition_tp(graph, tp)
+    elif tp == 1:
+        ranks, report = partition_pp(graph, pp)
+    else:
+        ranks, report = partition_tp_pp(graph, tp, pp)
+    graph.meta["ranks"] = ranks
+    return graph, report

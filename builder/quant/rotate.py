@@ -240,7 +240,7 @@ def _rotate_mlp(graph: Graph, w, seed: int) -> tuple[int, int | None]:
 
 def rotate(graph: Graph, w, kind: str, seed: int = 0) -> dict[str, Any]:
     """Apply the rotations of `kind` ("offline": residual and heads; "online": also mlp) to the
-    graph and its weight values `w` (builder.passes.quantize._Weights); returns the report."""
+    graph and its weight values `w` (builder.quant.folds.Weights); returns the report."""
     report: dict[str, Any] = {"kind": kind, "residual": None, "heads": 0, "mlp": 0, "notes": []}
     if kind == "none":
         return report

@@ -66,7 +66,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llm_engine.kernels import codegen, quant
+from llm_engine.kernels import codegen, formats, quant
 from llm_engine.kernels.triton import is_int, next_pow2, static_numel
 
 TEMPLATE = "gemm"
@@ -163,26 +163,27 @@ def _a_fp8_group(a, w, scale, group_size):
 
 
 class Format(NamedTuple):
-    operands: int  # weight operands after x (the bias, if any, follows them)
+    """What the GEMM template needs of a weight format (`kernels.formats`, which holds its
+    parts and operand count)."""
+
     check: Callable  # (shapes, dtypes, N, K, a_dtype, group_size) -> bool
     dequant: Callable  # (*operands, group_size=) -> W [N, K]
     quant_a: Callable | None = None  # (a, *operands, group_size=) -> a as the dot sees it
 
 
 FORMATS: dict[str, Format] = {
-    "dense": Format(1, _check_dense, _dequant_dense),
-    "int8_channel": Format(2, _check_int8_channel, _dequant_int8_channel),
-    "int4_group": Format(3, _check_int4_group, _dequant_int4_group),
-    "int8_channel_a8": Format(2, _check_int8_channel, _dequant_int8_channel, _a_int8_token),
-    "fp8_channel_a8": Format(3, _check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
-    "fp8_channel_a8_token": Format(2, _check_fp8_channel, _dequant_fp8_channel, _a_fp8_token),
-    "fp8_channel_a8_group": Format(2, _check_fp8_channel_group, _dequant_fp8_channel,
+    "dense": Format(_check_dense, _dequant_dense),
+    "int8_channel": Format(_check_int8_channel, _dequant_int8_channel),
+    "int4_group": Format(_check_int4_group, _dequant_int4_group),
+    "int8_channel_a8": Format(_check_int8_channel, _dequant_int8_channel, _a_int8_token),
+    "fp8_channel_a8": Format(_check_fp8_channel_a8, _dequant_fp8_channel, _a_fp8_tensor),
+    "fp8_channel_a8_token": Format(_check_fp8_channel, _dequant_fp8_channel, _a_fp8_token),
+    "fp8_channel_a8_group": Format(_check_fp8_channel_group, _dequant_fp8_channel,
                                    _a_fp8_group),
 }
-# need BLOCK_K >= 32 on a GPU
-EIGHT_BIT_DOT = ("int8_channel_a8", "fp8_channel_a8", "fp8_channel_a8_token",
-                 "fp8_channel_a8_group")
-GROUPED = ("int4_group", "fp8_channel_a8_group")  # formats with a group_size attribute
+# need BLOCK_K >= 32 on a GPU: the formats that quantize the activations to 8 bits
+EIGHT_BIT_DOT = tuple(name for name, f in formats.FORMATS.items() if f.activations)
+GROUPED = formats.GROUPED
 # formats whose K tile is exactly one group (BLOCK_K = group_size in every tiling)
 TILE_IS_GROUP = ("fp8_channel_a8_group",)
 
@@ -215,7 +216,7 @@ def params(op: str, attrs: dict, in_shapes: list[tuple], in_dtypes: list[str],
         return None
     act, residual = epi
     shapes = [tuple(s) for s in in_shapes]
-    n_b = FORMATS[b_format].operands
+    n_b = formats.get(b_format).operands
     group_size = attrs.get("group_size")
     n_bias = len(shapes) - 1 - n_b - residual
     if len(in_dtypes) != len(shapes) or n_bias not in ((0, 1) if op == "linear" else (0,)):
@@ -363,7 +364,7 @@ def reference(p: dict, *inputs: torch.Tensor, compute_dtype: torch.dtype = torch
     `kernels/quant.py` defines it. The oracle of the tests (with float64) and a CPU fallback
     for fused nodes."""
     fmt = FORMATS[p["b_format"]]
-    n_b = fmt.operands
+    n_b = formats.get(p["b_format"]).operands
     cast = [t.to(compute_dtype) if t.is_floating_point() else t for t in inputs]
     a, b_ops, rest = cast[0], cast[1:1 + n_b], cast[1 + n_b:]
     bias = rest.pop(0) if p["bias"] else None

@@ -91,7 +91,7 @@ def _infer(e: dict, dummies: list[torch.Tensor]):
         return e["const"]
     args = [_infer(a, dummies) for a in e["args"]]
     try:
-        out = apply_node(e, args)
+        out = apply_node(e, args, ops.OPS)
     except (RuntimeError, TypeError, ValueError) as err:
         raise _Unsupported(f"{e['op']}: {err}") from None
     name = str(out.dtype).removeprefix("torch.")

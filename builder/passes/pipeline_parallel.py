@@ -18,7 +18,7 @@ from typing import Any
 
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.ir import Graph, Node
-from llm_engine.builder.passes.partition import split_sizes, weight_bytes
+from llm_engine.builder.passes.partition import partition_tp, split_sizes, weight_bytes
 from llm_engine.builder.passes.report import PassReport
 from llm_engine.kernels.dtypes import to_torch_dtype
 from llm_engine.runtime.pipeline import (
@@ -174,8 +174,6 @@ def partition_tp_pp(graph: Graph, tp: int, pp: int) -> tuple[list[Graph], PassRe
     stages. Rank s * tp + t is stage s of tensor-parallel shard t; its collectives run among
     the ranks of stage s, and it passes the (replicated) residual stream to rank
     (s + 1) * tp + t."""
-    from llm_engine.builder.passes.partition import partition_tp
-
     shards, tp_report = partition_tp(graph, tp)
     staged = [partition_pp(g, pp) for g in shards]
     ranks: list[Graph] = []
