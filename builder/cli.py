@@ -73,7 +73,8 @@ def main() -> None:
 @click.option("--max-batch-tokens", type=int, default=2048, show_default=True,
               help="Tokens per step the engine's memory plan is sized for.")
 @click.option("--disable-pass", "disabled", multiple=True,
-              help="Skip a pass (fuse, plan_memory) or fusion rule (fuse.rope, ...); repeatable.")
+              help="Skip an optional pass (fuse, quantize, plan_memory, codegen) or a fusion "
+              "rule (fuse.rope, ...); repeatable.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target device; with cuda on a GPU host, GEMM tilings are autotuned.")
 @click.option("--quant", default=None, metavar="MODE",
@@ -171,14 +172,9 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
               help="List the rendered Triton kernels with the nodes each implements.")
 def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
     """Summarise ENGINE_DIR: model, ops, fusions, weights, size."""
-    from llm_engine.builder.inspect import (
-        InspectError,
-        draw_graph,
-        kernel_table,
-        print_kernels,
-        print_summary,
-        summarize,
-    )
+    from llm_engine.builder.inspect import InspectError, print_summary, summarize
+    from llm_engine.builder.inspect_graph import draw_graph
+    from llm_engine.builder.inspect_kernels import kernel_table, print_kernels
 
     try:
         if list_kernels:
