@@ -408,7 +408,7 @@ def run_hf(s: Settings, precision: str) -> Result:
 # ---- llm-engine -------------------------------------------------------------------------------
 def run_engine(s: Settings, precision: str, engine_dir: Path) -> Result:
     from llm_engine.runtime.engine import Engine
-    from llm_engine.runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling_params import SamplingParams
 
     if not (engine_dir / "engine.json").is_file():
         raise Skip(f"{engine_dir} is not an engine directory (no engine.json); build it with "

@@ -44,7 +44,7 @@ def _rss_mb() -> float:
 
 async def _one(ae, rng: random.Random, vocab: int, abort_after: int | None,
                outcome: dict[str, Any]) -> None:
-    from llm_engine.runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling_params import SamplingParams
 
     prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 48))]
     params = SamplingParams(max_tokens=rng.randint(1, 32),

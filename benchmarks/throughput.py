@@ -288,7 +288,7 @@ def progress(total: int, desc: str):
 
 # ---- ours -----------------------------------------------------------------------------------
 def engine_pass(engine, prompts: list[list[int]], n_out: int, bar=None) -> list:
-    from llm_engine.runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]

@@ -3,15 +3,16 @@
 Everything here reads the files `engine build` wrote and nothing else: no torch, no tensors
 (weights are summarised from the safetensors header alone), so inspecting a multi-GB engine
 is instant and works on a machine that cannot run it.
+
+This file reads the engine and prints its summary; the plan drawing (`--graph`) is in
+inspect_graph.py and the kernel listing (`--kernels`) in inspect_kernels.py, both reading
+the engine through the helpers here.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import struct
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,8 @@ _KINDS: dict[str, frozenset[str]] = {
     "copy": frozenset({"cat", "index_select"}),
     "reduction": frozenset({"mean", "sum", "amax", "softmax"}),
 }
-_COLOURS = {"source": "#d7bde2", "attention": "#f5a3a3", "gemm": "#9ec5f0", "norm": "#b9e0a5",
-            "pointwise": "#fbe38e", "view": "#e3e3e3", "copy": "#f8c58c", "reduction": "#f8c58c"}
-
-# HF module paths name decoder layers `model.layers.3`, `transformer.h.3`, ...
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_LAYER_IN_NAME = re.compile(r"(?:^|_)(?:layers|layer|h|blocks|block)_(\d+)(?:_|$)")
+COLOURS = {"source": "#d7bde2", "attention": "#f5a3a3", "gemm": "#9ec5f0", "norm": "#b9e0a5",
+           "pointwise": "#fbe38e", "view": "#e3e3e3", "copy": "#f8c58c", "reduction": "#f8c58c"}
 # report.json fuse stats that count nodes rather than fusions made.
 _FUSE_NON_RULES = frozenset({"nodes_before", "nodes_after"})
 
@@ -52,7 +49,7 @@ class InspectError(Exception):
 
 # ---- reading -----------------------------------------------------------------------------
 
-def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
+def read_json(path: Path, required: bool) -> dict[str, Any] | None:
     if not path.is_file():
         if required:
             raise InspectError(f"{path} not found; is {path.parent} an engine directory "
@@ -69,7 +66,7 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
     return data
 
 
-def _engine_dir(engine_dir: Path | str) -> Path:
+def engine_path(engine_dir: Path | str) -> Path:
     path = Path(engine_dir)
     if not path.is_dir():
         raise InspectError(f"engine directory {path} not found; build one with "
@@ -166,11 +163,11 @@ def _memory(memory: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def summarize(engine_dir: Path | str) -> dict[str, Any]:
     """Everything `engine inspect` shows, as plain JSON-ready data; absent parts are None."""
-    path = _engine_dir(engine_dir)
-    engine = _read_json(path / "engine.json", required=True)
+    path = engine_path(engine_dir)
+    engine = read_json(path / "engine.json", required=True)
     assert engine is not None
-    report = _read_json(path / "report.json", required=False) or {}
-    plan = _read_json(path / "plan.rank0.json", required=False)
+    report = read_json(path / "report.json", required=False) or {}
+    plan = read_json(path / "plan.rank0.json", required=False)
 
     model = engine.get("model") or {}
     build = engine.get("build") or {}
@@ -286,7 +283,7 @@ def print_summary(summary: dict[str, Any], as_json: bool = False) -> None:
     ops.add_column("ops")
     for kind, count in summary["ops_by_kind"].items():
         members = ", ".join(f"{op} {n}" for op, n in summary["ops"].items() if op_kind(op) == kind)
-        ops.add_row(f"[on {_COLOURS.get(kind, '#ffffff')}] [/] {kind}", str(count), members)
+        ops.add_row(f"[on {COLOURS.get(kind, '#ffffff')}] [/] {kind}", str(count), members)
     console.print(ops)
 
     fusions = Table(title="fusions (pass fuse)", title_justify="left")
@@ -301,174 +298,3 @@ def print_summary(summary: dict[str, Any], as_json: bool = False) -> None:
     for dtype, w in summary["weights"].items():
         weights.add_row(dtype, str(w["count"]), _size(w["bytes"]))
     console.print(Columns([fusions, weights], padding=(0, 4)))
-
-
-# ---- graph -------------------------------------------------------------------------------
-
-def node_layer(node: dict[str, Any]) -> int | None:
-    """The first decoder layer a node came from, or None for model-level nodes.
-
-    A fused node can span a layer boundary (the residual add of layer i fused with the norm
-    of layer i+1, or of the final norm); it counts as model-level if any part of it is, so the
-    final norm survives a --layers cut."""
-    layers = []
-    for origin in node.get("origin") or []:
-        module = origin.rpartition("@")[2]
-        match = _LAYER_IN_PATH.search(module)
-        if match is None:
-            return None
-        layers.append(int(match.group(1)))
-    if layers:
-        return min(layers)
-    if isinstance(node.get("attrs", {}).get("layer"), int):
-        return node["attrs"]["layer"]
-    match = _LAYER_IN_NAME.search(node.get("name", ""))
-    return int(match.group(1)) if match else None
-
-
-def _short_shape(shape: Any) -> str:
-    if isinstance(shape, list) and shape and isinstance(shape[0], list):
-        return ", ".join(_short_shape(s) for s in shape)
-    if isinstance(shape, list):
-        # -1 marks a runtime-sized dim (block tables, sequence lists)
-        return "×".join("?" if d == -1 else str(d) for d in shape) or "scalar"
-    return str(shape)
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _attrs(**attrs: str) -> str:
-    return "[" + ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items()) + "]"
-
-
-def _keep(node: dict[str, Any], layers: int) -> bool:
-    layer = node_layer(node)
-    return layers <= 0 or layer is None or layer < layers
-
-
-def plan_to_dot(plan: dict[str, Any], layers: int = 1) -> str:
-    """DOT text for a plan; `layers` > 0 keeps only the first that many decoder layers.
-
-    Weight nodes are left out (every gemm and norm has one, and their edges swamp the drawing);
-    each consumer lists its weights in its tooltip instead."""
-    nodes = {n["name"]: n for n in plan.get("nodes", [])}
-    outputs = set(plan.get("outputs", []))
-    shown = [n for n in nodes.values() if n["op"] != "weight" and _keep(n, layers)]
-    shown_names = {n["name"] for n in shown}
-    hidden = [n for n in nodes.values() if n["op"] != "weight" and n["name"] not in shown_names]
-
-    # Bounded network-simplex passes: without them dot spends minutes placing a full 30-layer
-    # plan (every layer reads the same attention metadata and rotary inputs); with them, seconds.
-    lines = ["digraph plan {", "  rankdir=TB;", "  nslimit=2; nslimit1=2;",
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
-             '  edge [color="#777777", arrowsize=0.6];']
-    for n in shown:
-        kind = op_kind(n["op"])
-        label = n["attrs"].get("name", n["name"]) if n["op"] == "input" else n["op"]
-        label += "\n" + _short_shape(n.get("shape"))
-        weights = [nodes[i]["attrs"].get("name", i) for i in n.get("inputs", [])
-                   if i in nodes and nodes[i]["op"] == "weight"]
-        tooltip = n["name"] + "".join(f"\nweight {w}" for w in weights)
-        extra = {"peripheries": "2"} if n["name"] in outputs else {}
-        lines.append(f"  {_quote(n['name'])} " + _attrs(
-            label=label, fillcolor=_COLOURS.get(kind, "#ffffff"), tooltip=tooltip, **extra) + ";")
-
-    # The cut-off layers become one node so the drawing stays connected end to end.
-    elided = "__elided_layers__"
-    if hidden:
-        cut = [layer for n in hidden if (layer := node_layer(n)) is not None]
-        first, last = min(cut, default=layers), max(cut, default=layers)
-        lines.append(f"  {_quote(elided)} " + _attrs(
-            label=f"layers {first}–{last}\n({len(hidden)} ops not drawn)", shape="box",
-            style="dashed", tooltip="use --layers 0 to draw every layer") + ";")
-    edges: dict[tuple[str, str], None] = {}  # a dict keeps first-seen order and dedups
-    for n in nodes.values():
-        if n["op"] == "weight":
-            continue
-        dst = n["name"] if n["name"] in shown_names else elided
-        for i in n.get("inputs", []):
-            if i not in nodes or nodes[i]["op"] == "weight":
-                continue
-            src = i if i in shown_names else elided
-            if src != dst:
-                edges[(src, dst)] = None
-    lines += [f"  {_quote(src)} -> {_quote(dst)};" for src, dst in edges]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def draw_graph(engine_dir: Path | str, out_path: Path | str, layers: int = 1) -> Path:
-    """Write the plan's graph to out_path: .dot as text, .svg/.png rendered by graphviz."""
-    out = Path(out_path)
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in ("dot", "svg", "png"):
-        raise InspectError(f"--graph {out}: unknown format {out.suffix or '(no suffix)'!r}; "
-                           "use a .svg, .png or .dot file name")
-    if layers < 0:
-        raise InspectError(f"--layers {layers} is negative; pass 0 for all layers or a count")
-    dot_exe = shutil.which("dot") if fmt != "dot" else None
-    if fmt != "dot" and dot_exe is None:
-        raise InspectError("graphviz 'dot' not found; install graphviz (apt-get install "
-                           "graphviz) or use --graph out.dot")
-    path = _engine_dir(engine_dir)
-    _read_json(path / "engine.json", required=True)
-    plan = _read_json(path / "plan.rank0.json", required=True)
-    assert plan is not None
-    text = plan_to_dot(plan, layers)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if dot_exe is None:
-            out.write_text(text)
-            return out
-        result = subprocess.run([dot_exe, f"-T{fmt}", "-o", str(out)], input=text.encode(),
-                                capture_output=True, check=False)
-    except OSError as e:
-        raise InspectError(f"cannot write {out} ({e.strerror or e}); pick a writable path") from e
-    if result.returncode != 0:
-        why = (result.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[0]
-        raise InspectError(f"graphviz dot failed on the plan graph ({why}); try --graph out.dot")
-    return out
-
-
-def kernel_table(engine_dir: Path | str) -> dict[str, Any]:
-    """The engine's rendered kernels (name, template, nodes) and the kernel-worthy nodes that
-    kept their torch reference op."""
-    path = _engine_dir(engine_dir)
-    plan = _read_json(path / "plan.rank0.json", required=True) or {}
-    kernels = plan.get("kernels", {})
-    users: dict[str, list[str]] = {}
-    fallback: dict[str, int] = {}
-    for node in plan.get("nodes", []):
-        for name in node.get("kernel", []):
-            users.setdefault(name, []).append(node["name"])
-        if not node.get("kernel") and op_kind(node.get("op", "")) not in ("source", "view"):
-            fallback[node["op"]] = fallback.get(node["op"], 0) + 1
-    rows = [{"kernel": name, "template": info["template"], "family": info["family"],
-             "bytes": (path / "kernels" / f"{name}.py").stat().st_size
-             if (path / "kernels" / f"{name}.py").is_file() else None,
-             "nodes": users.get(name, [])} for name, info in sorted(
-                 kernels.items(), key=lambda kv: (kv[1]["template"], kv[0]))]
-    return {"kernels": rows, "reference_fallback": dict(sorted(fallback.items()))}
-
-
-def print_kernels(table: dict[str, Any], as_json: bool = False) -> None:
-    if as_json:
-        print(json.dumps(table, indent=1))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{len(table['kernels'])} rendered kernels")
-    for col in ("kernel", "template", "nodes"):
-        t.add_column(col)
-    for row in table["kernels"]:
-        nodes = row["nodes"]
-        shown = ", ".join(nodes[:4]) + (f" (+{len(nodes) - 4})" if len(nodes) > 4 else "")
-        t.add_row(row["kernel"], row["template"], f"{len(nodes)}: {shown}")
-    console = Console()
-    console.print(t)
-    if table["reference_fallback"]:
-        console.print("torch reference (no template): " + ", ".join(
-            f"{op}×{n}" for op, n in table["reference_fallback"].items()))

@@ -10,7 +10,7 @@ from llm_engine.runtime.async_engine import AsyncEngine
 from llm_engine.runtime.engine import Engine, EngineConfig
 from llm_engine.runtime.engine_dir import EngineLoadError
 from llm_engine.runtime.output import Output
-from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineLoadError", "Output",
            "SamplingParams"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from llm_engine.runtime.engine import Engine
 from llm_engine.runtime.output import Output
-from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

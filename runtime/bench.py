@@ -175,7 +175,7 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
 # ---- targets -----------------------------------------------------------------------------
 def engine_sender(async_engine: Any, max_tokens: int) -> Send:
     """Requests into an AsyncEngine in this process."""
-    from llm_engine.runtime.sampling import SamplingParams
+    from llm_engine.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 

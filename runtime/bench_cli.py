@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from llm_engine.runtime.cli import _fail, engine_options, load_engine
+from llm_engine.runtime.cli_options import _fail, engine_options, load_engine
 
 
 def _progress(label: str, total: int):

@@ -31,7 +31,8 @@ from llm_engine.runtime.multi_rank import load_ranks
 from llm_engine.runtime.output import Output, append_token, flush, make_output
 from llm_engine.runtime.rank_files import engine_ranks, pipeline_stages, tensor_parallel
 from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS, Request
-from llm_engine.runtime.sampling import SamplerState, SamplingParams, prompt_logprobs_for, sample
+from llm_engine.runtime.sampling import SamplerState, prompt_logprobs_for, sample
+from llm_engine.runtime.sampling_params import SamplingParams
 from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 # What malformed plan values raise from inside the runtime (ValueError is the caller's: bad

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling_params import SamplingParams
 
 
 class ApiError(Exception):

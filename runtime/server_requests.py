@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS
-from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling_params import SamplingParams
 from llm_engine.runtime.server_protocol import ApiError, GenRequest, Limits
 
 # ---- field types ------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from llm_engine.builder.cli import main
-from llm_engine.builder.inspect import InspectError, draw_graph, node_layer, summarize
+from llm_engine.builder.inspect import InspectError, summarize
+from llm_engine.builder.inspect_graph import draw_graph, node_layer
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from llm_engine.runtime import sampling
 from llm_engine.runtime.sampling import (
     SamplerState,
-    SamplingParams,
     process_logits,
     prompt_logprobs_for,
     sample,
 )
+from llm_engine.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from llm_engine.runtime.block_manager import BlockManager
 from llm_engine.runtime.request import FINISH_REASONS, Request, Status
-from llm_engine.runtime.sampling import SamplingParams
+from llm_engine.runtime.sampling_params import SamplingParams
 from llm_engine.runtime.scheduler import Chunk, Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB = 4  # few symbols: prompts and outputs share prefixes, so the prefix cache hits

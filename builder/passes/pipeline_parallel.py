@@ -18,7 +18,8 @@ from typing import Any
 
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.ir import Graph, Node
-from llm_engine.builder.passes.partition import partition_tp, split_sizes, weight_bytes
+from llm_engine.builder.passes.partition import partition_tp
+from llm_engine.builder.passes.partition_slicing import split_sizes, weight_bytes
 from llm_engine.builder.passes.report import PassReport
 from llm_engine.kernels.dtypes import to_torch_dtype
 from llm_engine.runtime.pipeline import (

@@ -9,7 +9,11 @@ import httpx2 as httpx
 import pytest
 
 from llm_engine.runtime import SamplingParams
-from llm_engine.runtime.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from llm_engine.runtime.sampling_params import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 from tests.test_server import _engine
 
 
