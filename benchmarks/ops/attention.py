@@ -233,16 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=common.physical_cores(),
-                   help="torch and onnxruntime intra-op threads (default: physical cores)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=10, help="at least this many timed calls")
-    p.add_argument("--min-time", type=float, default=0.3,
-                   help="and at least this many seconds of them per case")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: decode B=2 over 40 tokens, prefill of 24, a few calls")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_timing_args(p, warmup=3, reps=10, min_time=0.3, out=DEFAULT_OUT,
+                           quick="smoke test: decode B=2 over 40 tokens, prefill of 24, a few "
+                                 "calls")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.context, args.prefill = [2], [40], [24]

@@ -101,6 +101,20 @@ def cpu_line(machine: dict[str, Any], overhead: dict[str, float] | None = None) 
     return line
 
 
+def add_timing_args(p, *, warmup: int, reps: int, min_time: float, quick: str,
+                    out: Path) -> None:
+    """The options every per-op script takes: threads, how long to time, --quick, --out."""
+    p.add_argument("--threads", type=int, default=physical_cores(),
+                   help="torch and onnxruntime intra-op threads (default: physical cores)")
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--reps", type=int, default=reps, help="at least this many timed calls")
+    p.add_argument("--min-time", type=float, default=min_time,
+                   help="and at least this many seconds of them per case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--out", type=Path, default=out)
+
+
 def _summary(times: list[float]) -> dict[str, float]:
     times = sorted(times)
     return {"median_us": statistics.median(times), "min_us": times[0],

@@ -262,21 +262,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", type=parse_shape, nargs="+",
                    default=[parse_shape(s) for s in DEFAULT_SHAPES],
                    help="weight shapes NxK (default: SmolLM2-135M's 576x576 1536x576 576x1536)")
-    p.add_argument("--threads", type=int, default=common.physical_cores(),
-                   help="torch and onnxruntime intra-op threads (default: physical cores)")
     p.add_argument("--group-size", type=int, default=128,
                    help="requested group size (int4, fp8 per-token-group), as the builder's "
                         "--group-size: smaller where it does not divide K")
     p.add_argument("--int4-zeros", choices=("float", "uint8"), default="float",
                    help="int4 zero points: float (the builder's default) or uint8 (older engines)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=20, help="at least this many timed calls")
-    p.add_argument("--min-time", type=float, default=0.2,
-                   help="and at least this many seconds of them per case")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: the first shape, M = 1, a few calls")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    common.add_timing_args(p, warmup=5, reps=20, min_time=0.2, out=DEFAULT_OUT,
+                           quick="smoke test: the first shape, M = 1, a few calls")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.m = args.shapes[:1], [1]
