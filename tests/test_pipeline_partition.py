@@ -68,3 +68,36 @@ def test_errors(pp_engines):
         pp_engines("llama", 64)
     with pytest.raises(BuildError, match="--pp must be a positive integer"):
         pp_engines("llama", 0)
+
+
+@pytest.mark.parametrize("arch", ["llama_tied", "gpt2", "qwen2"])
+def test_layers_come_from_the_graph_structure(graphs, arch):
+    """A layer starts at the residual-stream norm feeding its attention; every node's layer so
+    found is the one its HF module path names (nodes made from the step's inputs alone, such
+    as the RoPE tables, belong to no layer: they are copied where read)."""
+    from llm_engine.builder.passes import pipeline_parallel as pp
+
+    graph, _ = graphs(arch)
+    attn = [n for n in graph.nodes() if n.op == "paged_attention"]
+    layers = pp.layer_of(graph, attn)
+    assert layers is not None
+    checked = 0
+    for node in graph.nodes():
+        named = pp._origin_layers(node)
+        if named and node.op not in ("input", "weight", "getitem") and layers[node.name] >= 0:
+            assert layers[node.name] in named, (node.name, node.op, named, layers[node.name])
+            checked += 1
+    assert checked > 10 * len(attn)
+
+
+def test_unrecognised_structure_falls_back_to_module_paths(graphs, monkeypatch):
+    from llm_engine.builder.passes import pipeline_parallel as pp
+
+    graph, _ = graphs("llama_tied")
+    by_structure, sizes = pp.assign_stages(graph, 2)
+    monkeypatch.setattr(pp, "_entry", lambda graph, attn: None)
+    assert pp.layer_of(graph, [n for n in graph.nodes() if n.op == "paged_attention"]) is None
+    by_name, _ = pp.assign_stages(graph, 2)
+    attn_stages = {n: by_name[n] for n in by_name if graph.node(n).op == "paged_attention"}
+    assert attn_stages == {n: by_structure[n] for n in attn_stages}
+    assert sum(sizes) == len(attn_stages)

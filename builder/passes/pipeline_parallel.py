@@ -1,8 +1,8 @@
 """Pipeline-parallel partitioning: consecutive layers per stage, one graph per stage.
 
-Every node gets a stage: attention nodes from their layer index, other nodes from the layers
-named in their origin (HF module paths such as `model.layers.13.mlp`), never earlier than
-their inputs' stages. Nodes computed from the step's inputs and weights alone (the embedding,
+Every node gets a stage: attention nodes from their layer index, other nodes from the layer
+they are found in by the graph's structure (`layer_of`: a layer starts at the norm of the
+residual stream that feeds its attention), never earlier than their inputs' stages. Nodes computed from the step's inputs and weights alone (the embedding,
 RoPE tables) are copied into every stage that reads them, so stages exchange only the
 residual stream: the values made at or before a boundary and read after it. Those become
 outputs of the stage before and inputs (`pp.<name>`) of the stage after; a value that skips
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import deque
 from typing import Any
 
 from llm_engine.builder.errors import BuildError
@@ -27,6 +28,9 @@ from llm_engine.runtime.pipeline import (
 )
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+_NORMS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+_VIEWS = ("reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
+          "select", "to_dtype")
 
 
 def _origin_layers(node: Node) -> list[int]:
@@ -38,6 +42,51 @@ def _origin_layers(node: Node) -> list[int]:
     return found
 
 
+def _on_projection(graph: Graph, norm: Node) -> bool:
+    """A plain norm of a projection's output (the per-head q/k norms of Qwen3, OLMo 2), not of
+    the residual stream: a layer does not start there."""
+    if norm.op.startswith("add_"):
+        return False
+    node = graph.node(norm.inputs[0])
+    while node.op in _VIEWS and node.inputs:
+        node = graph.node(node.inputs[0])
+    return node.op in ("linear", "matmul")
+
+
+def _entry(graph: Graph, attn: Node) -> str | None:
+    """The norm that starts `attn`'s layer: the nearest residual-stream norm behind its query
+    input (breadth first, so the layer's own input norm is found before any earlier one)."""
+    queue, seen = deque([attn.inputs[0]]), set()
+    while queue:
+        node = graph.node(queue.popleft())
+        if node.name in seen or node.op in ("input", "weight"):
+            continue
+        seen.add(node.name)
+        base = graph.node(node.inputs[0]) if node.op == "getitem" else node
+        if base.op in _NORMS and not _on_projection(graph, base):
+            return base.name
+        queue.extend(node.inputs)
+    return None
+
+
+def layer_of(graph: Graph, attn: list[Node]) -> dict[str, int] | None:
+    """Each node's layer from the graph's structure: the number of layer-starting norms at or
+    before it on its inputs' paths, less one (-1: before the first layer, the embedding). None
+    when the structure is not a chain of such norms, one per attention layer, each after the
+    last; the HF module paths in the nodes' origins are used then."""
+    entries = [_entry(graph, a) for a in attn]
+    if None in entries or len(set(entries)) != len(entries):
+        return None
+    starts = set(entries)
+    count: dict[str, int] = {}
+    for node in graph.nodes():
+        count[node.name] = max((count[i] for i in node.inputs), default=0) + \
+            (node.name in starts)
+    if [count[e] for e in entries] != list(range(1, len(entries) + 1)):
+        return None  # an entry not after the previous one: not a chain of layers
+    return {name: c - 1 for name, c in count.items()}
+
+
 def assign_stages(graph: Graph, pp: int) -> tuple[dict[str, int | None], list[int]]:
     """Stage of every node (None: computed from inputs and weights alone, copied where
     needed) and the number of layers per stage."""
@@ -47,6 +96,7 @@ def assign_stages(graph: Graph, pp: int) -> tuple[dict[str, int | None], list[in
         raise BuildError(f"--pp {pp} exceeds the model's {n_layers} layers")
     sizes = split_sizes(n_layers, pp)
     stage_of_layer = [s for s, n in enumerate(sizes) for _ in range(n)]
+    layers = layer_of(graph, attn)
     stages: dict[str, int | None] = {}
     for node in graph.nodes():
         if node.op in ("input", "weight"):
@@ -58,7 +108,9 @@ def assign_stages(graph: Graph, pp: int) -> tuple[dict[str, int | None], list[in
         elif node.op == "getitem":  # stays with the multi-output op it unpacks
             own = []
         else:
-            own = [stage_of_layer[min(layer, n_layers - 1)] for layer in _origin_layers(node)]
+            found = _origin_layers(node) if layers is None else \
+                [layers[node.name]] if layers[node.name] >= 0 else []
+            own = [stage_of_layer[min(layer, n_layers - 1)] for layer in found]
         if not deps and not own and node.op not in ("all_reduce", "all_gather"):
             stages[node.name] = None  # embedding, RoPE tables: free to copy
         elif not deps and not own:  # a collective runs once, on the first stage
