@@ -170,15 +170,21 @@ def build(model, output, dtype, max_seq_len, max_batch_tokens, disabled, device,
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--kernels", "list_kernels", is_flag=True,
               help="List the rendered Triton kernels with the nodes each implements.")
-def inspect(engine_dir, graph_out, layers, as_json, list_kernels) -> None:
+@click.option("--onnx", "onnx_nodes", is_flag=True,
+              help="Count the CPU fast path's ONNX nodes: per decoder layer and by op type.")
+def inspect(engine_dir, graph_out, layers, as_json, list_kernels, onnx_nodes) -> None:
     """Summarise ENGINE_DIR: model, ops, fusions, weights, size."""
     from llm_engine.builder.inspect import InspectError, print_summary, summarize
     from llm_engine.builder.inspect_graph import draw_graph
     from llm_engine.builder.inspect_kernels import kernel_table, print_kernels
+    from llm_engine.builder.inspect_onnx import onnx_summary, print_onnx
 
     try:
         if list_kernels:
             print_kernels(kernel_table(engine_dir), as_json=as_json)
+            return
+        if onnx_nodes:
+            print_onnx(onnx_summary(engine_dir), as_json=as_json)
             return
         summary = summarize(engine_dir)
         print_summary(summary, as_json=as_json)

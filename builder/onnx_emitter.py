@@ -57,6 +57,8 @@ class EmitterCore:
     # IR ops without an `op_<name>` handler that `lower_elementwise` takes (see onnx_ops).
     ELEMENTWISE: ClassVar[frozenset[str]] = frozenset()
 
+    lowering: str | None = None  # the plan node being lowered (names its ONNX nodes)
+
     def __init__(self, plan: dict[str, Any], weights_file: Path) -> None:
         self.plan = plan
         self.nodes_by_name = {n["name"]: n for n in plan["nodes"]}
@@ -84,8 +86,11 @@ class EmitterCore:
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs
              ) -> list[str]:
         outs = [self.fresh(op.lower()) for _ in range(n_out)]
-        self.onnx_nodes.append(helper.make_node(op, inputs, outs, domain=domain or None,
-                                                **attrs))
+        # Named "<plan node>/<output>": `engine inspect --onnx` counts the nodes each plan node
+        # (and so each layer) lowers to; the step's own plumbing is named by its output alone.
+        name = f"{self.lowering}/{outs[0]}" if self.lowering else outs[0]
+        self.onnx_nodes.append(helper.make_node(op, inputs, outs, name=name,
+                                                domain=domain or None, **attrs))
         return outs
 
     def op(self, op: str, *inputs: str, domain: str = "", **attrs) -> str:
@@ -185,7 +190,11 @@ class EmitterCore:
             if op not in self.ELEMENTWISE:
                 raise Unsupported(f"op {op!r} ({n['name']}) has no ONNX lowering")
             handler = self.lower_elementwise
-        self.values[n["name"]] = handler(n, ins, attrs)
+        self.lowering = n["name"]
+        try:
+            self.values[n["name"]] = handler(n, ins, attrs)
+        finally:
+            self.lowering = None
 
     def lower_elementwise(self, n: dict[str, Any], ins: list[Any], attrs: dict[str, Any]) -> str:
         raise NotImplementedError  # onnx_ops.SimpleOps

@@ -150,3 +150,30 @@ def test_corrupt_engine_json(engine, tmp_path):
 def test_unknown_graph_suffix(engine, tmp_path):
     _one_line_error(_inspect(str(engine), "--graph", str(tmp_path / "g.pdf")),
                     ".pdf", ".svg, .png or .dot")
+
+
+def test_onnx_node_counts_per_layer(engine, plan):
+    """`--onnx` counts the fast path's nodes per decoder layer: every node named after the
+    plan node it lowers, the layers' counts and the rest adding up to the graph."""
+    import onnx
+
+    result = _inspect(str(engine), "--onnx", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    model = onnx.load(engine / "model.onnx", load_external_data=False)
+    assert summary["nodes"] == len(model.graph.node)
+    layers = sum(n["op"] == "paged_attention" for n in plan["nodes"])
+    assert summary["layers"] == layers == len(summary["per_layer"])
+    assert sum(summary["per_layer"]) + summary["outside_layers"] == summary["nodes"]
+    assert len(set(summary["per_layer"])) <= 2 and min(summary["per_layer"]) > 10
+    plan_names = {n["name"] for n in plan["nodes"]}
+    named = [n.name.split("/", 1)[0] for n in model.graph.node if "/" in n.name]
+    assert named and set(named) <= plan_names
+    assert summary["by_op_type"]["MatMul"] >= 4 * layers  # qkv, o, gate/up, down per layer
+    text = _inspect(str(engine), "--onnx")
+    assert "per decoder layer" in text.stdout
+
+
+def test_onnx_counts_need_the_fast_path_graph(built):
+    result = _inspect(str(built("llama", tp=2)), "--onnx")
+    assert result.exit_code != 0 and "no CPU fast-path graph" in result.output

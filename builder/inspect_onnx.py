@@ -1,0 +1,90 @@
+"""`engine inspect ENGINE --onnx`: what the CPU fast path's graph costs per step, in nodes.
+
+onnxruntime runs one kernel per node, so the node count of a decoder layer is the number to
+watch (the hand-built peers run about 11 a layer). The exporter names every node after the
+plan node it lowers (`<plan node>/<output>`), and a plan node's layer is the decoder layer of
+the HF module it came from; nodes of no layer are the step's own work (embedding, RoPE
+tables, LM head, KV-cache plumbing). The model is read without its external weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from llm_engine.builder.inspect import InspectError, engine_path, read_json
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def _plan_layers(plan: dict[str, Any]) -> dict[str, int]:
+    layers = {}
+    for node in plan["nodes"]:
+        found = {int(m.group(1)) for o in node.get("origin", ())
+                 if (m := _LAYER.search(str(o).split("@", 1)[-1]))}
+        if len(found) == 1:
+            layers[node["name"]] = found.pop()
+    return layers
+
+
+def onnx_summary(engine_dir: Path | str) -> dict[str, Any]:
+    """Node counts of the engine's ONNX graph: total, by op type, per decoder layer."""
+    path = engine_path(engine_dir)
+    meta = read_json(path / "engine.json", required=True)
+    graph_file = (meta.get("cpu_graph") or {}).get("file")
+    if not graph_file or not (path / graph_file).is_file():
+        raise InspectError(f"{path} has no CPU fast-path graph (engine.json cpu_graph); "
+                           "build it for the CPU with onnx installed")
+    try:
+        import onnx
+    except ImportError:
+        raise InspectError("reading the ONNX graph needs onnx: pip install onnx") from None
+    model = onnx.load(path / graph_file, load_external_data=False)
+    plan = read_json(path / "plan.rank0.json", required=True)
+    layer_of = _plan_layers(plan)
+    by_type: Counter[str] = Counter()
+    per_layer: Counter[int] = Counter()
+    layer_types: Counter[str] = Counter()
+    outside = 0
+    for node in model.graph.node:
+        kind = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        by_type[kind] += 1
+        layer = layer_of.get(node.name.split("/", 1)[0]) if "/" in node.name else None
+        if layer is None:
+            outside += 1
+        else:
+            per_layer[layer] += 1
+            layer_types[kind] += 1
+    n_layers = len(per_layer)
+    return {
+        "file": graph_file,
+        "nodes": len(model.graph.node),
+        "layers": n_layers,
+        "per_layer": [per_layer[i] for i in sorted(per_layer)],
+        "mean_per_layer": round(sum(per_layer.values()) / n_layers, 1) if n_layers else None,
+        "outside_layers": outside,
+        "by_op_type": dict(by_type.most_common()),
+        "per_layer_by_op_type": {k: round(v / n_layers, 2) for k, v in
+                                 layer_types.most_common()} if n_layers else {},
+    }
+
+
+def print_onnx(summary: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(summary, indent=1))
+        return
+    per = summary["per_layer"]
+    print(f"ONNX graph {summary['file']}: {summary['nodes']} nodes as built "
+          "(onnxruntime may fuse some when it loads the graph)")
+    if per:
+        spread = f"{min(per)}" if min(per) == max(per) else f"{min(per)}-{max(per)}"
+        print(f"  per decoder layer: {spread} ({summary['layers']} layers); outside the "
+              f"layers: {summary['outside_layers']}")
+        print("  a layer's nodes by op type: " + ", ".join(
+            f"{k} {v:g}" for k, v in summary["per_layer_by_op_type"].items()))
+    print("  all nodes by op type: " + ", ".join(
+        f"{k} {v}" for k, v in summary["by_op_type"].items()))
