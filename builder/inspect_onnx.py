@@ -24,8 +24,8 @@ def _plan_layers(plan: dict[str, Any]) -> dict[str, int]:
     for node in plan["nodes"]:
         found = {int(m.group(1)) for o in node.get("origin", ())
                  if (m := _LAYER.search(str(o).split("@", 1)[-1]))}
-        if len(found) == 1:
-            layers[node["name"]] = found.pop()
+        if found:  # a fused residual add + norm names the layer before too: it starts this one
+            layers[node["name"]] = max(found)
     return layers
 
 
