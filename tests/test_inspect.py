@@ -170,8 +170,11 @@ def test_onnx_node_counts_per_layer(engine, plan):
     named = [n.name.split("/", 1)[0] for n in model.graph.node if "/" in n.name]
     assert named and set(named) <= plan_names
     assert summary["by_op_type"]["MatMul"] >= 4 * layers  # qkv, o, gate/up, down per layer
+    ran = summary["onnxruntime"]  # the graph onnxruntime runs here: fused, names mostly kept
+    assert 0 < ran["nodes"] <= summary["nodes"] and ran["layers"] == layers
+    assert sum(ran["per_layer"]) + ran["outside_layers"] == ran["nodes"]
     text = _inspect(str(engine), "--onnx")
-    assert "per decoder layer" in text.stdout
+    assert "per decoder layer" in text.stdout and "after onnxruntime" in text.stdout
 
 
 def test_onnx_counts_need_the_fast_path_graph(built):
