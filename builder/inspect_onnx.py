@@ -3,31 +3,24 @@
 onnxruntime runs one kernel per node, so the node count of a decoder layer is the number to
 watch (the hand-built peers run about 11 a layer). The exporter names every node after the
 plan node it lowers (`<plan node>/<output>`), and a plan node's layer is the decoder layer of
-the HF module it came from; nodes of no layer are the step's own work (embedding, RoPE
+the HF module it came from (`inspect_graph.node_layer`, as in the plan drawing); nodes of no layer are the step's own work (embedding, RoPE
 tables, LM head, KV-cache plumbing). The graph onnxruntime actually runs is counted too: it
 fuses some nodes when it loads the graph (which depends on the CPU), and keeps most names.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from llm_engine.builder.inspect import InspectError, engine_path, read_json
-
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+from llm_engine.builder.inspect_graph import node_layer
 
 
 def _plan_layers(plan: dict[str, Any]) -> dict[str, int]:
-    layers = {}
-    for node in plan["nodes"]:
-        found = {int(m.group(1)) for o in node.get("origin", ())
-                 if (m := _LAYER.search(str(o).split("@", 1)[-1]))}
-        if found:  # a fused residual add + norm names the layer before too: it starts this one
-            layers[node["name"]] = max(found)
-    return layers
+    """Plan node -> its decoder layer, as the plan drawing counts it (`node_layer`)."""
+    return {n["name"]: layer for n in plan["nodes"] if (layer := node_layer(n)) is not None}
 
 
 def _counts(nodes: Any, layer_of: dict[str, int]) -> dict[str, Any]:

@@ -106,10 +106,12 @@ def safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[str, list[int],
     return 8 + n, tensors
 
 
-def check_weights(path: Path, weights: Any, name: str) -> None:
+def check_weights(path: Path, weights: Any, name: str
+                  ) -> tuple[int, dict[str, tuple[str, list[int], int, int]]]:
     """The weights file holds exactly the tensors the plan declares, of their shapes and
-    dtypes (checked from the header, before the file is hashed or mapped)."""
-    _, tensors = safetensors_layout(path)
+    dtypes (checked from the header, before the file is hashed or mapped); its layout."""
+    layout = safetensors_layout(path)
+    tensors = layout[1]
     if not isinstance(weights, dict):
         raise EngineLoadError(f"{name}: 'weights' is not a mapping; rebuild the engine")
     if set(tensors) != set(weights):
@@ -122,11 +124,14 @@ def check_weights(path: Path, weights: Any, name: str) -> None:
                 want.get("dtype") != str(_ST_DTYPES[dtype]).removeprefix("torch."):
             raise EngineLoadError(f"{path.name}: {key[:80]} is {dtype} {shape}, not what "
                                   f"{name} declares; rebuild the engine")
+    return layout
 
 
-def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
-    """Zero-copy tensors over a memory map of a safetensors file (its layout checked)."""
-    base, layout = safetensors_layout(path)
+def map_safetensors(path: Path, layout: tuple[int, dict] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
+    """Zero-copy tensors over a memory map of a safetensors file (its layout checked, or the
+    `safetensors_layout` already read)."""
+    base, layout = layout or safetensors_layout(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     buf = memoryview(mm)
@@ -331,6 +336,7 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
         raise EngineLoadError(f"{path}/engine.json lists no files; rebuild the engine")
     confine_files(path, files)
     plans: dict[str, Any] = {}
+    layouts: dict[str, tuple[int, dict]] = {}
     # Weights last: they are hashed only once the plan that declares them is read, and their
     # headers agree with it (so their size is what the plan says, not what a file claims).
     for rel, info in sorted(files.items(), key=lambda kv: kv[0].endswith(".safetensors")):
@@ -348,12 +354,13 @@ def load_engine_dir(path: str | Path, *, device: str = "cpu", rank: int = 0,
             plan_name = f"plan.rank{weights.group(1)}.json"
             if plan_name not in plans:
                 plans[plan_name] = _read_json(path / plan_name)
-            check_weights(f, (plans[plan_name] or {}).get("weights"), plan_name)
+            layouts[rel] = check_weights(f, (plans[plan_name] or {}).get("weights"), plan_name)
         if verify_checksums and sha256_file(f) != info["sha256"]:
             raise EngineLoadError(f"{f} does not match its checksum in engine.json; the file "
                                   "is corrupt or was modified, rebuild the engine")
     check_device(meta, device)
     plan = plans.get(f"plan.rank{rank}.json") or _read_json(path / f"plan.rank{rank}.json")
     check_plan_sizes(plan, f"plan.rank{rank}.json")
-    weights, mm = map_safetensors(path / f"weights.rank{rank}.safetensors")
+    name = f"weights.rank{rank}.safetensors"
+    weights, mm = map_safetensors(path / name, layouts.get(name))
     return EngineFiles(path, meta, plan, weights, [mm])

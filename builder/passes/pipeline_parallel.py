@@ -23,14 +23,13 @@ from llm_engine.builder.passes.partition import partition_tp
 from llm_engine.builder.passes.partition_slicing import split_sizes, weight_bytes
 from llm_engine.builder.passes.report import PassReport
 from llm_engine.kernels.dtypes import to_torch_dtype
+from llm_engine.kernels.ops import VIEW_OPS
 from llm_engine.runtime.pipeline import (
     RECV_PREFIX,  # the plan input names the runtime's stages feed
 )
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 _NORMS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
-_VIEWS = ("reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
-          "select", "to_dtype")
 
 
 def _origin_layers(node: Node) -> list[int]:
@@ -48,7 +47,7 @@ def _on_projection(graph: Graph, norm: Node) -> bool:
     if norm.op.startswith("add_"):
         return False
     node = graph.node(norm.inputs[0])
-    while node.op in _VIEWS and node.inputs:
+    while (node.op in VIEW_OPS or node.op == "to_dtype") and node.inputs:
         node = graph.node(node.inputs[0])
     return node.op in ("linear", "matmul")
 
