@@ -17,6 +17,9 @@ from typing import Any
 from llm_engine.builder.inspect import InspectError, engine_path, read_json
 from llm_engine.builder.inspect_graph import node_layer
 
+# runtime.onnx_backend.ONNX_FILE (importing it pulls in torch; inspect reads files only)
+GRAPH_FILE = "model.onnx"
+
 
 def _plan_layers(plan: dict[str, Any]) -> dict[str, int]:
     """Plan node -> its decoder layer, as the plan drawing counts it (`node_layer`)."""
@@ -76,9 +79,13 @@ def onnx_summary(engine_dir: Path | str, optimized: bool = True) -> dict[str, An
     path = engine_path(engine_dir)
     meta = read_json(path / "engine.json", required=True)
     graph_file = (meta.get("cpu_graph") or {}).get("file")
-    if not graph_file or not (path / graph_file).is_file():
+    if not graph_file or not (path / GRAPH_FILE).is_file():
         raise InspectError(f"{path} has no CPU fast-path graph (engine.json cpu_graph); "
                            "build it for the CPU with onnx installed")
+    if graph_file != GRAPH_FILE or (path / GRAPH_FILE).is_symlink():
+        # engine.json is untrusted: it names no other file, as the runtime requires too
+        raise InspectError(f"engine.json cpu_graph names {str(graph_file)[:80]!r}; the builder "
+                           f"writes {GRAPH_FILE} only, refusing to read another file")
     try:
         import onnx
     except ImportError:

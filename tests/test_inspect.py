@@ -180,3 +180,19 @@ def test_onnx_node_counts_per_layer(engine, plan):
 def test_onnx_counts_need_the_fast_path_graph(built):
     result = _inspect(str(built("llama", tp=2)), "--onnx")
     assert result.exit_code != 0 and "no CPU fast-path graph" in result.output
+
+
+def test_onnx_counts_read_only_the_graph_the_builder_writes(engine, tmp_path):
+    """engine.json is untrusted: a cpu_graph naming a file outside the engine is refused."""
+    from llm_engine.builder.inspect_onnx import GRAPH_FILE
+    from llm_engine.runtime.onnx_backend import ONNX_FILE
+
+    assert GRAPH_FILE == ONNX_FILE
+    path = tmp_path / "engine"
+    shutil.copytree(engine, path)
+    shutil.copy(path / "model.onnx", tmp_path / "outside.onnx")
+    meta = json.loads((path / "engine.json").read_text())
+    meta["cpu_graph"]["file"] = "../outside.onnx"
+    (path / "engine.json").write_text(json.dumps(meta))
+    result = _inspect(str(path), "--onnx")
+    assert result.exit_code != 0 and "refusing to read another file" in result.output
