@@ -38,7 +38,7 @@ from llm_engine.builder.writer import (
     engine_report,
     write_safetensors_streaming,
 )
-from llm_engine.runtime.onnx_backend import ONNX_FILE, plan_digest
+from llm_engine.runtime.onnx_backend import GRAPH_CONTRACT, ONNX_FILE, plan_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -263,7 +263,7 @@ def _write_rank_weights(path: Path, graph: Graph, source, buffers, weight_bytes:
 
 
 def _write_onnx(out: EngineWriter, graphs: list[Graph], options: BuildOptions, ui: BuildUI
-                ) -> tuple[OnnxExport | None, dict[str, str] | None]:
+                ) -> tuple[OnnxExport | None, dict[str, Any] | None]:
     """The CPU fast path's graph for a single-rank CPU engine, from the plan as written (needs
     the `onnx` package, in the cpu and gpu extras; without it the engine runs on the reference
     executor). Returns report.json's `onnx` and engine.json's `cpu_graph`."""
@@ -279,7 +279,8 @@ def _write_onnx(out: EngineWriter, graphs: list[Graph], options: BuildOptions, u
             export = export_onnx(plan, out.path("weights.rank0.safetensors"),
                                  out.path(ONNX_FILE))
         if export.written:
-            return export, {"file": ONNX_FILE, "plan_sha256": plan_digest(plan)}
+            return export, {"file": ONNX_FILE, "plan_sha256": plan_digest(plan),
+                            "contract": GRAPH_CONTRACT}
         ui.note(f"no ONNX graph: {export.reason}; the CPU runtime will use the reference "
                 "executor")
         return export, None

@@ -13,10 +13,12 @@ The model's contract with `runtime.onnx_backend`:
   once for all layers: `attn.q_index` [B, Tq] (flat token of each padded query row),
   `attn.ctx_slots` [B, C] (cache slot of each earlier context position), `attn.mask`
   (and `attn.mask.w<W>` per sliding window W) [B, 1, Tq, C + Tq] additive,
-  `attn.out_index` [T] (padded row of each flat token), `attn.layer_stride` [1] (cache
-  slots per layer and K/V half) and `kv_cache` [2·L·S, kv_heads, head_dim], read only.
+  `attn.out_index` [T] (padded row of each flat token), and each layer's cache halves
+  `kv_cache.<layer>.k` / `.v` [S, kv_heads·head_dim] (S slots; views of the paged cache
+  bound by address, read only).
 * outputs: the plan's output (logits) and `kv_new` [L, 2, T, kv_heads, head_dim], the
-  step's keys (after RoPE) and values, which the runtime writes into the paged cache.
+  step's keys (after RoPE) and values in the cache's dtype, which the runtime writes into
+  the paged cache.
 
 Weights are not copied: initializers are external data pointing into the engine's
 safetensors file (offset and length of each tensor), so the engine gains a few hundred KB.
@@ -41,7 +43,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from llm_engine.builder.onnx_attention import PagedAttention
+from llm_engine.builder.onnx_attention import PagedAttention, cache_input
 from llm_engine.builder.onnx_emitter import DTYPES, OPSET, Unsupported
 from llm_engine.builder.onnx_export_report import OnnxExport
 from llm_engine.builder.onnx_gemm import GemmLowerings
@@ -72,16 +74,16 @@ class _Emitter(SimpleOps, GemmLowerings, PagedAttention):
         if self.nodes_by_name[outputs[0]]["dtype"] != "float32":
             logits = self.op("Cast", logits, to=TensorProto.FLOAT)
         self.onnx_nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-        parts = [self.op("Unsqueeze", kv, self.const([0])) for kv in self.kv_outputs]
-        kv = self.op("Concat", *parts, axis=0)  # [2L, T, kvh, d]
+        kv = self.op("Concat", *self.kv_outputs, axis=0)  # [2L, T, kvh*d]
         self.onnx_nodes.append(helper.make_node("Reshape", [kv, self.const(
             [len(layers), 2, -1, kvh, d])], [KV_OUTPUT]))
         cache_elem = DTYPES[first["dtype"]]
         self.add_input("attn.q_index", TensorProto.INT64, ["B", "Tq"])
         self.add_input("attn.ctx_slots", TensorProto.INT64, ["B", "C"])
         self.add_input("attn.out_index", TensorProto.INT64, ["T"])
-        self.add_input("attn.layer_stride", TensorProto.INT64, [1])
-        self.add_input("kv_cache", cache_elem, ["S", kvh, d])
+        for layer in range(len(layers)):
+            for half in ("k", "v"):
+                self.add_input(cache_input(layer, half), cache_elem, ["S", kvh * d])
         for name in ["attn.mask"] + [f"attn.mask.w{w}" for w in sorted(self.windows)]:
             self.add_input(name, TensorProto.FLOAT, ["B", 1, "Tq", "CTq"])
         graph = helper.make_graph(

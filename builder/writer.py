@@ -158,7 +158,7 @@ def engine_report(traced: Traced, graphs: list[Graph], reports: list[PassReport]
 
 def engine_manifest(out: EngineWriter, options: Any, source: ModelSource, traced: Traced,
                     graphs: list[Graph], *, max_seq_len: int,
-                    cpu_graph: dict[str, str] | None) -> dict[str, Any]:
+                    cpu_graph: dict[str, Any] | None) -> dict[str, Any]:
     """engine.json: the format, the model and how it was built, the ranks, the KV cache, what
     generation needs, and the sha256 and size of every file written so far (so it goes last).
     `options` is the BuildOptions the build was asked for."""

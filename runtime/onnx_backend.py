@@ -23,6 +23,9 @@ import torch
 ONNX_FILE = "model.onnx"
 KV_OUTPUT = "kv_new"
 NEG = -1e30
+# The graph's inputs and outputs as this runtime binds them (builder/onnx_export's docstring);
+# engine.json's `cpu_graph` records it. 2: one cache input per layer and K/V half.
+GRAPH_CONTRACT = 2
 
 # torch dtype -> the element type io_binding takes: a numpy type, or the ONNX type number
 # where numpy has none (TensorProto.BFLOAT16 = 16, FLOAT8E4M3FN = 17).
@@ -45,6 +48,9 @@ def available(engine_dir: Path, meta: dict[str, Any], plan: dict[str, Any]) -> s
         return "the engine has no ONNX graph (report.json 'onnx' says why)"
     if graph.get("plan_sha256") != plan_digest(plan):
         return "the engine's ONNX graph was built for another plan"
+    if graph.get("contract") != GRAPH_CONTRACT:
+        return ("the engine's ONNX graph is from an older builder (rebuild the engine to run "
+                "it on the CPU fast path)")
     try:
         import onnxruntime
     except ImportError:
@@ -69,40 +75,46 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
-                       windows: list[int]) -> dict[str, torch.Tensor]:
+                       windows: list[int]) -> dict[str, np.ndarray]:
     """Per-step inputs shared by every attention layer: the flat token batch laid out as
-    [sequences, longest chunk] query rows against [earlier context + this chunk] keys."""
-    starts = feeds["query_start_loc"].long()
-    lens = feeds["context_lens"].long()
+    [sequences, longest chunk] query rows against [earlier context + this chunk] keys.
+
+    numpy, once per step (not per layer or per sequence): torch's per-op dispatch made this
+    ~0.2 ms a step, about what the rest of the step's Python costs."""
+    starts = feeds["query_start_loc"].numpy().astype(np.int64, copy=False)
+    lens = feeds["context_lens"].numpy().astype(np.int64, copy=False)
     n_q = starts[1:] - starts[:-1]
     past = lens - n_q
-    b = lens.numel()
+    b = lens.size
     tq = int(n_q.max())
     c = max(int(past.max()), 1)  # one masked column keeps the shapes non-empty
-    ar_q, ar_c = torch.arange(tq), torch.arange(c)
+    ar_q, ar_c = np.arange(tq), np.arange(c)
     first = starts[:-1]
-    q_index = first[:, None] + torch.minimum(ar_q[None], (n_q - 1).clamp(min=0)[:, None])
-    seq = torch.repeat_interleave(torch.arange(b), n_q)
+    q_index = first[:, None] + np.minimum(ar_q[None], np.maximum(n_q - 1, 0)[:, None])
     t = int(starts[-1])
-    out_index = seq * tq + (torch.arange(t) - first[seq])
-    tables = feeds["block_tables"].long()
-    blk = (ar_c // block_size).clamp(max=tables.shape[1] - 1)
-    slots = tables[:, blk] * block_size + ar_c % block_size
+    if tq == 1:  # decode: one row per sequence, in order
+        out_index = np.arange(t)
+    else:
+        seq = np.repeat(np.arange(b), n_q)
+        out_index = seq * tq + (np.arange(t) - first[seq])
+    tables = feeds["block_tables"].numpy()
+    blk = np.minimum(ar_c // block_size, tables.shape[1] - 1)
     in_past = ar_c[None] < past[:, None]
-    ctx_slots = torch.where(in_past, slots, torch.zeros_like(slots))
+    ctx_slots = np.where(in_past, tables[:, blk].astype(np.int64) * block_size
+                         + ar_c % block_size, 0)
     q_pos = past[:, None] + ar_q[None]  # [B, Tq]
-    k_pos = torch.cat([ar_c[None].expand(b, c), q_pos], dim=1)  # [B, C + Tq]
-    valid = torch.cat([in_past, ar_q[None] < n_q[:, None]], dim=1)
-    causal = valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, Tq, C+Tq]
-    out = {"attn.q_index": q_index, "attn.ctx_slots": ctx_slots, "attn.out_index": out_index}
-
-    def additive(allowed: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.where(allowed, zero, torch.full((), NEG))[:, None]
-
-    out["attn.mask"] = additive(causal)
-    for w in windows:
-        out[f"attn.mask.w{w}"] = additive(causal & (k_pos[:, None, :] > q_pos[:, :, None] - w))
+    # Earlier context is causal for every query row; only padding is masked there.
+    mask = np.empty((b, 1, tq, c + tq), np.float32)
+    mask[:, 0, :, :c] = np.where(in_past, 0.0, NEG)[:, None, :]
+    own = (ar_q[None, :] <= ar_q[:, None])[None] & (ar_q[None, None, :] < n_q[:, None, None])
+    mask[:, 0, :, c:] = np.where(own, 0.0, NEG)
+    out = {"attn.q_index": q_index, "attn.ctx_slots": ctx_slots, "attn.out_index": out_index,
+           "attn.mask": mask}
+    if windows:
+        k_pos = np.concatenate([np.broadcast_to(ar_c[None], (b, c)), q_pos], axis=1)
+        near = k_pos[:, None, :] > q_pos[:, :, None] - np.asarray(windows)[:, None, None, None]
+        for w, allowed in zip(windows, near):
+            out[f"attn.mask.w{w}"] = np.where(allowed[:, None], mask, NEG).astype(np.float32)
     return out
 
 
@@ -134,7 +146,8 @@ class OnnxRunner:
             raise EngineLoadError(f"onnxruntime refused {ONNX_FILE} ({first}); rebuild the "
                                   "engine or use --kernels reference") from e
         names = [i.name for i in self.session.get_inputs()]
-        self.inputs = [n for n in names if not n.startswith("attn.") and n != "kv_cache"]
+        self.inputs = [n for n in names if not n.startswith(("attn.", "kv_cache."))]
+        self._io, self._io_key = None, None
         self.windows = sorted(int(n.rsplit(".w", 1)[1]) for n in names
                               if n.startswith("attn.mask.w"))
         out_node = next(n for n in plan["nodes"] if n["name"] == plan["outputs"][0])
@@ -148,24 +161,34 @@ class OnnxRunner:
         bind = io.bind_output if output else io.bind_input
         bind(name, "cpu", 0, dtype, list(t.shape), t.data_ptr())
 
+    def _binding(self, stacked: torch.Tensor):
+        """The session's IO binding with every layer's cache halves bound (once per cache
+        tensor: they stay at the same address for the engine's life)."""
+        key = (stacked.data_ptr(), tuple(stacked.shape), stacked.dtype)
+        if self._io_key != key:
+            io = self.session.io_binding()
+            layers, _, num_blocks, block_size, kvh, d = stacked.shape
+            halves = stacked.view(layers, 2, num_blocks * block_size, kvh * d)
+            for layer in range(layers):
+                for i, half in enumerate("kv"):
+                    self._bind(io, f"kv_cache.{layer}.{half}", halves[layer, i])
+            self._io, self._io_key = io, key
+        return self._io
+
     def run(self, feeds: dict[str, torch.Tensor], cache: Any) -> list[torch.Tensor]:
         stacked = cache.stacked
         if stacked is None:
             raise RuntimeError("onnx backend needs one stacked KV cache tensor")
         layers, _, num_blocks, block_size, kvh, d = stacked.shape
-        per_half = num_blocks * block_size
-        meta = attention_metadata(feeds, block_size, self.windows)
-        io = self.session.io_binding()
-        keep = []  # tensors bound by address must outlive the run
+        io = self._binding(stacked)
+        keep: list[Any] = []  # what is bound by address must outlive the run
         for name in self.inputs:
             keep.append(feeds[name].contiguous())
             self._bind(io, name, keep[-1])
-        for name, t in meta.items():
-            keep.append(t.contiguous())
-            self._bind(io, name, keep[-1])
-        stride = torch.tensor([per_half], dtype=torch.int64)
-        self._bind(io, "attn.layer_stride", stride)
-        self._bind(io, "kv_cache", stacked.view(2 * layers * per_half, kvh, d))
+        for name, arr in attention_metadata(feeds, block_size, self.windows).items():
+            arr = np.ascontiguousarray(arr)
+            keep.append(arr)
+            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         n_rows = feeds["logits_indices"].numel()
         n_tok = feeds["slot_mapping"].numel()
         logits = torch.empty(1, n_rows, self.vocab, dtype=torch.float32)
@@ -173,5 +196,6 @@ class OnnxRunner:
         self._bind(io, "logits", logits, output=True)
         self._bind(io, KV_OUTPUT, kv_new, output=True)
         self.session.run_with_iobinding(io)
-        stacked.view(layers, 2, per_half, kvh, d)[:, :, feeds["slot_mapping"]] = kv_new
+        stacked.view(layers, 2, num_blocks * block_size, kvh, d)[:, :, feeds["slot_mapping"]] = \
+            kv_new
         return [logits]

@@ -1,7 +1,7 @@
 """The CPU fast path: the engine's ONNX graph run by onnxruntime computes what the plan's
 reference executor computes (HF-match for float engines is in test_hf_match.py), for every
-quantized format, sliding windows and mixed prefill/decode batches; engines the graph cannot
-express say why and run on the reference executor."""
+quantized format, sliding windows and mixed prefill/decode batches; engines whose graph
+the runtime cannot run say why and run on the reference executor."""
 
 from __future__ import annotations
 
@@ -129,15 +129,43 @@ def test_sliding_window_matches_hf(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_engines_the_graph_cannot_express_run_on_reference(built):
-    path = built("llama", kv_cache_dtype="int8", calib_samples=4, calib_seq_len=128,
-                 calib_cache=None)
+def test_int8_kv_cache_runs_on_the_fast_path(built):
+    # The graph stores this step's K/V as the cache's codes (clamp(round(x / scale), -127, 127))
+    # and attends over what it stored, read back as code * scale: the reference's rule, so
+    # both paths round the same values the same way.
+    path = built("llama", kv_cache_dtype="int8", **FAST_CALIB)
     report = json.loads((path / "report.json").read_text())["onnx"]
-    assert not report["written"] and "KV cache" in report["reason"]
-    assert json.loads((path / "engine.json").read_text())["cpu_graph"] is None
+    assert report["written"], report
+    assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "onnx"
+    _compare(path, atol=2e-4, rel=1e-5)
+
+
+def test_fp8_kv_cache_says_why_and_runs_on_reference(built):
+    path = built("llama", kv_cache_dtype="fp8", **FAST_CALIB)
+    report = json.loads((path / "report.json").read_text())["onnx"]
+    assert not report["written"] and "fp8 KV cache" in report["reason"]
+    assert "--kv-cache-dtype int8" in report["reason"]
     assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "reference"
-    with pytest.raises(EngineLoadError, match="kernels=onnx cannot run this engine: the engine "
-                                              "has no ONNX graph"):
+
+
+def _older_graph(built, tmp_path):
+    """A copy of a tiny engine whose engine.json says its graph follows an older contract with
+    the runtime (the single `kv_cache` input of the builder before per-layer inputs)."""
+    import shutil
+
+    path = tmp_path / "older"
+    shutil.copytree(built("llama"), path)
+    meta = json.loads((path / "engine.json").read_text())
+    meta["cpu_graph"]["contract"] = 1
+    (path / "engine.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_graph_from_an_older_builder_runs_on_reference(built, tmp_path):
+    path = _older_graph(built, tmp_path)
+    assert Engine.load(path, kv_cache_memory=1 << 20).kernel_backend == "reference"
+    with pytest.raises(EngineLoadError, match="kernels=onnx cannot run this engine: the engine's "
+                                              "ONNX graph is from an older builder"):
         Engine.load(path, kv_cache_memory=1 << 20, kernels="onnx")
 
 
@@ -161,14 +189,13 @@ def test_engine_generates_the_same_on_both_backends(engines):
     assert outs["reference"] == outs["onnx"]
 
 
-def test_cli_kernels_onnx_without_a_graph_is_one_line_error(built):
+def test_cli_kernels_onnx_without_a_usable_graph_is_one_line_error(built, tmp_path):
     from click.testing import CliRunner
 
     from llm_engine.builder.cli import main
     from tests.cli_util import one_line_error
 
-    path = built("llama", kv_cache_dtype="int8", calib_samples=4, calib_seq_len=128,
-                 calib_cache=None)
+    path = _older_graph(built, tmp_path)
     result = CliRunner().invoke(main, ["run", str(path), "--kernels", "onnx", "-p", "hi",
                                        "--kv-cache-memory", "4MiB"])
     one_line_error(result, "kernels=onnx cannot run this engine", "use kernels=reference")

@@ -11,11 +11,13 @@ manager hands them out):
 * ort: the exporter's lowering (`builder.onnx_export._Emitter.op_paged_attention`, with its
   `build()` for the graph's inputs and outputs) of a plan holding only the attention node and
   the reshapes / transposes a real plan puts around it (q/k/v as [1, T, heads·d] projection
-  rows in, [1, T, h·d] rows out), run as the fast path runs it (`runtime.onnx_backend`:
-  the cache and outputs bound by address, then the step's K/V (`kv_new`) scattered into the
-  cache). `ort us` is the session run plus that scatter; the per-step metadata
-  (`attention_metadata`: padded query rows, context slots, mask), which the runtime builds
-  once for all layers, is timed on its own (`meta us`).
+  rows in, [1, T, h·d] rows out), run by the fast path's own step
+  (`runtime.onnx_backend.OnnxRunner.run`: the per-step metadata, the cache and outputs bound
+  by address, the session run, then the step's K/V (`kv_new`) scattered into the cache).
+  `ort us` is that whole step; the metadata (`attention_metadata`: padded query rows,
+  context slots, mask), which the runtime builds once for all layers of a step, is also
+  timed on its own (`meta us`), so a real step pays `ort us - meta us` per layer plus
+  `meta us` once.
 
 Each number is the median of single calls after a warm-up, the two paths' calls interleaved
 (the JSON also has min and p90); `rel err` is ||ort - torch|| / ||torch|| of the output.
@@ -64,7 +66,7 @@ class Case:
 
 def export_attention(h: int, kvh: int, d: int, folder: Path):
     """The exporter's graph for a plan of one paged_attention node (module docstring), saved
-    as folder/model.onnx. Returns the model."""
+    as folder/model.onnx. Returns the model and the plan."""
     from safetensors.torch import save_file
 
     from llm_engine.builder.onnx_export import _Emitter
@@ -98,7 +100,7 @@ def export_attention(h: int, kvh: int, d: int, folder: Path):
     save_file({}, str(folder / "weights.safetensors"))  # the emitter reads its header
     model = _Emitter(plan, folder / "weights.safetensors").build()
     (folder / "model.onnx").write_bytes(model.SerializeToString())
-    return model
+    return model, plan
 
 
 def make_inputs(case: Case, h: int, kvh: int, d: int, bs: int, gen) -> dict[str, Any]:
@@ -126,11 +128,11 @@ def make_inputs(case: Case, h: int, kvh: int, d: int, bs: int, gen) -> dict[str,
     }
 
 
-def bench_case(case: Case, sess, args, gen) -> dict[str, Any]:
+def bench_case(case: Case, runner, args, gen) -> dict[str, Any]:
     import torch
 
     from llm_engine.kernels.attention import paged_attention
-    from llm_engine.runtime.onnx_backend import KV_OUTPUT, attention_metadata
+    from llm_engine.runtime.onnx_backend import attention_metadata
 
     h, kvh, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
     inp = make_inputs(case, h, kvh, d, bs, gen)
@@ -153,35 +155,22 @@ def bench_case(case: Case, sess, args, gen) -> dict[str, Any]:
 
     want = torch_call().transpose(1, 2).reshape(1, t, h * d)
 
-    # onnxruntime, as runtime.onnx_backend.OnnxRunner.run binds and runs a step
+    # onnxruntime: the runtime's own step (runtime.onnx_backend.OnnxRunner.run: metadata,
+    # binding, the session run, the K/V scatter into the cache)
     def metadata():
         return attention_metadata(inp, bs, [])
 
-    meta = metadata()
     t_meta = common.time_us(metadata, **timing)
-    per_half = stacked.shape[2] * bs
-    stride = torch.tensor([per_half], dtype=torch.int64)
-    out = torch.empty(1, t, h * d)
-    kv_new = torch.empty(1, 2, t, kvh, d)
-    io = sess.io_binding()
-    for name in ("q_rows", "k_rows", "v_rows"):
-        common.bind(io, name, inp[name])
-    keep = {name: value.contiguous() for name, value in meta.items()}
-    for name, value in keep.items():
-        common.bind(io, name, value)
-    common.bind(io, "attn.layer_stride", stride)
-    common.bind(io, "kv_cache", stacked.view(2 * per_half, kvh, d))
-    common.bind(io, "logits", out, output=True)
-    common.bind(io, KV_OUTPUT, kv_new, output=True)
-    cache_rows = stacked.view(1, 2, per_half, kvh, d)
-    slots = inp["slot_mapping"]
+    feeds = {**inp, "logits_indices": torch.arange(t)}
+    cache = SimpleNamespace(stacked=stacked)
+    kv_before = stacked.clone()
 
     def ort_call():
-        sess.run_with_iobinding(io)
-        cache_rows[:, :, slots] = kv_new
+        return runner.run(feeds, cache)[0]
 
-    ort_call()
-    got = out.clone()
+    got = ort_call()
+    kv_new = stacked.view(2, -1, kvh, d)[:, inp["slot_mapping"]].clone()
+    stacked.copy_(kv_before)
     t_torch, t_ort = common.time_many([torch_call, ort_call], **timing)
 
     # the K/V the graph hands back are this step's own (no RoPE here): the rows as they came
@@ -193,7 +182,7 @@ def bench_case(case: Case, sess, args, gen) -> dict[str, Any]:
            "tokens": t, "heads": h, "kv_heads": kvh, "head_dim": d, "block_size": bs,
            "torch": t_torch, "ort": t_ort, "meta": t_meta, "kv_bytes": kv_bytes,
            "rel_err_ort_vs_torch": common.rel_err(got, want),
-           "kv_new_max_abs_err": float((kv_new[0] - kv_want).abs().max())}
+           "kv_new_max_abs_err": float((kv_new - kv_want).abs().max())}
     for path in ("torch", "ort"):
         us = row[path]["median_us"]
         row[f"gbps_{path}"] = kv_bytes / us / 1e3
@@ -257,10 +246,12 @@ def main(argv=None) -> dict[str, Any]:
     cases += [Case("prefill", 1, t, t) for t in args.prefill]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ops_attention_") as tmp, torch.inference_mode():
-        model = export_attention(args.heads, args.kv_heads, args.head_dim, Path(tmp))
-        sess = common.ort_session(Path(tmp) / "model.onnx", args.threads)
+        from llm_engine.runtime.onnx_backend import OnnxRunner
+
+        model, plan = export_attention(args.heads, args.kv_heads, args.head_dim, Path(tmp))
+        runner = OnnxRunner(Path(tmp), plan, args.threads)
         for case in cases:
-            rows.append(bench_case(case, sess, args, gen))
+            rows.append(bench_case(case, runner, args, gen))
     machine = common.machine_info(args.threads)
     overhead = common.ort_overhead_us(args.threads, warmup=args.warmup, reps=args.reps,
                                       min_time=args.min_time)
