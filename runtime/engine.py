@@ -89,11 +89,15 @@ class Engine:
                                    prefix_caching=config.prefix_caching)
         built_for = self.meta["build"].get("max_batch_tokens", 2048)
         max_batch_tokens = config.max_batch_tokens or built_for
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
-                            max_seq_len=self.max_seq_len), self.blocks)
         self.kernel_backend = choose_backend(config.kernels, device,
                                              files if cluster is None else None)
+        # The fast path's attention pads each sequence's query rows to the step's longest
+        # chunk; twice the token budget leaves a prompt a chunk of 2x budget / sequences.
+        padded = (max(2 * max_batch_tokens, config.max_num_seqs)
+                  if self.kernel_backend == "onnx" else None)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
+                            max_seq_len=self.max_seq_len, max_padded_rows=padded), self.blocks)
         runner = make_runner(files, config, self.kernel_backend, device)
         graphs = None
         # Graphs are single-rank: every rank would have to replay them in lockstep.

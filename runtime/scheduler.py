@@ -8,7 +8,11 @@ lets them share one batch.
 
 Order within a step: running decodes first (one token each, so a long prompt never stalls
 them), then running requests part-way through their prompt, then waiting requests by
-(priority, arrival). Budgets: `max_batch_tokens` tokens and `max_num_seqs` sequences.
+(priority, arrival). Budgets: `max_batch_tokens` tokens and `max_num_seqs` sequences, and
+where the backend lays the step out as [sequences, longest chunk] query rows (the CPU fast
+path's attention), `max_padded_rows` bounds sequences x longest chunk: a long prompt joining
+many decodes is then prefilled in chunks that fit beside them, instead of padding every decode
+to its length (63 decodes + a 2,000-token prompt would be 128,000 query rows).
 
 When the KV cache runs out, the scheduler preempts by recomputation: the running request
 that is least important (lowest priority, then most recently admitted) gives up its blocks and
@@ -52,12 +56,16 @@ class SchedulerConfig:
     max_batch_tokens: int = 2048
     max_num_seqs: int = 64
     max_seq_len: int = 8192
+    max_padded_rows: int | None = None  # sequences x longest chunk of a step, if bounded
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         if config.max_batch_tokens < 1 or config.max_num_seqs < 1:
             raise ValueError("max_batch_tokens and max_num_seqs must be >= 1")
+        if config.max_padded_rows is not None and config.max_padded_rows < config.max_num_seqs:
+            raise ValueError("max_padded_rows must be >= max_num_seqs (a decode step of "
+                             "max_num_seqs sequences needs that many rows)")
         self.config = config
         self.blocks = blocks
         self.waiting: list[Request] = []
@@ -109,7 +117,9 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(req.all_ids) - req.num_computed, budget)
+            n = self._fit(out, min(len(req.all_ids) - req.num_computed, budget))
+            if n == 0:
+                continue
             if not self._grow(req, n, scheduled, out):
                 continue
             scheduled.add(req.id)
@@ -119,6 +129,16 @@ class Scheduler:
             budget = self._admit(budget, out)
         out.copies = self.blocks.take_copies()
         return out
+
+    def _fit(self, out: SchedulerOutput, n: int) -> int:
+        """How many of n tokens one more chunk may take under `max_padded_rows` (0: none)."""
+        cap = self.config.max_padded_rows
+        if cap is None:
+            return n
+        seqs = len(out.chunks) + 1
+        longest = max((c.num_tokens for c in out.chunks), default=0)
+        room = cap // seqs
+        return 0 if room < longest else min(n, room)
 
     def _chunk(self, req: Request, n: int) -> Chunk:
         end = req.num_computed + n
@@ -173,7 +193,9 @@ class Scheduler:
                         "raise --kv-cache-memory or shorten the prompt"))
                 out.finished.append(req)
                 continue
-            n = min(len(req.all_ids), budget)
+            n = self._fit(out, min(len(req.all_ids), budget))
+            if n == 0:
+                break
             # Prompt logprobs need every prompt row's logits, so hits cannot skip them.
             use_cache = req.params.prompt_logprobs is None
             cached = self.blocks.allocate_prompt(req.id, req.all_ids, n, use_cache=use_cache,

@@ -189,6 +189,16 @@ def test_engine_generates_the_same_on_both_backends(engines):
     assert outs["reference"] == outs["onnx"]
 
 
+def test_fast_path_bounds_the_padded_query_rows(engines):
+    # The graph pads each sequence's rows to the step's longest chunk, so the engine bounds
+    # sequences x longest chunk (twice the token budget); the reference path needs no bound.
+    path = engines("llama")
+    fast = Engine.load(path, kv_cache_memory=1 << 20, kernels="onnx", max_batch_tokens=32)
+    assert fast.scheduler.config.max_padded_rows == 64
+    ref = Engine.load(path, kv_cache_memory=1 << 20, kernels="reference")
+    assert ref.scheduler.config.max_padded_rows is None
+
+
 def test_cli_kernels_onnx_without_a_usable_graph_is_one_line_error(built, tmp_path):
     from click.testing import CliRunner
 

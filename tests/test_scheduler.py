@@ -79,13 +79,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(num_blocks=st.integers(4, 40), block_size=st.integers(1, 8),
                 max_batch_tokens=st.integers(1, 64), max_num_seqs=st.integers(1, 8),
                 prefix_caching=st.sampled_from([True, True, False]),
+                padded_rows=st.one_of(st.none(), st.integers(0, 80)),
                 rng=st.randoms(use_true_random=False))
     def setup(self, num_blocks: int, block_size: int, max_batch_tokens: int, max_num_seqs: int,
-              prefix_caching: bool, rng: random.Random) -> None:
+              prefix_caching: bool, padded_rows: int | None, rng: random.Random) -> None:
         self.broken = True
         self.bm = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
+        # The CPU fast path's bound on sequences x longest chunk (at least max_num_seqs).
+        padded = None if padded_rows is None else max(padded_rows, max_num_seqs)
         self.sched = Scheduler(SchedulerConfig(max_batch_tokens=max_batch_tokens,
-                                               max_num_seqs=max_num_seqs), self.bm)
+                                               max_num_seqs=max_num_seqs,
+                                               max_padded_rows=padded), self.bm)
         self.rng = rng
         # Record who was still unscheduled at each preemption, to check the victim choice
         # (the moment is not visible from the step's output).
@@ -178,6 +182,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(set(ids)) == len(ids), "a request scheduled twice in one step"
         assert out.num_tokens <= cfg.max_batch_tokens
         assert len(out.chunks) <= cfg.max_num_seqs
+        if cfg.max_padded_rows is not None and out.chunks:
+            longest = max(c.num_tokens for c in out.chunks)
+            assert len(out.chunks) * longest <= cfg.max_padded_rows
+            if len(out.chunks) * longest > cfg.max_padded_rows // 2:
+                event("padded rows near the bound")
         assert not (set(ids) & preempted) and not (set(ids) & finished)
         if out.preempted:
             event("preemption")
@@ -353,6 +362,25 @@ def test_decodes_are_not_starved_by_a_long_prefill() -> None:
         assert chunk.num_tokens == min(15, 100 - chunk.start)
         assert out.num_tokens <= 16
     assert steps == 7 and d.num_output == 1 + steps
+
+
+def test_a_long_prompt_beside_decodes_is_chunked_to_the_padded_rows_bound() -> None:
+    # The fast path pads every sequence's query rows to the step's longest chunk: 3 decodes
+    # and a 100-token prompt would be 4 x 100 rows; with a bound of 40 the prompt takes 10.
+    bm = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=8,
+                                      max_padded_rows=40), bm)
+    decodes = [_request(f"d{i}", [1, 2, 3], max_tokens=30) for i in range(3)]
+    for d in decodes:
+        sched.add(d)
+    _step(sched)  # their prompts: 3 sequences x 3 tokens
+    p = _request("p", [i % 7 for i in range(100)], max_tokens=2)
+    sched.add(p)
+    out = _step(sched)
+    assert [c.num_tokens for c in out.chunks] == [1, 1, 1, 10]
+    assert len(out.chunks) * max(c.num_tokens for c in out.chunks) <= 40
+    with pytest.raises(ValueError, match="max_padded_rows must be >= max_num_seqs"):
+        Scheduler(SchedulerConfig(max_num_seqs=8, max_padded_rows=4), bm)
 
 
 def test_admission_goes_by_priority_then_arrival() -> None:
