@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llm_engine.runtime.cluster import default_threads
+from llm_engine.runtime.cpu_info import cpu_info
 from llm_engine.runtime.engine_dir import EngineFiles, EngineLoadError
 from llm_engine.runtime.kernel_check import bind_kernels, verify_kernels
 from llm_engine.runtime.plan import PlanRunner
@@ -72,3 +73,28 @@ def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: 
     if device != "cpu":  # the mmapped file stays on the host; the GPU gets one copy
         weights = {k: v.to(device) for k, v in weights.items()}
     return PlanRunner(files.plan, weights, bound)
+
+
+def backend_info(backend: str, runner: Any, device: str) -> dict[str, str]:
+    """What the backend chose on this machine (threads, library, the CPU's ISA), for the
+    `KV cache:` line of `engine run` and the backend_info metric of /metrics."""
+    info = {"backend": backend, "device": device}
+    if device == "cpu":
+        cpu = cpu_info()
+        info.update(cpu=cpu.model, isa=cpu.isa, physical_cores=str(cpu.physical_cores))
+        info.update(getattr(runner, "settings", None) or
+                    {"torch_threads": str(torch.get_num_threads())})
+    return info
+
+
+def describe_backend(info: dict[str, str]) -> str:
+    """'onnx (onnxruntime 1.32.0, 2 threads, spinning on; AMD EPYC, 2 cores, avx2)'."""
+    if info.get("device") != "cpu":
+        return f"{info['backend']} on {info['device']}"
+    if "onnxruntime" in info:
+        how = (f"onnxruntime {info['onnxruntime']}, {info['threads']} threads, spinning "
+               f"{info['spinning']}")
+    else:
+        how = f"torch, {info['torch_threads']} threads"
+    return (f"{info['backend']} ({how}; {info['cpu']}, {info['physical_cores']} cores, "
+            f"{info['isa']})")

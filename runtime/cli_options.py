@@ -92,6 +92,6 @@ def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max
     except (EngineLoadError, ValueError) as e:
         _fail(str(e))
     if not quiet:
-        click.echo(f"KV cache: {engine.kv_cache_summary}; backend: {engine.kernel_backend}",
+        click.echo(f"KV cache: {engine.kv_cache_summary}; backend: {engine.backend_summary}",
                    err=True)
     return engine

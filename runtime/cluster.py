@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from llm_engine.runtime.comm import Comm, make_comm
+from llm_engine.runtime.cpu_info import cpu_info
 from llm_engine.runtime.engine_dir import EngineLoadError
 from llm_engine.runtime.rank_files import engine_digest
 from llm_engine.runtime.wire import (
@@ -62,13 +63,10 @@ class RankFailedError(RuntimeError):
 
 
 def default_threads(ranks_here: int) -> int:
-    """torch CPU threads per rank: the cores this process may use, shared by the ranks on
-    this host (oversubscribed ranks slow every collective down to the slowest)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // ranks_here)
+    """CPU threads per rank: the physical cores this process may use (a core's second
+    hyperthread adds contention, not bandwidth), shared by the ranks on this host
+    (oversubscribed ranks slow every collective down to the slowest)."""
+    return max(1, cpu_info().physical_cores // ranks_here)
 
 
 # ---- connecting -----------------------------------------------------------------------------

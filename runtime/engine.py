@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from llm_engine.runtime.backend import choose_backend, make_runner
+from llm_engine.runtime.backend import (
+    backend_info,
+    choose_backend,
+    describe_backend,
+    make_runner,
+)
 from llm_engine.runtime.block_manager import BlockManager
 from llm_engine.runtime.cluster import Cluster
 from llm_engine.runtime.engine_dir import EngineFiles, EngineLoadError, load_engine_dir
@@ -99,6 +104,7 @@ class Engine:
             SchedulerConfig(max_batch_tokens=max_batch_tokens, max_num_seqs=config.max_num_seqs,
                             max_seq_len=self.max_seq_len, max_padded_rows=padded), self.blocks)
         runner = make_runner(files, config, self.kernel_backend, device)
+        self.backend_info = backend_info(self.kernel_backend, runner, device)
         graphs = None
         # Graphs are single-rank: every rank would have to replay them in lockstep.
         if (config.cuda_graphs and device.startswith("cuda") and self.kernel_backend == "triton"
@@ -202,6 +208,11 @@ class Engine:
 
         # its files are manifest entries, checked when the directory was loaded
         return Tokenizer.load(engine_path(self.files.path, rel, "engine.json: tokenizer"))
+
+    @property
+    def backend_summary(self) -> str:
+        """The step backend and what it chose on this machine (threads, the CPU's ISA)."""
+        return describe_backend(self.backend_info)
 
     @property
     def kv_cache_summary(self) -> str:

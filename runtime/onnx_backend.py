@@ -131,6 +131,10 @@ class OnnxRunner:
         # Spinning keeps the pool's threads awake between kernels of one step; without it
         # each of a step's ~2000 kernels pays a wake-up.
         spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
+        # What this machine got, for the `KV cache:` line and /metrics (onnxruntime picks its
+        # MLAS kernels by CPUID at load: the graph names no ISA).
+        self.settings = {"onnxruntime": ort.__version__, "threads": str(threads),
+                         "spinning": "on" if spinning else "off"}
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         opts.log_severity_level = 3
         for entry in filter(None, os.environ.get("LLM_ENGINE_ORT_CONFIG", "").split(",")):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 PREFIX = "llm_engine_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -24,6 +24,10 @@ class _EngineCollector:
     def collect(self):
         e = self.engine
         sched, blocks = e.scheduler, e.blocks
+        info = getattr(e, "backend_info", None)
+        if info:
+            yield InfoMetricFamily(PREFIX + "backend", "The step backend and what it chose "
+                                   "on this machine (threads, CPU, ISA).", value=info)
         total = e.kv_spec.num_blocks
         yield GaugeMetricFamily(PREFIX + "requests_running", "Requests in the running batch.",
                                 value=len(sched.running))

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from llm_engine.builder.cli import main
 from llm_engine.runtime import Engine, SamplingParams
+from llm_engine.runtime.cpu_info import cpu_info
 from tests.cli_util import one_line_error
 
 KV = ["--kv-cache-memory", "4MiB"]  # the default would reserve up to 2 GiB
@@ -41,6 +42,10 @@ def test_single_prompt_streams_the_greedy_text(engine_dir, engine):
     (ref,) = _greedy(engine, ["Hello, world!"])
     assert result.stdout == ref.text + "\n"
     assert "KV cache:" in result.stderr and "[stopped at --max-tokens]" in result.stderr
+    # what the backend chose on this machine, from the machine (never from the engine)
+    cpu = cpu_info()
+    assert f"backend: {engine.kernel_backend} (" in result.stderr
+    assert f"{cpu.physical_cores} cores, {cpu.isa})" in result.stderr
 
 
 def test_json_prints_one_object_per_prompt(engine_dir, engine):

@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from llm_engine.runtime import AsyncEngine, Engine, SamplingParams
+from llm_engine.runtime.cpu_info import cpu_info
 from llm_engine.runtime.server import ServerConfig, create_app
 
 KEY = "sk-test-key"
@@ -435,6 +436,8 @@ def test_metrics(live, client):
     assert _metric(text, "llm_engine_request_queue_time_seconds_count") >= 1
     assert _metric(text, "llm_engine_generation_tokens_total") >= 5
     assert _metric(text, "llm_engine_prefix_cache_queries_total") >= 1
+    isa = cpu_info().isa
+    assert f'isa="{isa}"' in text and "llm_engine_backend_info{" in text
     for name in ("llm_engine_requests_running", "llm_engine_requests_waiting",
                  "llm_engine_preemptions_total", "llm_engine_prefix_cache_hits_total",
                  "llm_engine_inter_token_latency_seconds_count"):
