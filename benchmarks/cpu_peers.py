@@ -155,6 +155,10 @@ class Result:
     weight_bytes_per_token: int | None = None
     roofline_tok_s: float | None = None
     roofline_fraction: float | None = None  # batch1_tok_s / roofline_tok_s
+    # llm-engine rows on the fast path: per batch-1 step, the time outside onnxruntime
+    # (scheduler, metadata, binding, KV write, sampling, detokenizing) and inside it
+    host_ms_per_step: float | None = None
+    model_ms_per_step: float | None = None
 
 
 # ---- ratios -----------------------------------------------------------------------------------
@@ -611,7 +615,7 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 
 COLUMNS = ("system", "precision", "batch-1 tok/s", "{c}-concurrent tok/s", "TTFT-{t} s",
-           "weights MB/token", "roofline tok/s", "of roofline")
+           "weights MB/token", "roofline tok/s", "of roofline", "host ms/step")
 
 
 def table_rows(results: list[Result]) -> list[list[str]]:
@@ -619,7 +623,8 @@ def table_rows(results: list[Result]) -> list[list[str]]:
     for r in results:
         mb = None if r.weight_bytes_per_token is None else r.weight_bytes_per_token / 1e6
         roof = [_fmt(mb), _fmt(r.roofline_tok_s),
-                "-" if r.roofline_fraction is None else f"{r.roofline_fraction:.0%}"]
+                "-" if r.roofline_fraction is None else f"{r.roofline_fraction:.0%}",
+                _fmt(r.host_ms_per_step, 2)]
         if r.skipped:
             rows.append([r.system, r.precision, "skipped", "skipped", "skipped", *roof])
         else:

@@ -157,7 +157,7 @@ def test_roofline_tied_and_untied(cp, tmp_path):
     assert r.roofline_tok_s == pytest.approx(23e9 / 3744, abs=0.01)
     assert r.roofline_fraction == round(3e6 / r.roofline_tok_s, 3)
     row = cp.table_rows([r])[0]
-    assert row[-3:] == ["0.0", f"{r.roofline_tok_s:.1f}", f"{r.roofline_fraction:.0%}"]
+    assert row[-4:] == ["0.0", f"{r.roofline_tok_s:.1f}", f"{r.roofline_fraction:.0%}", "-"]
 
     missing = cp.Result("llm-engine", "int4", skipped="crashed")
     cp.add_roofline(missing, tmp_path, bandwidth_gbs=23.0)  # no weights file: a note, no crash

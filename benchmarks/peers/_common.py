@@ -61,6 +61,8 @@ class Measurement:
     ttft_s: float | None = None  # of a --ttft-tokens prompt (default 512), median of 3
     batch1_tokens: int | None = None  # output tokens of the timed batch-1 run
     concurrent_tokens: int | None = None  # output tokens of the timed concurrent run, all rows
+    host_ms_per_step: float | None = None  # llm-engine fast path: batch-1 time outside the model
+    model_ms_per_step: float | None = None  # and inside onnxruntime
     skipped: str | None = None
     notes: list[str] = field(default_factory=list)
 

@@ -49,11 +49,21 @@ def measure(args) -> C.Measurement:
     engine.generate([prompt], params(C.WARMUP_TOKENS))
     times: list[float] = []
     counts: list[int] = []
+    runner = engine.executor.runner
+    timed = hasattr(runner, "session_seconds")  # the fast path counts its session time
+    first = None
     for out in engine.stream(prompt, params(args.max_tokens)):
         if out.delta_token_ids:
             times.append(time.perf_counter())
             counts.append(len(out.token_ids))
+            if first is None and timed:
+                first = (runner.session_seconds, runner.steps)
     res.batch1_tok_s, res.batch1_tokens = C.decode_rate(times, counts), counts[-1]
+    if first is not None and runner.steps - first[1] > 0:
+        # the decode steps after the first token: wall time per step against session time
+        steps = runner.steps - first[1]
+        res.model_ms_per_step = (runner.session_seconds - first[0]) / steps * 1e3
+        res.host_ms_per_step = (times[-1] - times[0]) / steps * 1e3 - res.model_ms_per_step
     if not args.no_concurrent:
         t0 = time.perf_counter()
         outs = engine.generate([prompt] * args.concurrency, params(args.max_tokens))
