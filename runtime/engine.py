@@ -337,8 +337,11 @@ class Engine:
                 self._prompt_logprobs(chunk, result.logits[rows])
         if not sampling:
             return
-        last_rows = torch.tensor([rows.stop - 1 for _, rows in sampling])
-        samples = sample(result.logits[last_rows], [c.req.sampler for c, _ in sampling])
+        last_rows = [rows.stop - 1 for _, rows in sampling]
+        logits = result.logits
+        if last_rows != list(range(logits.shape[0])):  # a decode step's rows are all sampled
+            logits = logits[torch.tensor(last_rows)]
+        samples = sample(logits, [c.req.sampler for c, _ in sampling])
         now = time.monotonic()
         for (chunk, _), s in zip(sampling, samples):
             req = chunk.req

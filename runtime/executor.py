@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from llm_engine.kernels.dtypes import to_torch_dtype
@@ -130,17 +131,21 @@ class Executor:
                 rows.append(row0 + n - 1)
             row_slices.append(slice(before, len(rows)))
         width = max(len(t) for t in block_tables)
-        # One tensor from padded lists: a tensor per sequence costs more than the copy.
-        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
-                             dtype=torch.int32)
+
+        # numpy builds the step's small tensors in about half torch.tensor's time
+        def tensor(values, dtype=np.int64) -> torch.Tensor:
+            return torch.from_numpy(np.array(values, dtype=dtype))
+
         feeds = {
-            "input_ids": torch.tensor([ids]),
-            "position_ids": torch.tensor([pos]),
-            "slot_mapping": torch.tensor(slots),
-            "block_tables": table,
-            "context_lens": torch.tensor(lens, dtype=torch.int32),
-            "query_start_loc": torch.tensor(starts, dtype=torch.int32),
-            "logits_indices": torch.tensor(rows, dtype=torch.int64),
+            "input_ids": tensor([ids]),
+            "position_ids": tensor([pos]),
+            "slot_mapping": tensor(slots),
+            # One tensor from padded lists: a tensor per sequence costs more than the copy.
+            "block_tables": tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                   np.int32),
+            "context_lens": tensor(lens, np.int32),
+            "query_start_loc": tensor(starts, np.int32),
+            "logits_indices": tensor(rows),
         }
         return feeds, row_slices
 

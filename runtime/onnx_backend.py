@@ -76,42 +76,47 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
-                       windows: list[int]) -> dict[str, np.ndarray]:
+                       windows: list[int], pad_to: int = 1) -> dict[str, np.ndarray]:
     """Per-step inputs shared by every attention layer: the flat token batch laid out as
     [sequences, longest chunk] query rows against [earlier context + this chunk] keys.
 
-    numpy, once per step (not per layer or per sequence): torch's per-op dispatch made this
-    ~0.2 ms a step, about what the rest of the step's Python costs."""
+    numpy, once per step (not per layer or per sequence), and few operations: after the model
+    has streamed its weights through the caches, each one costs several microseconds. The
+    context width is rounded up to `pad_to` (masked columns), so in decode the shapes, and so
+    the runtime's bound buffers, change once per `pad_to` steps rather than every step."""
     starts = feeds["query_start_loc"].numpy().astype(np.int64, copy=False)
     lens = feeds["context_lens"].numpy().astype(np.int64, copy=False)
     n_q = starts[1:] - starts[:-1]
     past = lens - n_q
-    b = lens.size
+    b, t = lens.size, int(starts[-1])
     tq = int(n_q.max())
-    c = max(int(past.max()), 1)  # one masked column keeps the shapes non-empty
-    ar_q, ar_c = np.arange(tq), np.arange(c)
-    first = starts[:-1]
-    q_index = first[:, None] + np.minimum(ar_q[None], np.maximum(n_q - 1, 0)[:, None])
-    t = int(starts[-1])
-    if tq == 1:  # decode: one row per sequence, in order
+    c = -(-max(int(past.max()), 1) // pad_to) * pad_to  # >= 1 column keeps shapes non-empty
+    ar_c = np.arange(c)
+    # Context slots block by block; columns past a sequence's context read some slot of the
+    # cache (block 0 where the table is padded) and are masked.
+    tables = feeds["block_tables"].numpy()
+    blocks = -(-c // block_size)
+    if blocks > tables.shape[1]:
+        tables = np.pad(tables, ((0, 0), (0, blocks - tables.shape[1])))
+    ctx_slots = (tables[:, :blocks, None].astype(np.int64) * block_size
+                 + np.arange(block_size)).reshape(b, -1)[:, :c]
+    mask = np.zeros((b, 1, tq, c + tq), np.float32)
+    mask[:, 0, :, :c] = np.where(ar_c >= past[:, None], np.float32(NEG), np.float32(0))[:, None]
+    if tq == 1:  # decode: one row per sequence, in order, attending to its own new key
+        q_index = starts[:-1, None]
         out_index = np.arange(t)
     else:
+        ar_q = np.arange(tq)
+        first = starts[:-1]
+        q_index = first[:, None] + np.minimum(ar_q[None], np.maximum(n_q - 1, 0)[:, None])
         seq = np.repeat(np.arange(b), n_q)
         out_index = seq * tq + (np.arange(t) - first[seq])
-    tables = feeds["block_tables"].numpy()
-    blk = np.minimum(ar_c // block_size, tables.shape[1] - 1)
-    in_past = ar_c[None] < past[:, None]
-    ctx_slots = np.where(in_past, tables[:, blk].astype(np.int64) * block_size
-                         + ar_c % block_size, 0)
-    q_pos = past[:, None] + ar_q[None]  # [B, Tq]
-    # Earlier context is causal for every query row; only padding is masked there.
-    mask = np.empty((b, 1, tq, c + tq), np.float32)
-    mask[:, 0, :, :c] = np.where(in_past, 0.0, NEG)[:, None, :]
-    own = (ar_q[None, :] <= ar_q[:, None])[None] & (ar_q[None, None, :] < n_q[:, None, None])
-    mask[:, 0, :, c:] = np.where(own, 0.0, NEG)
+        own = (ar_q[None, :] <= ar_q[:, None])[None] & (ar_q[None, None, :] < n_q[:, None, None])
+        mask[:, 0, :, c:][~own] = NEG
     out = {"attn.q_index": q_index, "attn.ctx_slots": ctx_slots, "attn.out_index": out_index,
            "attn.mask": mask}
     if windows:
+        q_pos = past[:, None] + np.arange(tq)[None]  # [B, Tq]
         k_pos = np.concatenate([np.broadcast_to(ar_c[None], (b, c)), q_pos], axis=1)
         near = k_pos[:, None, :] > q_pos[:, :, None] - np.asarray(windows)[:, None, None, None]
         for w, allowed in zip(windows, near):
@@ -120,7 +125,9 @@ def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
 
 
 class OnnxRunner:
-    """Same call as runtime.plan.PlanRunner: run(feeds, cache) -> [logits]."""
+    """Same call as runtime.plan.PlanRunner: run(feeds, cache) -> [logits]. The logits tensor
+    is the runner's own output buffer, valid until the next run (as a CUDA graph's static
+    outputs are): the engine samples from it within the step; copy what must outlive it."""
 
     def __init__(self, engine_dir: Path, plan: dict[str, Any], threads: int) -> None:
         import onnxruntime as ort
@@ -153,6 +160,8 @@ class OnnxRunner:
         names = [i.name for i in self.session.get_inputs()]
         self.inputs = [n for n in names if not n.startswith(("attn.", "kv_cache."))]
         self._io, self._io_key = None, None
+        self._buffers: dict[str, Any] = {}  # bound by address, reused while shapes hold
+        self._rows, self._rows_key = None, None
         # Time inside onnxruntime, so a benchmark can tell the model's time from the host's.
         self.session_seconds, self.steps = 0.0, 0
         self.windows = sorted(int(n.rsplit(".w", 1)[1]) for n in names
@@ -179,33 +188,69 @@ class OnnxRunner:
             for layer in range(layers):
                 for i, half in enumerate("kv"):
                     self._bind(io, f"kv_cache.{layer}.{half}", halves[layer, i])
-            self._io, self._io_key = io, key
+            self._io, self._io_key, self._buffers = io, key, {}
         return self._io
+
+    def _put(self, io, name: str, values: np.ndarray) -> None:
+        """Copy a step's values into the buffer bound to input `name`; a new shape gets a new
+        buffer, bound once (steady decode rebinds nothing but the logits)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != values.shape or buf.dtype != values.dtype:
+            buf = np.empty(values.shape, values.dtype)
+            self._buffers[name] = buf
+            io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        np.copyto(buf, values)
+
+    def _output(self, io, name: str, shape: tuple[int, ...], dtype: torch.dtype
+                ) -> torch.Tensor:
+        """The buffer bound to output `name`, reused while its shape holds."""
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype)
+            self._buffers[name] = buf
+            self._bind(io, name, buf, output=True)
+        return buf
 
     def run(self, feeds: dict[str, torch.Tensor], cache: Any) -> list[torch.Tensor]:
         stacked = cache.stacked
         if stacked is None:
             raise RuntimeError("onnx backend needs one stacked KV cache tensor")
-        layers, _, num_blocks, block_size, kvh, d = stacked.shape
+        layers, _, _, block_size, kvh, d = stacked.shape
         io = self._binding(stacked)
-        keep: list[Any] = []  # what is bound by address must outlive the run
         for name in self.inputs:
-            keep.append(feeds[name].contiguous())
-            self._bind(io, name, keep[-1])
-        for name, arr in attention_metadata(feeds, block_size, self.windows).items():
-            arr = np.ascontiguousarray(arr)
-            keep.append(arr)
-            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            self._put(io, name, feeds[name].numpy())
+        for name, arr in attention_metadata(feeds, block_size, self.windows,
+                                            pad_to=block_size).items():
+            self._put(io, name, arr)
         n_rows = feeds["logits_indices"].numel()
-        n_tok = feeds["slot_mapping"].numel()
-        logits = torch.empty(1, n_rows, self.vocab, dtype=torch.float32)
-        kv_new = torch.empty(layers, 2, n_tok, kvh, d, dtype=stacked.dtype)
-        self._bind(io, "logits", logits, output=True)
-        self._bind(io, KV_OUTPUT, kv_new, output=True)
+        slots = feeds["slot_mapping"]
+        logits = self._output(io, "logits", (1, n_rows, self.vocab), torch.float32)
+        kv_new = self._output(io, KV_OUTPUT, (layers, 2, slots.numel(), kvh, d), stacked.dtype)
         start = time.perf_counter()
         self.session.run_with_iobinding(io)
         self.session_seconds += time.perf_counter() - start
         self.steps += 1
-        stacked.view(layers, 2, num_blocks * block_size, kvh, d)[:, :, feeds["slot_mapping"]] = \
-            kv_new
+        # numpy's indexed store: torch's costs ~10x more on the cache's huge strided view
+        rows = self._cache_rows(stacked)
+        new = _as_numpy(kv_new).reshape(layers * 2, -1, kvh * d)
+        rows[:, slots.numpy()] = new
         return [logits]
+
+    def _cache_rows(self, stacked: torch.Tensor) -> np.ndarray:
+        """The cache as numpy rows [layers * 2, slots, kv_heads * head_dim] (same memory)."""
+        key = (stacked.data_ptr(), tuple(stacked.shape), stacked.dtype)
+        if self._rows_key != key:
+            layers, _, num_blocks, block_size, kvh, d = stacked.shape
+            self._rows = _as_numpy(stacked).reshape(layers * 2, num_blocks * block_size, kvh * d)
+            self._rows_key = key
+        return self._rows
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t; dtypes numpy lacks (bf16, fp8) as integers of their width, which
+    is all a copy of their bits needs."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
+    return t.numpy()

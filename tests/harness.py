@@ -89,7 +89,8 @@ class PagedRunner:
         return out
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.runner.run(feeds, self.cache)[0]
+        # clone: the fast path's logits buffer is reused by the next step
+        return self.runner.run(feeds, self.cache)[0].clone()
 
     def greedy(self, prompts: list[list[int]], max_new: int, chunk: int = 5) -> list[list[int]]:
         """Greedy decoding of all prompts together: prompt i arrives at step i and is

@@ -53,7 +53,14 @@ def test_attention_metadata_layout():
     assert m["attn.q_index"].tolist() == [[0, 0, 0], [1, 2, 3]]  # padding repeats a real row
     assert m["attn.out_index"].tolist() == [0, 3, 4, 5]
     # context slots: block 7 holds positions 0-3 (slots 28-31), block 2 position 4 (slot 8)
-    assert m["attn.ctx_slots"].tolist() == [[28, 29, 30, 31, 8], [20, 21, 0, 0, 0]]
+    slots = m["attn.ctx_slots"].tolist()
+    assert slots[0] == [28, 29, 30, 31, 8] and slots[1][:2] == [20, 21]
+    # seq 1's columns past its 2 cached positions read slots of its own blocks, masked below
+    assert slots[1][2:] == [22, 23, 0]
+    # rounded up to 8 columns: the shapes (and the bound buffers) change every 8 decode steps
+    padded = attention_metadata(feeds, block_size=4, windows=[], pad_to=8)
+    assert padded["attn.ctx_slots"].shape == (2, 8) and padded["attn.mask"].shape == (2, 1, 3, 11)
+    assert (padded["attn.mask"][:, 0, :, 5:8] == NEG).all()
     allowed = m["attn.mask"][:, 0] == 0  # [B, Tq, C + Tq]
     # seq 0 row 0: its 5 cached positions and itself
     assert allowed[0, 0].tolist() == [True] * 5 + [True, False, False]
