@@ -274,3 +274,31 @@ def test_markdown_has_machine_and_roofline(cp):
     assert "flags: avx2 fma f16c" in md and "23.0 GB/s (2 threads)" in md
     assert "| llm-engine | fp32 | 30.0 | - | - | 538.0 | 42.8 | 70% |" in md
     assert "| fp32 / memory roofline, batch-1 tok/s | 0.70 |" in md
+
+
+def test_ratios_and_missing_peer_skip(cp, monkeypatch):
+    m = cp
+    R = m.Result
+    results = [
+        R("llama.cpp", "Q4_1", batch1_tok_s=100.0),
+        R("llm-engine", "int4", batch1_tok_s=150.0),
+        R("llm-engine", "int8", batch1_tok_s=50.0, concurrent_tok_s=800.0),
+        R("llm-engine", "bf16", batch1_tok_s=30.0, concurrent_tok_s=300.0),
+        R("HF transformers", "fp32", batch1_tok_s=20.0, concurrent_tok_s=400.0),
+        R("HF transformers", "bf16", skipped="not installed: pip install transformers"),
+    ]
+    r = m.ratios(results)
+    assert r["int4 / llama.cpp, batch-1 tok/s"] == 1.5
+    assert r["int8 / llama.cpp, batch-1 tok/s"] == 0.5
+    assert r["int8 concurrent / HF fp32 batch, tok/s"] == 2.0
+    assert r["fp32 / HF fp32, batch-1 tok/s"] is None  # no llm-engine fp32 in this run
+    assert r["bf16 / HF bf16, batch-1 tok/s"] is None  # HF bf16 skipped: no number, no ratio
+    assert r["bf16 concurrent / HF bf16 batch, tok/s"] is None
+    assert set(r) == {key for key, *_ in m.RATIO_SPECS}
+
+    # A missing peer package is a skip entry with the install command, not an exception.
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    res = m.guarded("llama.cpp", "Q4_1", lambda: m.run_llamacpp(m.Settings(threads=1)))
+    assert res.skipped == "not installed: pip install llama-cpp-python"
+    assert res.batch1_tok_s is None
+    assert m.ratios([*results[1:], res])["int4 / llama.cpp, batch-1 tok/s"] is None

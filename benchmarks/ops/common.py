@@ -20,57 +20,28 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
-# The flags that decide which kernels torch and onnxruntime pick on x86 / arm.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw",
-              "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
-              "amx_bf16", "asimd", "asimddp", "sve", "i8mm", "bf16")
-
-
-def _cpuinfo() -> list[dict[str, str]]:
-    """/proc/cpuinfo as one dict per logical CPU ([] where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    cpus = []
-    for block in text.strip().split("\n\n"):
-        entry = {}
-        for line in block.splitlines():
-            key, sep, value = line.partition(":")
-            if sep:
-                entry[key.strip()] = value.strip()
-        if entry:
-            cpus.append(entry)
-    return cpus
-
-
-def usable_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except AttributeError:
-        return set(range(os.cpu_count() or 1))
-
-
 def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once)."""
-    usable = usable_cpus()
-    cores = {(c.get("physical id"), c.get("core id")) for c in _cpuinfo()
-             if c.get("processor", "").isdigit() and int(c["processor"]) in usable
-             and "core id" in c}
-    return len(cores) or len(usable) or 1
+    """Physical cores this process may use: the runtime's own default thread count."""
+    from llm_engine.runtime.cpu_info import cpu_info
+
+    return cpu_info().physical_cores
 
 
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU model and flags, library versions, threads: what a per-op number depends on."""
-    cpus = _cpuinfo()
+    from llm_engine.runtime.cpu_info import cpu_info, parse_cpuinfo
+
+    cpu = cpu_info()
+    try:
+        cpus = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        cpus = []
     first = cpus[0] if cpus else {}
-    flags = (first.get("flags") or first.get("Features") or "").split()
     info: dict[str, Any] = {
-        "cpu": first.get("model name") or platform.processor() or platform.machine(),
-        "simd_flags": [f for f in SIMD_FLAGS if f in flags],
-        "cpu_flags": " ".join(flags),
-        "logical_cpus": os.cpu_count(), "usable_cpus": len(usable_cpus()),
-        "physical_cores": physical_cores(), "threads": threads,
+        "cpu": cpu.model, "simd_flags": list(cpu.flags), "isa": cpu.isa,
+        "cpu_flags": first.get("flags") or first.get("Features") or "",
+        "logical_cpus": os.cpu_count(), "usable_cpus": cpu.usable_cpus,
+        "physical_cores": cpu.physical_cores, "threads": threads,
         "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -9,23 +9,14 @@ repository, in its own process like every peer, so one engine's crash loses only
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
-
-def _load_common():
-    """benchmarks/peers/_common.py by path: -P keeps this folder off sys.path on purpose."""
-    spec = importlib.util.spec_from_file_location(
-        "_peer_common", Path(__file__).resolve().with_name("_common.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-C = _load_common()
+# This folder only (never the repository root, whose builder/, runtime/ and kernels/ would
+# shadow installed packages): -P keeps it off sys.path, so it goes on by hand.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
 
 
 def measure(args) -> C.Measurement:
