@@ -29,9 +29,13 @@ PPL_BOUND = {"int8-wo": 0.5, "int8-sq": 0.6, "fp8": 3.0, "int4-awq": 10.0, "int4
 # Build variants checked like modes: case -> (mode, build options).
 VARIANTS = {"fp8-per-token": ("fp8", {"fp8_act_scales": "per-token"}),
             "fp8-group": ("fp8", {"fp8_act_scales": "per-token-group"})}
-# Modes whose greedy answer still names Paris within 12 tokens; the other W8A8 ones start
-# listing Paris's landmarks instead ("L'Étoile, la Cité, ...").
-ANSWERS_PARIS = ("int8-wo", "int4-awq", "int4-gptq", "fp8-group")
+# Modes whose greedy answer still names Paris within 12 tokens; the W8A8 ones start listing
+# Paris's landmarks instead ("L'Étoile, la Cité, ..."). So does int8-wo on the reference
+# executor, built by this code or the code before the fused-attention fast path: its answer
+# sits on a knife edge under int8 activation rounding, and the earlier fast path's summation
+# order happened to give "Paris" (checked side by side, AVX2); its quality bound is the
+# perplexity check above.
+ANSWERS_PARIS = ("int4-awq", "int4-gptq", "fp8-group")
 SIZE_BOUND = {"int8-wo": 0.30, "int8-sq": 0.30, "fp8": 0.30, "int4-awq": 0.20, "int4-gptq": 0.20,
               "fp8-per-token": 0.30, "fp8-group": 0.30}
 
