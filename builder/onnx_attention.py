@@ -95,15 +95,13 @@ class PagedAttention(EmitterCore):
                 self.kv_outputs.append(x if elem == TensorProto.FLOAT
                                        else self.op("Cast", x, to=elem))
             return k, v
+        if dtype != "int8":
+            raise Unsupported(f"KV cache dtype {dtype}")
         out = []
         for x, half in ((k, "k"), (v, "v")):
             scale = self.kv_scale_row(attrs, half, kvh, d)
-            y = self.op("Div", x, scale)
-            if dtype == "int8":
-                y = self.op("Clip", self.op("Round", y), self.const(-INT8_MAX, np.float32),
-                            self.const(INT8_MAX, np.float32))
-            else:
-                raise Unsupported(f"KV cache dtype {dtype}")
+            y = self.op("Clip", self.op("Round", self.op("Div", x, scale)),
+                        self.const(-INT8_MAX, np.float32), self.const(INT8_MAX, np.float32))
             codes = self.op("Cast", y, to=elem)
             self.kv_outputs.append(codes)
             out.append(self.dequantize(codes, scale))

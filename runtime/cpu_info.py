@@ -45,9 +45,6 @@ class CpuInfo:
             return "neon-dotprod" if "asimddp" in has else "neon"
         return "baseline"
 
-    def summary(self) -> str:
-        return f"{self.model}, {self.physical_cores} cores ({self.usable_cpus} usable CPUs), {self.isa}"
-
 
 def parse_cpuinfo(text: str) -> list[dict[str, str]]:
     """/proc/cpuinfo as one dict per logical CPU."""

@@ -161,7 +161,7 @@ class OnnxRunner:
         self.inputs = [n for n in names if not n.startswith(("attn.", "kv_cache."))]
         self._io, self._io_key = None, None
         self._buffers: dict[str, Any] = {}  # bound by address, reused while shapes hold
-        self._rows, self._rows_key = None, None
+        self._rows: np.ndarray | None = None  # the cache's rows, set with the binding
         # Time inside onnxruntime, so a benchmark can tell the model's time from the host's.
         self.session_seconds, self.steps = 0.0, 0
         self.windows = sorted(int(n.rsplit(".w", 1)[1]) for n in names
@@ -178,8 +178,9 @@ class OnnxRunner:
         bind(name, "cpu", 0, dtype, list(t.shape), t.data_ptr())
 
     def _binding(self, stacked: torch.Tensor):
-        """The session's IO binding with every layer's cache halves bound (once per cache
-        tensor: they stay at the same address for the engine's life)."""
+        """The session's IO binding with every layer's cache halves bound, and the cache as
+        numpy rows [layers * 2, slots, kv_heads * head_dim] for the K/V store (both once per
+        cache tensor: it stays at the same address for the engine's life)."""
         key = (stacked.data_ptr(), tuple(stacked.shape), stacked.dtype)
         if self._io_key != key:
             io = self.session.io_binding()
@@ -189,6 +190,7 @@ class OnnxRunner:
                 for i, half in enumerate("kv"):
                     self._bind(io, f"kv_cache.{layer}.{half}", halves[layer, i])
             self._io, self._io_key, self._buffers = io, key, {}
+            self._rows = _as_numpy(halves).reshape(layers * 2, num_blocks * block_size, kvh * d)
         return self._io
 
     def _put(self, io, name: str, values: np.ndarray) -> None:
@@ -231,19 +233,8 @@ class OnnxRunner:
         self.session_seconds += time.perf_counter() - start
         self.steps += 1
         # numpy's indexed store: torch's costs ~10x more on the cache's huge strided view
-        rows = self._cache_rows(stacked)
-        new = _as_numpy(kv_new).reshape(layers * 2, -1, kvh * d)
-        rows[:, slots.numpy()] = new
+        self._rows[:, slots.numpy()] = _as_numpy(kv_new).reshape(layers * 2, -1, kvh * d)
         return [logits]
-
-    def _cache_rows(self, stacked: torch.Tensor) -> np.ndarray:
-        """The cache as numpy rows [layers * 2, slots, kv_heads * head_dim] (same memory)."""
-        key = (stacked.data_ptr(), tuple(stacked.shape), stacked.dtype)
-        if self._rows_key != key:
-            layers, _, num_blocks, block_size, kvh, d = stacked.shape
-            self._rows = _as_numpy(stacked).reshape(layers * 2, num_blocks * block_size, kvh * d)
-            self._rows_key = key
-        return self._rows
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
