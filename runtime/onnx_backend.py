@@ -148,6 +148,12 @@ class OnnxRunner:
         for entry in filter(None, os.environ.get("LLM_ENGINE_ORT_CONFIG", "").split(",")):
             key, _, value = entry.partition("=")
             opts.add_session_config_entry(key, value)
+        # onnxruntime's per-node profile (benchmarks/ops/step_profile.py reads it): each
+        # kernel's time, written to PREFIX_<date>.json when the session ends its profiling.
+        profile = os.environ.get("LLM_ENGINE_ORT_PROFILE")
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile
         try:
             self.session = ort.InferenceSession(str(engine_dir / ONNX_FILE), opts,
                                                 providers=["CPUExecutionProvider"])

@@ -64,3 +64,50 @@ def test_attention_benchmark_quick(tmp_path):
             _positive(row[path])
         assert row["rel_err_ort_vs_torch"] < 1e-5, row
         assert row["kv_new_max_abs_err"] == 0.0  # the step's K/V handed back unchanged
+
+
+def test_step_profile_on_a_tiny_engine(tmp_path, engines):
+    """The decode-step profile: onnxruntime's profiler through LLM_ENGINE_ORT_PROFILE, kernel
+    time by kind of node, every node of a step accounted for."""
+    step_profile = load_script("benchmarks/ops/step_profile.py")
+    path = engines("llama")
+    out = tmp_path / "profile.json"
+    payload = step_profile.main(["--engine", str(path), "--genai", str(tmp_path / "none"),
+                                 "--context", "12", "--steps", "6", "--threads", "1",
+                                 "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    (row,) = payload["results"]
+    # 6 tokens: the prefill makes the first, then 5 decode steps less the first (cold)
+    assert row["runs"] == 4
+    kinds = row["kernel_ms"]
+    assert set(kinds) == set(step_profile.ORDER)
+    assert kinds["GEMM"] > 0 and kinds["LM head"] > 0 and kinds["attention"] > 0
+    assert row["nodes_per_step"] >= 10 and row["session_ms"] > 0 and row["step_ms"] > 0
+    assert 0 <= row["profiler_floor_us"] < 1e4
+    # the timed session split by the profile's shares, every kind accounted for
+    assert sum(row["session_ms_by_kind"].values()) == pytest.approx(row["session_ms"])
+    assert row["profiled_over_timed"] > 0
+    assert "| llm-engine float32" in payload["table"]
+    assert not list(tmp_path.glob("onnxruntime_profile*"))
+
+
+def test_step_profile_kinds():
+    step_profile = load_script("benchmarks/ops/step_profile.py")
+
+    def node(op, ts, dur, shape=(1, 1, 8)):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op, "output_type_shape": [{"float": list(shape)}]}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+              node("MatMul", 1, 50),  # the prefill run, skipped
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+              node("MatMulNBits", 201, 30), node("MatMulNBits", 240, 20, (1, 1, 32)),
+              node("GroupQueryAttention", 260, 12), node("Gather", 280, 6)]
+    res = step_profile.summarize(events, skip=1, vocab=32)
+    assert res["runs"] == 1 and res["nodes_per_step"] == 4
+    floor = res["profiler_floor_us"]
+    assert floor == 6  # the shortest kernel: the profiler's own cost in each
+    assert res["kernel_ms"]["GEMM"] == pytest.approx((30 - floor) / 1e3)
+    assert res["kernel_ms"]["LM head"] == pytest.approx((20 - floor) / 1e3)
+    assert res["kernel_ms"]["attention"] == pytest.approx((12 - floor) / 1e3)
+    assert res["kernel_ms"]["layout"] == 0
