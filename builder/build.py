@@ -17,6 +17,7 @@ import torch
 from llm_engine.builder.codegen import codegen
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.frontend import open_model, trace_model
+from llm_engine.builder.frontend.checkpoint_names import checkpoint_weights
 from llm_engine.builder.frontend.trace import Traced
 from llm_engine.builder.ir import Graph
 from llm_engine.builder.onnx_export_report import OnnxExport
@@ -192,6 +193,7 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
         max_seq_len = _resolve_max_seq_len(source.config, options.max_seq_len)
     with timings("trace"), ui.stage("trace (torch.export)"):
         traced = trace_model(source.config, DTYPES[options.dtype])
+        source.weights = checkpoint_weights(source.weights, traced)
     with timings("passes"):
         graphs, reports = run_passes(traced, PassOptions.of(options, source, traced,
                                                             max_seq_len, ui))

@@ -69,7 +69,10 @@ def write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple[int, ..
             want = next(expected)
             if name != want[0] or tuple(tensor.shape) != tuple(want[1]):
                 raise BuildError(f"weight stream out of order at {name}")
-            data = tensor.contiguous().view(torch.uint8).numpy().data if tensor.numel() else b""
+            # reshape(-1): a 0-dim tensor (a scalar weight, e.g. a scaling factor) has no
+            # byte view of its own
+            data = (tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+                    if tensor.numel() else b"")
             f.write(data)
             digest.update(data)
             if on_tensor:

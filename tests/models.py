@@ -12,6 +12,12 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
+# More Hub architectures, traced through transformers with no model code of ours. Their
+# configs set what makes each one differ (sliding windows shorter than the test prompts,
+# scalar multipliers, interleaved RoPE, QK norms, post-norms), and their norms and biases
+# are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
+HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma3", "granite",
+             "gpt_neox", "cohere2", "glm4")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 TINY_VOCAB = 320
@@ -72,10 +78,49 @@ def tiny_config(arch: str):
         return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=False)
+    hub = _hub_config(arch, common)
+    if hub is not None:
+        return hub
     if arch == "gpt2":
         return GPT2Config(vocab_size=320, n_embd=72, n_layer=2, n_head=6, n_positions=256,
                           bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
     raise ValueError(arch)
+
+
+def _hub_config(arch: str, common: dict):
+    import transformers as T
+
+    c = {**common, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "pad_token_id": 0, "tie_word_embeddings": False}
+    if arch == "qwen3":
+        return T.Qwen3Config(**c, head_dim=16)
+    if arch == "phi3":
+        return T.Phi3Config(**c)
+    if arch == "olmo2":
+        return T.Olmo2Config(**c)
+    if arch == "starcoder2":
+        return T.Starcoder2Config(**c, sliding_window=None)
+    if arch == "smollm3":  # every 2nd layer without RoPE
+        return T.SmolLM3Config(**c, no_rope_layer_interval=2)
+    if arch == "gemma":
+        return T.GemmaConfig(**c, head_dim=16)
+    if arch == "gemma3":  # local layers with a window of 8, shorter than the test prompts
+        return T.Gemma3TextConfig(**c, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"])
+    if arch == "granite":  # the four scalar multipliers
+        return T.GraniteConfig(**c, embedding_multiplier=6.0, residual_multiplier=0.5,
+                               attention_multiplier=0.2, logits_scaling=4.0)
+    if arch == "gpt_neox":  # checkpoint key embed_out.weight for lm_head.weight
+        return T.GPTNeoXConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=512, rotary_pct=0.5,
+                               tie_word_embeddings=False)
+    if arch == "cohere2":  # interleaved RoPE, parallel attention + MLP, sliding layers
+        return T.Cohere2Config(**c, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"])
+    if arch == "glm4":  # interleaved partial RoPE, post-norms
+        return T.Glm4Config(**c, head_dim=16)
+    return None
 
 
 def make_checkpoint(arch: str, path: Path, seed: int = 0):
@@ -88,6 +133,8 @@ def make_checkpoint(arch: str, path: Path, seed: int = 0):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(2.0)
+            elif arch in HUB_ARCHS:  # norms and biases away from their constant init
+                p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(path)
     if arch in WITH_TOKENIZER:
         make_tokenizer().save_pretrained(path)

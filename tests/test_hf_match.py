@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.harness import PagedRunner
-from tests.models import ARCHS
+from tests.models import ARCHS, HUB_ARCHS
 
 # fp32 logits of these models are O(1-10); 1e-4 absolute leaves room only for reassociation.
 FP32_ATOL = 1e-4
@@ -21,7 +21,7 @@ def _hf_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + HUB_ARCHS)
 def test_mixed_batch_logits_match_hf(arch, backend, checkpoints, engines):
     _, hf = checkpoints(arch)
     runner = PagedRunner(engines(arch), backend=backend)
@@ -39,7 +39,7 @@ def test_mixed_batch_logits_match_hf(arch, backend, checkpoints, engines):
 
 
 @pytest.mark.parametrize("backend", ["reference", "onnx"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + HUB_ARCHS)
 def test_greedy_matches_hf_generate(arch, backend, checkpoints, engines):
     _, hf = checkpoints(arch)
     g = torch.Generator().manual_seed(2)

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from llm_engine.builder.errors import BuildError
+from llm_engine.builder.frontend.checkpoint_names import renamings_for
 
 MAX_TOKENS = 1 << 16
 
@@ -39,6 +40,9 @@ class Traced:
     architecture: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # transformers' checkpoint-key renamings for this model (checkpoint_names.py)
+    renamings: list = field(default_factory=list)
+    base_model_prefix: str | None = None
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -77,6 +81,7 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     aliases = _tied_aliases(model)
     param_dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+    renamings = renamings_for(model)
     model.to("meta")
     tokens = torch.export.Dim("T", min=1, max=MAX_TOKENS)
     # Distinct example tensors: export would merge identical inputs into one placeholder.
@@ -101,7 +106,8 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
         names[ph] = name
         buffers[name] = program.constants[target].detach().clone()
     return Traced(program, names, buffers, aliases, param_dtypes, arch,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, renamings=renamings,
+                  base_model_prefix=getattr(model, "base_model_prefix", None) or None)
 
 
 def _wrapper_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:

@@ -77,11 +77,26 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
     return graph, report
 
 
+def _row_wise(node: Node) -> bool:
+    """An elementwise op of one tensor that treats each row alone: by a scalar or by
+    nothing (tanh, a cast)."""
+    if len(node.inputs) != 1:
+        return False
+    return node.op in ("tanh", "to_dtype") or (node.op in ("mul", "div", "add", "sub")
+                                               and "scalar" in node.attrs)
+
+
 def select_logits(graph: Graph, options=None) -> tuple[Graph, PassReport]:
     """Compute logits only for the rows in the `logits_indices` input (last token of each
     sequence, unless prompt logprobs are wanted): gathers the hidden states before lm_head."""
     report = PassReport("select_logits")
+    # The head may be scaled after the GEMM (Granite's logits_scaling, Cohere's logit_scale,
+    # soft-capping): row-wise ops by scalars, which commute with choosing rows.
+    tail: list[Node] = []
     out = graph.node(graph.outputs[0])
+    while _row_wise(out):
+        tail.append(out)
+        out = graph.producer(out, 0)
     if out.op != "linear" or len(out.shape) != 3:
         report.notes.append(f"output is {out.op}, not a linear head; all rows kept")
         return graph, report
@@ -93,7 +108,8 @@ def select_logits(graph: Graph, options=None) -> tuple[Graph, PassReport]:
                      hidden.dtype, attrs={"dim": 1}, origin=out.origin,
                      name="select_logit_rows", order=out.order - 1e-4)
     graph.set_inputs(out, [rows.name, *out.inputs[1:]])
-    out.shape = (1, "N", out.shape[2])
+    for node in [out, *tail]:
+        node.shape = (1, "N", node.shape[2])
     report.changed = True
     report.stats = {"vocab": out.shape[2]}
     return graph, report

@@ -154,6 +154,12 @@ def _reshape(lo, node, args, kwargs):
     return lo.emit("reshape", [args[0]], {"shape": list(args[1])})
 
 
+@handles(aten.flatten.using_ints, aten.unflatten.int)
+def _flatten(lo, node, args, kwargs):
+    return lo.emit("reshape", [args[0]], {"shape": [lo.value(s)
+                                                    for s in node.meta["val"].shape]})
+
+
 @handles(aten.expand.default)
 def _expand(lo, node, args, kwargs):
     return lo.emit("expand", [args[0]], {"shape": list(args[1])})
@@ -202,6 +208,48 @@ def _slice(lo, node, args, kwargs):
 @handles(aten.select.int)
 def _select(lo, node, args, kwargs):
     return lo.emit("select", [args[0]], {"dim": args[1], "index": args[2]})
+
+
+class _Val:
+    """Shape and dtype of an intermediate a handler emits (what emit reads of a fake tensor)."""
+
+    def __init__(self, shape, dtype) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+@handles(aten.repeat_interleave.self_int)
+def _repeat_interleave(lo, node, args, kwargs):
+    """x.repeat_interleave(r, dim) (interleaved RoPE: Cohere, GLM) as unsqueeze -> expand ->
+    reshape, which every backend already runs."""
+    params = dict(zip(["repeats", "dim", "output_size"], args[1:]))
+    params.update(kwargs)
+    repeats, dim = params.get("repeats"), params.get("dim")
+    if dim is None or not isinstance(repeats, int):
+        raise lo.fail("repeat_interleave over a flattened tensor or with per-element repeats")
+    src = node.args[0].meta["val"]
+    d = dim % src.dim()
+    shape = list(src.shape)
+    wide = [*shape[:d + 1], repeats, *shape[d + 1:]]
+    u = lo.emit("unsqueeze", [args[0]], {"dim": d + 1},
+                val=_Val([*shape[:d + 1], 1, *shape[d + 1:]], src.dtype))
+    e = lo.emit("expand", [u], {"shape": [lo.value(s) for s in wide]},
+                val=_Val(wide, src.dtype))
+    return lo.emit("reshape", [e], {"shape": [lo.value(s) for s in node.meta["val"].shape]})
+
+
+@handles(aten.stack.default)
+def _stack(lo, node, args, kwargs):
+    """stack(xs, dim) as cat of unsqueezed xs (interleaved rotate_half: Cohere)."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    out = node.meta["val"]
+    d = dim % out.dim()
+    parts = []
+    for x, fx_x in zip(args[0], node.args[0]):
+        val = fx_x.meta["val"]
+        shape = list(val.shape)
+        parts.append(lo.emit("unsqueeze", [x], {"dim": d},
+                             val=_Val([*shape[:d], 1, *shape[d:]], val.dtype)))
+    return lo.emit("cat", parts, {"dim": d})
 
 
 @handles(aten.cat.default)
