@@ -75,8 +75,9 @@ class PagedAttention(EmitterCore):
             self.windows.add(int(window))
         keys = self.op("Concat", self.past(layer, "k", attrs), padded(k, kvh * d), axis=1)
         values = self.op("Concat", self.past(layer, "v", attrs), padded(v, kvh * d), axis=1)
+        softcap = {"softcap": float(attrs["softcap"])} if attrs.get("softcap") else {}
         out = self.op("Attention", padded(q, h * d), keys, values, mask, q_num_heads=h,
-                      kv_num_heads=kvh, scale=float(attrs["scale"]))  # [B, Tq, h*d]
+                      kv_num_heads=kvh, scale=float(attrs["scale"]), **softcap)  # [B, Tq, h*d]
         out = self.op("Gather", self.op("Reshape", out, self.const([-1, h * d])),
                       "attn.out_index", axis=0)  # [T, h*d], the flat tokens again
         self.attn_rows[n["name"]] = self.op("Unsqueeze", out, self.const([0]))

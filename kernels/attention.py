@@ -53,10 +53,27 @@ def _allowed(n_q: int, n_ctx: int, window: int | None, device) -> torch.Tensor:
     return allowed
 
 
-def sdpa(q, k, v, *, scale, window=None):
+def attend(q, k, v, allowed, *, scale, softcap=None):
+    """softmax(q k^T * scale [soft-capped], masked to `allowed`) v, with k/v's heads shared by
+    groups of q's (GQA). Soft-capping (Gemma 2: softcap * tanh(s / softcap) on the scores
+    before the mask) has no SDPA kernel, so it takes the explicit path, in fp32."""
+    gqa = k.shape[-3] != q.shape[-3]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa:
+        groups = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+
+
+def sdpa(q, k, v, *, scale, window=None, softcap=None):
     """Causal attention of one sequence (the traced form, before the kv_cache pass)."""
     mask = _allowed(q.shape[-2], k.shape[-2], window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return attend(q, k, v, mask, scale=scale, softcap=softcap)
 
 
 @lru_cache(maxsize=1024)
@@ -161,7 +178,7 @@ def gather_kv(cache, blocks, n_ctx):
 def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                     cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,
                     num_kv_heads=None, head_dim=None, kv_dtype=None, k_scale=None,
-                    v_scale=None, kv_head_map=None):
+                    v_scale=None, kv_head_map=None, softcap=None):
     """Write K/V into the paged cache, then attend each sequence's queries to its history.
 
     With `cos`/`sin` given, rotary embedding is applied to q and k first (the fuse pass
@@ -190,7 +207,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     decode = [s for s, n in enumerate(n_q) if n == 1]
     if decode:
         _decode_attention(q, out, key_cache, value_cache, block_tables, decode, starts, lens,
-                          scale, window, ks, vs, head_map)
+                          scale, window, ks, vs, head_map, softcap)
     done = set(decode)
     for s, n_ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
@@ -203,15 +220,13 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
         if head_map is not None:
             keys, values = keys.index_select(0, head_map), values.index_select(0, head_map)
         mask = _allowed(q1 - q0, n_ctx, window, q.device)
-        out[0, :, q0:q1] = F.scaled_dot_product_attention(
-            q[0, :, q0:q1], keys, values, attn_mask=mask, scale=scale,
-            enable_gqa=keys.shape[0] != q.shape[1],
-        )
+        out[0, :, q0:q1] = attend(q[0, :, q0:q1], keys, values, mask, scale=scale,
+                                  softcap=softcap)
     return out
 
 
 def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts, lens, scale,
-                      window, k_scale=None, v_scale=None, head_map=None):
+                      window, k_scale=None, v_scale=None, head_map=None, softcap=None):
     block_size = key_cache.shape[1]
     idx = torch.tensor(seqs, device=q.device)
     ctx = torch.tensor([lens[s] for s in seqs], device=q.device)
@@ -230,6 +245,5 @@ def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts
     if window is not None:
         allowed &= k_pos > (ctx[:, None] - 1 - window)
     queries = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed[:, None, None],
-                                         scale=scale, enable_gqa=keys.shape[1] != q.shape[1])
+    res = attend(queries, keys, values, allowed[:, None, None], scale=scale, softcap=softcap)
     out[0, :, rows] = res.squeeze(2).transpose(0, 1)

@@ -16,8 +16,8 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # configs set what makes each one differ (sliding windows shorter than the test prompts,
 # scalar multipliers, interleaved RoPE, QK norms, post-norms), and their norms and biases
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
-HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma3", "granite",
-             "gpt_neox", "cohere2", "glm4")
+HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
+             "granite", "gpt_neox", "cohere2", "glm4")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 TINY_VOCAB = 320
@@ -104,6 +104,10 @@ def _hub_config(arch: str, common: dict):
         return T.SmolLM3Config(**c, no_rope_layer_interval=2)
     if arch == "gemma":
         return T.GemmaConfig(**c, head_dim=16)
+    if arch == "gemma2":  # soft-capped scores and logits (caps low enough to bite), windows
+        return T.Gemma2Config(**c, head_dim=16, sliding_window=8, attn_logit_softcapping=4.0,
+                              final_logit_softcapping=6.0,
+                              layer_types=["sliding_attention", "full_attention"])
     if arch == "gemma3":  # local layers with a window of 8, shorter than the test prompts
         return T.Gemma3TextConfig(**c, head_dim=16, sliding_window=8,
                                   layer_types=["sliding_attention", "full_attention"])

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from llm_engine.builder.errors import BuildError
+from llm_engine.builder.frontend import attention_op
 from llm_engine.builder.frontend.checkpoint_names import renamings_for
 
 MAX_TOKENS = 1 << 16
@@ -64,7 +65,7 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention_op.register()
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

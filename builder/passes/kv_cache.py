@@ -63,7 +63,8 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
         paged = graph.add(
             "paged_attention", [q, k, v, *meta], node.shape, node.dtype,
             attrs={"layer": layer, "scale": node.attrs["scale"], "window": node.attrs["window"],
-                   "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim},
+                   "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
+                   **({"softcap": node.attrs["softcap"]} if node.attrs.get("softcap") else {})},
             origin=node.origin, name=f"paged_attention_{layer}", order=node.order)
         graph.replace_uses(node.name, paged.name)
         graph.remove(node.name)

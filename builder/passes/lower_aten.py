@@ -22,7 +22,13 @@ from llm_engine.builder.errors import BuildError
 from llm_engine.builder.frontend.trace import Traced
 from llm_engine.builder.ir import Graph, WeightSpec
 from llm_engine.builder.passes.lower_aten_mask import mask_arg
-from llm_engine.builder.passes.lower_aten_ops import HANDLERS, module_path, shape_of, sym_str
+from llm_engine.builder.passes.lower_aten_ops import (
+    ATTENTION_OPS,
+    HANDLERS,
+    module_path,
+    shape_of,
+    sym_str,
+)
 from llm_engine.builder.passes.report import PassReport
 from llm_engine.kernels.dtypes import dtype_name
 
@@ -125,7 +131,7 @@ class Lowering:
                 continue
             seen.add(n)
             inputs = list(n.all_input_nodes)
-            if n.target is aten.scaled_dot_product_attention.default:
+            if n.target in ATTENTION_OPS:
                 mask = mask_arg(n)
                 inputs = [i for i in inputs if i is not mask]
             stack.extend(inputs)

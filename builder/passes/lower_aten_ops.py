@@ -18,6 +18,7 @@ import sympy
 import torch
 import torch.fx
 
+from llm_engine.builder.frontend import attention_op  # noqa: F401  (registers the op)
 from llm_engine.builder.passes.lower_aten_mask import classify_mask, mask_arg
 from llm_engine.kernels.dtypes import dtype_name
 
@@ -340,6 +341,33 @@ def _rms_norm(lo, node, args, kwargs):
     if len(shape) != 1 or w is None:
         raise lo.fail("rms_norm over several dims or without weight")
     return lo.emit("rms_norm", [x, w], {"eps": eps})
+
+
+ATTENTION_OPS = (aten.scaled_dot_product_attention.default,
+                 torch.ops.llm_engine.attention.default)
+
+
+def _window(lo, node) -> int | None:
+    """The sliding window the attention's mask encodes (None: plainly causal)."""
+    mask = mask_arg(node)
+    if mask is None:
+        raise lo.fail("attention without a causal mask")
+    window = classify_mask(mask)
+    lo.masks_folded += 1
+    return window
+
+
+@handles(torch.ops.llm_engine.attention.default)
+def _attention(lo, node, args, kwargs):
+    """The engine's own attention op (builder/frontend/attention_op.py): its variant is in
+    its arguments."""
+    q, k, v, _, sinks, scale, softcap = args[:7]
+    if sinks is not None:
+        raise lo.fail("attention sinks (gpt-oss)")
+    attrs = {"scale": float(scale), "window": _window(lo, node)}
+    if softcap:
+        attrs["softcap"] = float(softcap)
+    return lo.emit("sdpa", [q, k, v], attrs)
 
 
 @handles(aten.scaled_dot_product_attention.default)
