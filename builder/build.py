@@ -280,12 +280,30 @@ def _write_onnx(out: EngineWriter, graphs: list[Graph], options: BuildOptions, u
 
             export = export_onnx(plan, out.path("weights.rank0.safetensors"),
                                  out.path(ONNX_FILE))
+            if export.written and importlib.util.find_spec("onnxruntime") is not None:
+                export = _checked(out, plan, options, export)
         if export.written:
             return export, {"file": ONNX_FILE, "plan_sha256": plan_digest(plan),
                             "contract": GRAPH_CONTRACT}
         ui.note(f"no ONNX graph: {export.reason}; the CPU runtime will use the reference "
                 "executor")
         return export, None
+
+
+def _checked(out: EngineWriter, plan: dict[str, Any], options: BuildOptions,
+             export: OnnxExport) -> OnnxExport:
+    """The export, or, when onnxruntime refuses the graph or it disagrees with the plan's
+    reference executor on a test step, no graph and the reason (builder/onnx_check.py)."""
+    from llm_engine.builder.onnx_check import check_graph
+
+    out_node = next(n for n in plan["nodes"] if n["name"] == plan["outputs"][0])
+    quantized = bool(options.quant) or options.kv_cache_dtype not in (None, "auto")
+    why = check_graph(out.path(ONNX_FILE).parent, plan, quantized,
+                      vocab=int(out_node["shape"][-1]))
+    if why is None:
+        return export
+    out.path(ONNX_FILE).unlink()
+    return OnnxExport(False, f"graph checked and left out: {why}")
 
 
 def _write_tokenizer(out: EngineWriter, source, ui: BuildUI) -> None:

@@ -13,6 +13,7 @@ import torch
 from llm_engine.runtime.engine import Engine
 from llm_engine.runtime.engine_dir import EngineLoadError
 from llm_engine.runtime.onnx_backend import NEG, attention_metadata
+from llm_engine.runtime.sampling_params import SamplingParams
 from tests.harness import PagedRunner
 from tests.models import build_tiny_engine
 
@@ -271,3 +272,59 @@ def test_int4_lowering(K, G, uint8_zeros):
     err = float((torch.from_numpy(got) - want).norm() / want.norm())
     assert err < (1e-2 if G == 64 else 1e-6), (kind, err)
     assert ("offsets" in kind) == (G == 64 and not uint8_zeros), kind
+
+
+def _tamper_export(monkeypatch, tamper) -> None:
+    """Make the builder's ONNX export write a graph changed by `tamper(model)`."""
+    import onnx
+
+    import llm_engine.builder.onnx_export as onnx_export
+
+    real = onnx_export.export_onnx
+
+    def export(plan, weights_file, target):
+        res = real(plan, weights_file, target)
+        model = onnx.load(str(target), load_external_data=False)
+        tamper(model)
+        target.write_bytes(model.SerializeToString())
+        return res
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export)
+
+
+def _attention_scale_doubled(model) -> None:
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            for a in node.attribute:
+                if a.name == "scale":
+                    a.f *= 2
+
+
+def _unknown_op(model) -> None:
+    next(n for n in model.graph.node if n.op_type == "Attention").op_type = "NoSuchOp"
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (_attention_scale_doubled, "differ from the reference executor"),
+    (_unknown_op, "onnxruntime cannot load the graph")])
+def test_builder_leaves_out_a_graph_that_fails_its_check(tamper, why, checkpoints, tmp_path,
+                                                         monkeypatch):
+    """The builder runs the graph it wrote beside the reference executor before keeping it:
+    a graph that computes something else, or that onnxruntime refuses, is left out with the
+    reason, and the engine runs on the reference executor."""
+    ckpt, _ = checkpoints("llama")
+    _tamper_export(monkeypatch, tamper)
+    path = build_tiny_engine(ckpt, tmp_path / "engine")
+    report = json.loads((path / "report.json").read_text())["onnx"]
+    assert report["written"] is False and why in report["reason"], report
+    assert not (path / "model.onnx").exists()
+    assert json.loads((path / "engine.json").read_text()).get("cpu_graph") is None
+    engine = Engine.load(path)
+    assert engine.backend_info["backend"] != "onnx"
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(engine.generate([1, 2, 3], params)[0].token_ids) == 4
+
+
+def test_builder_keeps_a_graph_that_passes_its_check(engines):
+    report = json.loads((engines("llama") / "report.json").read_text())["onnx"]
+    assert report["written"] is True
