@@ -20,6 +20,41 @@ HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2
              "granite", "gpt_neox", "cohere2", "glm4")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
+# What each tested architecture exercises: README's table is rendered from this
+# (architecture_table; test_hf_match checks README has it).
+FEATURES = {
+    "llama": ("Llama", "GQA, RoPE, SwiGLU, RMSNorm"),
+    "llama_tied": ("Llama (SmolLM2 shape)", "tied embeddings, 9 query heads over 3 KV heads"),
+    "mistral": ("Mistral", "GQA"),
+    "qwen2": ("Qwen2", "q/k/v biases"),
+    "gpt2": ("GPT-2", "learned positions, LayerNorm, GELU, Conv1D"),
+    "qwen3": ("Qwen3", "q/k RMSNorm per head"),
+    "phi3": ("Phi-3", "fused qkv and gate/up checkpoint tensors"),
+    "olmo2": ("OLMo 2", "post-norms, q/k norms over all heads"),
+    "starcoder2": ("StarCoder2", "LayerNorm with biases, GELU MLP"),
+    "smollm3": ("SmolLM3", "layers without RoPE"),
+    "gemma": ("Gemma", "embedding scale as a 0-dim weight, (1 + w) RMSNorm, GELU-tanh"),
+    "gemma2": ("Gemma 2", "attention and logit soft-capping, sliding window, sandwich norms"),
+    "gemma3": ("Gemma 3", "sliding / full layers, q/k norms, 0-dim embedding scale"),
+    "granite": ("Granite", "embedding, residual, attention and logit multipliers"),
+    "gpt_neox": ("GPT-NeoX", "partial RoPE, parallel residual, renamed checkpoint keys"),
+    "cohere2": ("Cohere 2", "interleaved RoPE, parallel attention + MLP, sliding layers"),
+    "glm4": ("GLM-4", "interleaved partial RoPE, post-norms"),
+}
+BACKENDS = "reference, ONNX (CPU fast path)"
+
+
+def architecture_table() -> str:
+    """README's supported-architectures table, from the architectures the HF-match tests
+    run (logits within 1e-4 and greedy token-exact, on each backend)."""
+    rows = ["| architecture | features the tiny test model exercises | backends checked |",
+            "|---|---|---|"]
+    for arch in ARCHS + HUB_ARCHS:
+        name, features = FEATURES[arch]
+        rows.append(f"| {name} | {features} | {BACKENDS} |")
+    return "\n".join(rows)
+
+
 TINY_VOCAB = 320
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

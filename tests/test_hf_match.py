@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.harness import PagedRunner
-from tests.models import ARCHS, HUB_ARCHS
+from tests.models import ARCHS, HUB_ARCHS, architecture_table
 
 # fp32 logits of these models are O(1-10); 1e-4 absolute leaves room only for reassociation.
 FP32_ATOL = 1e-4
@@ -50,3 +50,15 @@ def test_greedy_matches_hf_generate(arch, backend, checkpoints, engines):
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                               do_sample=False, pad_token_id=0)
         assert got == out[0, len(prompt):].tolist()
+
+
+def test_readme_lists_the_tested_architectures():
+    """README's supported-architectures table is the one these tests back (regenerate it
+    with `python -c "from tests.models import architecture_table as t; print(t())"`)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- architectures:start -->\n", "<!-- architectures:end -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == architecture_table()
