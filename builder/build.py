@@ -147,7 +147,8 @@ class PassOptions(BuildOptions):
     def of(cls, options: BuildOptions, source, traced: Traced, max_seq_len: int,
            ui: BuildUI | None = None) -> PassOptions:
         build = {f.name: getattr(options, f.name) for f in fields(BuildOptions) if f.init}
-        return cls(**{**build, "max_seq_len": max_seq_len}, weights=source.weights,
+        return cls(**{**build, "max_seq_len": max_seq_len},
+                   weights=checkpoint_weights(source.weights, traced),
                    buffers=traced.buffers,
                    tokenizer=source.load_tokenizer if source.has_tokenizer() else None,
                    vocab_size=int(source.config.vocab_size), ui=ui or BuildUI())

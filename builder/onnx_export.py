@@ -47,13 +47,14 @@ from llm_engine.builder.onnx_attention import PagedAttention, cache_input
 from llm_engine.builder.onnx_emitter import DTYPES, OPSET, Unsupported
 from llm_engine.builder.onnx_export_report import OnnxExport
 from llm_engine.builder.onnx_gemm import GemmLowerings
+from llm_engine.builder.onnx_moe import MoeOps
 from llm_engine.builder.onnx_ops import SimpleOps
 from llm_engine.runtime.onnx_backend import KV_OUTPUT
 
 __all__ = ["OPSET", "Unsupported", "export_onnx"]
 
 
-class _Emitter(SimpleOps, GemmLowerings, PagedAttention):
+class _Emitter(SimpleOps, GemmLowerings, PagedAttention, MoeOps):
     """One export: the state of `EmitterCore`, every op's lowering, and the graph around them."""
 
     def build(self) -> onnx.ModelProto:

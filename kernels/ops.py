@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine.kernels import formats
+from llm_engine.kernels import moe as moe_ref
 from llm_engine.kernels.attention import paged_attention, sdpa
 from llm_engine.kernels.dtypes import to_torch_dtype
 from llm_engine.kernels.pointwise import eval_expr
@@ -233,6 +234,13 @@ _ACTS: dict[str, Callable] = {
 }
 
 
+def moe(x, index, weights, gate_up, down, *, act):
+    """The experts of a mixture-of-experts block (kernels/moe.py)."""
+    if act not in _ACTS:
+        raise ValueError(f"moe: unknown activation {act!r}")
+    return moe_ref.moe(x, index, weights, gate_up, down, act=act, acts=_ACTS)
+
+
 def gated_act(x, *, act):
     """act(gate) * up over the two halves of the last dimension (gate first)."""
     gate, up = x.chunk(2, dim=-1)
@@ -302,6 +310,9 @@ def _build() -> dict[str, OpDef]:
         OpDef("rope", rope, "fused", (3, 3)),
         OpDef("gated_act", gated_act, "fused", (1, 1)),
         OpDef("pointwise", pointwise, "fused", (1, 16)),
+        OpDef("topk", moe_ref.topk, "reduction", (1, 1)),
+        OpDef("gather", moe_ref.gather, "copy", (2, 2)),
+        OpDef("moe", moe, "fused", (5, 5)),
         OpDef("sdpa", sdpa, "attention", (3, 3)),
         OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),
         OpDef("all_reduce", all_reduce, "collective", (1, 1), needs_ctx=True),

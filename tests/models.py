@@ -17,7 +17,7 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # scalar multipliers, interleaved RoPE, QK norms, post-norms), and their norms and biases
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
 HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
-             "granite", "gpt_neox", "cohere2", "glm4")
+             "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 # What each tested architecture exercises: README's table is rendered from this
@@ -40,6 +40,11 @@ FEATURES = {
     "gpt_neox": ("GPT-NeoX", "partial RoPE, parallel residual, renamed checkpoint keys"),
     "cohere2": ("Cohere 2", "interleaved RoPE, parallel attention + MLP, sliding layers"),
     "glm4": ("GLM-4", "interleaved partial RoPE, post-norms"),
+    "mixtral": ("Mixtral", "MoE: top-2 of 4 experts, renormalized; per-expert checkpoint "
+                "tensors merged by transformers' converters"),
+    "qwen2_moe": ("Qwen2-MoE", "MoE: top-2 of 4 without renormalization, sigmoid-gated "
+                  "shared expert"),
+    "qwen3_moe": ("Qwen3-MoE", "MoE: top-2 of 4, renormalized; q/k norms"),
 }
 BACKENDS = "reference, ONNX (CPU fast path)"
 
@@ -159,6 +164,15 @@ def _hub_config(arch: str, common: dict):
                                layer_types=["sliding_attention", "full_attention"])
     if arch == "glm4":  # interleaved partial RoPE, post-norms
         return T.Glm4Config(**c, head_dim=16)
+    if arch == "mixtral":  # 4 experts, top-2, renormalized; per-expert checkpoint tensors
+        return T.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # top-2 of 4 without renormalization, a gated shared expert
+        return T.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                norm_topk_prob=False)
+    if arch == "qwen3_moe":  # top-2 of 4, renormalized, q/k norms
+        return T.Qwen3MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=48, head_dim=16, norm_topk_prob=True)
     return None
 
 

@@ -238,10 +238,12 @@ def build_graph(ckpt: Path, *, codegen: bool = False):
     """The graph `engine build` makes (float32, max_batch_tokens 64), and its weights."""
     from llm_engine.builder.build import BuildOptions, PassOptions, run_passes
     from llm_engine.builder.frontend import open_model, trace_model
+    from llm_engine.builder.frontend.checkpoint_names import checkpoint_weights
     from llm_engine.builder.weights import make_weight
 
     source = open_model(str(ckpt))
     traced = trace_model(source.config, torch.float32)
+    source.weights = checkpoint_weights(source.weights, traced)  # as build_engine does
     options = BuildOptions(model=str(ckpt), output=Path("unused"), max_batch_tokens=64,
                            disabled_passes=() if codegen else ("codegen",))
     graph = run_passes(traced, PassOptions.of(options, source, traced, max_seq_len=128))[0][0]

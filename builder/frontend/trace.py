@@ -8,6 +8,7 @@ no checkpoint holds them.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 import torch.fx
 
 from llm_engine.builder.errors import BuildError
-from llm_engine.builder.frontend import attention_op
+from llm_engine.builder.frontend import attention_op, moe_op
 from llm_engine.builder.frontend.checkpoint_names import renamings_for
 
 MAX_TOKENS = 1 << 16
@@ -66,6 +67,9 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = attention_op.register()
+    # a transformers without ExpertsInterface has no MoE models of this form either
+    with contextlib.suppress(ImportError):
+        config._experts_implementation = moe_op.register()
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -156,6 +156,11 @@ class Lowering:
                 self.graph.outputs = [self.env[o] for o in outs]
             elif node.op == "call_function":
                 self.env[node] = self.lower_call(node)
+                packet = getattr(node.target, "overloadpacket", None)
+                if packet is not None and packet.__name__.endswith("_") and node.args and \
+                        isinstance(node.args[0], torch.fx.Node):
+                    # an in-place op: later readers of the mutated tensor see the result
+                    self.env[node.args[0]] = self.env[node]
             elif node.op == "get_attr":
                 self.env[node] = self.constant(node)
             else:

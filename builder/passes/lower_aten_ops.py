@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.fx
 
-from llm_engine.builder.frontend import attention_op  # noqa: F401  (registers the op)
+from llm_engine.builder.frontend import attention_op, moe_op  # noqa: F401  (register ops)
 from llm_engine.builder.passes.lower_aten_mask import classify_mask, mask_arg
 from llm_engine.kernels.dtypes import dtype_name
 
@@ -95,7 +95,10 @@ _UNARY = {aten.neg: "neg", aten.rsqrt: "rsqrt", aten.sqrt: "sqrt", aten.exp: "ex
           aten.relu: "relu", aten.cos: "cos", aten.sin: "sin", aten.abs: "abs",
           aten.reciprocal: "reciprocal", aten.erf: "erf"}
 _BINARY = {aten.add: "add", aten.sub: "sub", aten.mul: "mul", aten.div: "div",
-           aten.pow: "pow", aten.maximum: "maximum", aten.minimum: "minimum"}
+           aten.pow: "pow", aten.maximum: "maximum", aten.minimum: "minimum",
+           # in-place forms (the router's `scores /= scores.sum()`): the value is the result,
+           # and lower_aten rebinds the mutated tensor to it
+           aten.add_: "add", aten.sub_: "sub", aten.mul_: "mul", aten.div_: "div"}
 
 
 def _unary(lo, node, args, kwargs):
@@ -368,6 +371,29 @@ def _attention(lo, node, args, kwargs):
     if softcap:
         attrs["softcap"] = float(softcap)
     return lo.emit("sdpa", [q, k, v], attrs)
+
+
+@handles(torch.ops.llm_engine.moe.default)
+def _moe(lo, node, args, kwargs):
+    """The experts of a MoE block (builder/frontend/moe_op.py); the router traced before."""
+    x, index, weights, gate_up, down, act = args[:6]
+    return lo.emit("moe", [x, index, weights, gate_up, down], {"act": act})
+
+
+@handles(aten.topk.default)
+def _topk(lo, node, args, kwargs):
+    """topk -> (gather(x, idx), idx): the indices are the op; the values are read back."""
+    params = dict(zip(["k", "dim", "largest", "sorted"], args[1:]))
+    params.update(kwargs)
+    k, dim = params["k"], params.get("dim", -1)
+    if not isinstance(k, int):
+        raise lo.fail("topk with a symbolic k")
+    values, indices = node.meta["val"]
+    idx = lo.emit("topk", [args[0]], {"k": k, "dim": dim,
+                                      "largest": bool(params.get("largest", True))},
+                  val=indices)
+    vals = lo.emit("gather", [args[0], idx], {"dim": dim}, val=values)
+    return [vals, idx]
 
 
 @handles(aten.scaled_dot_product_attention.default)

@@ -1,0 +1,51 @@
+"""The mixture-of-experts reference ops against a dense formula, and the trace of a MoE
+block: router in ordinary ops, experts in one `moe` node (HF-match for whole MoE models is
+in test_hf_match.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_engine.kernels.ops import OPS
+
+
+def _dense(x, index, weights, gate_up, down):
+    """Every expert on every token, weighted by the router's (zero elsewhere)."""
+    route = torch.zeros(x.shape[0], gate_up.shape[0]).scatter(1, index, weights)
+    gate, up = torch.einsum("th,eih->eti", x, gate_up).chunk(2, dim=-1)
+    y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, down)
+    return (y * route.t()[..., None]).sum(0)
+
+
+@pytest.mark.parametrize("tokens, experts, k", [(1, 4, 1), (9, 4, 2), (33, 8, 3)])
+def test_moe_reference_matches_dense(tokens, experts, k):
+    g = torch.Generator().manual_seed(tokens)
+    hidden, inter = 16, 24
+    x = torch.randn(tokens, hidden, generator=g)
+    logits = torch.randn(tokens, experts, generator=g)
+    index = OPS["topk"].fn(logits.softmax(-1), k=k, dim=-1)
+    weights = OPS["gather"].fn(logits.softmax(-1), index, dim=-1)
+    torch.testing.assert_close(weights, torch.topk(logits.softmax(-1), k).values)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) * 0.3
+    down = torch.randn(experts, hidden, inter, generator=g) * 0.3
+    got = OPS["moe"].fn(x, index, weights, gate_up, down, act="silu")
+    torch.testing.assert_close(got, _dense(x, index, weights, gate_up, down),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_moe_reference_checks_its_activation():
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="unknown activation"):
+        OPS["moe"].fn(x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                      torch.zeros(1, 8, 4), torch.zeros(1, 4, 4), act="os.system")
+
+
+def test_moe_block_traces_to_one_moe_node_per_layer(graphs):
+    g, _ = graphs("mixtral")
+    ops = [n.op for n in g.nodes()]
+    assert ops.count("moe") == 2 and ops.count("topk") == 2  # one per layer
+    moe = next(n for n in g.nodes() if n.op == "moe")
+    assert moe.attrs == {"act": "silu"}
+    assert g.node(moe.inputs[3]).shape == (4, 2 * 160, 64)  # [experts, 2 * inter, hidden]
