@@ -75,6 +75,8 @@ class PagedAttention(EmitterCore):
             self.windows.add(int(window))
         keys = self.op("Concat", self.past(layer, "k", attrs), padded(k, kvh * d), axis=1)
         values = self.op("Concat", self.past(layer, "v", attrs), padded(v, kvh * d), axis=1)
+        if attrs.get("sinks"):
+            keys, values, mask = self.sink_column(keys, values, mask, attrs["sinks"], h)
         softcap = {"softcap": float(attrs["softcap"])} if attrs.get("softcap") else {}
         out = self.op("Attention", padded(q, h * d), keys, values, mask, q_num_heads=h,
                       kv_num_heads=kvh, scale=float(attrs["scale"]), **softcap)  # [B, Tq, h*d]
@@ -83,6 +85,27 @@ class PagedAttention(EmitterCore):
         self.attn_rows[n["name"]] = self.op("Unsqueeze", out, self.const([0]))
         return self.op("Transpose", self.op("Reshape", out, self.const([1, -1, h, d])),
                        perm=[0, 2, 1, 3])
+
+    def sink_column(self, keys: str, values: str, mask: str, sinks: list[float], h: int
+                    ) -> tuple[str, str, str]:
+        """Attention sinks (gpt-oss) through the standard op: one more key and value, both
+        zero, whose score (0) plus its mask column (the head's sink) is the sink logit; the
+        mask gets a head axis for it ([B, h, Tq, C + 1])."""
+        if len(sinks) != h:
+            raise Unsupported(f"attention sinks: {len(sinks)} values for {h} heads")
+        zero = self.op("Mul", self.op("Slice", keys, self.const([0]), self.const([1]),
+                                      self.const([1])), self.const(0.0, np.float32))
+        keys = self.op("Concat", keys, zero, axis=1)
+        values = self.op("Concat", values, zero, axis=1)
+        shape = self.op("Shape", mask)  # [B, 1, Tq, C]
+        b, tq = (self.op("Slice", shape, self.const([i]), self.const([i + 1])) for i in (0, 2))
+        per_head = self.op("Expand", mask, self.op("Concat", b, self.const([h]), tq,
+                                                   self.op("Slice", shape, self.const([3]),
+                                                           self.const([4])), axis=0))
+        column = self.op("Expand", self.const(np.asarray(sinks, np.float32).reshape(1, h, 1, 1),
+                                              np.float32),
+                         self.op("Concat", b, self.const([h]), tq, self.const([1]), axis=0))
+        return keys, values, self.op("Concat", per_head, column, axis=3)
 
     def kv_store(self, layer: int, attrs: dict[str, Any], k: str, v: str, kvh: int, d: int
                  ) -> tuple[str, str]:

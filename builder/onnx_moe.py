@@ -10,6 +10,7 @@ MoE models want onnxruntime's `MoE` contrib op or a gather per expert (not built
 
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto
 
 from llm_engine.builder.onnx_emitter import EmitterCore
@@ -25,8 +26,9 @@ class MoeOps(EmitterCore):
         return self.op("GatherElements", ins[0], ins[1], axis=attrs["dim"])
 
     def op_moe(self, n, ins, attrs):
-        x, index, weights, gate_up, down = ins
+        x, index, weights, gate_up, down = ins[:5]
         dtype = {name: self.nodes_by_name[name]["dtype"] for name in n["inputs"]}
+        biases = [self.as_float(b, dtype[name]) for b, name in zip(ins[5:], n["inputs"][5:])]
         gu_node = self.nodes_by_name[n["inputs"][3]]
         experts, hidden = gu_node["shape"][0], gu_node["shape"][2]
         rows = self.op("Reshape", self.as_float(x, dtype[n["inputs"][0]]),
@@ -42,13 +44,27 @@ class MoeOps(EmitterCore):
                        perm=[0, 2, 1])  # [E, H, 2I], folded at load
         w_down = self.op("Transpose", self.as_float(down, dtype[n["inputs"][4]]),
                          perm=[0, 2, 1])  # [E, I, H]
-        gate, up = self.node("Split", [self.op("MatMul", rows, w_gu)], 2, axis=-1,
-                             num_outputs=2)  # [E, T, I] each
-        y = self.op("MatMul", self.op("Mul", self.act(gate, attrs["act"]), up), w_down)
+        h = self.op("MatMul", rows, w_gu)  # [E, T, 2I]
+        if biases:
+            h = self.op("Add", h, self.op("Unsqueeze", biases[0], self.const([1])))
+        y = self.op("MatMul", self.moe_gate(h, attrs), w_down)
+        if biases:
+            y = self.op("Add", y, self.op("Unsqueeze", biases[1], self.const([1])))
         scale = self.op("Unsqueeze", self.op("Transpose", route, perm=[1, 0]),
                         self.const([2]))  # [E, T, 1]
         out = self.op("ReduceSum", self.op("Mul", y, scale), self.const([0]), keepdims=0)
         return self.op("Reshape", out, self.op("Shape", ins[0]))
+
+    def moe_gate(self, h: str, attrs) -> str:
+        gate, up = self.node("Split", [h], 2, axis=-1, num_outputs=2)  # [E, T, I] each
+        if attrs["act"] != "clamped_swiglu":
+            return self.op("Mul", self.act(gate, attrs["act"]), up)
+        limit = self.const(float(attrs["limit"]), np.float32)
+        g = self.op("Min", gate, limit)
+        up = self.op("Clip", up, self.const(-float(attrs["limit"]), np.float32), limit)
+        glu = self.op("Mul", g, self.op("Sigmoid", self.op(
+            "Mul", g, self.const(float(attrs["alpha"]), np.float32))))
+        return self.op("Mul", self.op("Add", up, self.const(1.0, np.float32)), glu)
 
     @staticmethod
     def tensor_value(v: float):

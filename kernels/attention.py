@@ -53,27 +53,34 @@ def _allowed(n_q: int, n_ctx: int, window: int | None, device) -> torch.Tensor:
     return allowed
 
 
-def attend(q, k, v, allowed, *, scale, softcap=None):
+def attend(q, k, v, allowed, *, scale, softcap=None, sinks=None):
     """softmax(q k^T * scale [soft-capped], masked to `allowed`) v, with k/v's heads shared by
     groups of q's (GQA). Soft-capping (Gemma 2: softcap * tanh(s / softcap) on the scores
-    before the mask) has no SDPA kernel, so it takes the explicit path, in fp32."""
+    before the mask) and sinks (gpt-oss: a learned logit per head [H] that joins each row's
+    softmax and adds no value) have no SDPA kernel, so they take the explicit path, in
+    fp32."""
     gqa = k.shape[-3] != q.shape[-3]
-    if softcap is None:
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                               enable_gqa=gqa)
     if gqa:
         groups = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    if sinks is None:
+        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    sink = sinks.float().reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
 
 
-def sdpa(q, k, v, *, scale, window=None, softcap=None):
+def sdpa(q, k, v, sinks=None, *, scale, window=None, softcap=None):
     """Causal attention of one sequence (the traced form, before the kv_cache pass)."""
     mask = _allowed(q.shape[-2], k.shape[-2], window, q.device)
-    return attend(q, k, v, mask, scale=scale, softcap=softcap)
+    return attend(q, k, v, mask, scale=scale, softcap=softcap, sinks=sinks)
 
 
 @lru_cache(maxsize=1024)
@@ -178,7 +185,7 @@ def gather_kv(cache, blocks, n_ctx):
 def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                     cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,
                     num_kv_heads=None, head_dim=None, kv_dtype=None, k_scale=None,
-                    v_scale=None, kv_head_map=None, softcap=None):
+                    v_scale=None, kv_head_map=None, softcap=None, sinks=None):
     """Write K/V into the paged cache, then attend each sequence's queries to its history.
 
     With `cos`/`sin` given, rotary embedding is applied to q and k first (the fuse pass
@@ -198,6 +205,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
         key_cache, value_cache = _as_bytes(key_cache), _as_bytes(value_cache)
     block_size = key_cache.shape[1]
     head_map = None if kv_head_map is None else torch.tensor(kv_head_map, device=q.device)
+    sinks = None if sinks is None else _scale_tensor(tuple(sinks), q.device)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
@@ -207,7 +215,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     decode = [s for s, n in enumerate(n_q) if n == 1]
     if decode:
         _decode_attention(q, out, key_cache, value_cache, block_tables, decode, starts, lens,
-                          scale, window, ks, vs, head_map, softcap)
+                          scale, window, ks, vs, head_map, softcap, sinks)
     done = set(decode)
     for s, n_ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
@@ -221,12 +229,13 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
             keys, values = keys.index_select(0, head_map), values.index_select(0, head_map)
         mask = _allowed(q1 - q0, n_ctx, window, q.device)
         out[0, :, q0:q1] = attend(q[0, :, q0:q1], keys, values, mask, scale=scale,
-                                  softcap=softcap)
+                                  softcap=softcap, sinks=sinks)
     return out
 
 
 def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts, lens, scale,
-                      window, k_scale=None, v_scale=None, head_map=None, softcap=None):
+                      window, k_scale=None, v_scale=None, head_map=None, softcap=None,
+                      sinks=None):
     block_size = key_cache.shape[1]
     idx = torch.tensor(seqs, device=q.device)
     ctx = torch.tensor([lens[s] for s in seqs], device=q.device)
@@ -245,5 +254,6 @@ def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts
     if window is not None:
         allowed &= k_pos > (ctx[:, None] - 1 - window)
     queries = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-    res = attend(queries, keys, values, allowed[:, None, None], scale=scale, softcap=softcap)
+    res = attend(queries, keys, values, allowed[:, None, None], scale=scale, softcap=softcap,
+                 sinks=sinks)
     out[0, :, rows] = res.squeeze(2).transpose(0, 1)

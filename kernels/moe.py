@@ -4,7 +4,8 @@ A MoE block traces (builder/frontend/moe_op.py) to its router in ordinary ops (a
 softmax or sigmoid, `topk`, `gather` of the chosen scores, renormalization) and one `moe`
 node for the experts. The router's choice is data, so `moe` runs each expert on the tokens
 routed to it: x [T, H], index and weights [T, k], gate_up [E, 2I, H] (gate rows first),
-down [E, H, I] -> sum over a token's k experts of weight * down(act(gate) * up).
+down [E, H, I], optional biases [E, 2I] and [E, H] -> sum over a token's k experts of
+weight * down(gate(gate_up(x))).
 """
 
 from __future__ import annotations
@@ -24,18 +25,33 @@ def gather(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, index)
 
 
+def gate(h: torch.Tensor, *, act: str, acts: dict[str, Callable], alpha: float = 0.0,
+         limit: float = 0.0) -> torch.Tensor:
+    """[..., 2I] (gate first) -> [..., I]: act(gate) * up, or gpt-oss's clamped SwiGLU."""
+    g, up = h.chunk(2, dim=-1)
+    if act == "clamped_swiglu":
+        g = g.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+    return acts[act](g) * up
+
+
 def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-        down: torch.Tensor, *, act: str, acts: dict[str, Callable]) -> torch.Tensor:
+        down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None, *, act: str, acts: dict[str, Callable],
+        alpha: float = 0.0, limit: float = 0.0) -> torch.Tensor:
     if x.is_meta:  # the builder's verifier checks shapes on meta tensors
         return torch.empty_like(x)
     flat = x.reshape(-1, x.shape[-1])
     idx = index.reshape(flat.shape[0], -1)
     w = weights.reshape(flat.shape[0], -1)
     out = torch.zeros_like(flat)
-    fn = acts[act]
     for e in torch.unique(idx).tolist():  # only the experts some token was routed to
         tokens, slot = (idx == e).nonzero(as_tuple=True)
-        gate, up = (flat[tokens] @ gate_up[e].t().to(flat.dtype)).chunk(2, dim=-1)
-        h = (fn(gate) * up) @ down[e].t().to(flat.dtype)
+        h = flat[tokens] @ gate_up[e].t().to(flat.dtype)
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].to(flat.dtype)
+        h = gate(h, act=act, acts=acts, alpha=alpha, limit=limit) @ down[e].t().to(flat.dtype)
+        if down_bias is not None:
+            h = h + down_bias[e].to(flat.dtype)
         out.index_add_(0, tokens, (h * w[tokens, slot, None]).to(out.dtype))
     return out.reshape(x.shape)

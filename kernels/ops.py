@@ -234,11 +234,13 @@ _ACTS: dict[str, Callable] = {
 }
 
 
-def moe(x, index, weights, gate_up, down, *, act):
+def moe(x, index, weights, gate_up, down, gate_up_bias=None, down_bias=None, *, act,
+        alpha=0.0, limit=0.0):
     """The experts of a mixture-of-experts block (kernels/moe.py)."""
-    if act not in _ACTS:
+    if act not in _ACTS and act != "clamped_swiglu":
         raise ValueError(f"moe: unknown activation {act!r}")
-    return moe_ref.moe(x, index, weights, gate_up, down, act=act, acts=_ACTS)
+    return moe_ref.moe(x, index, weights, gate_up, down, gate_up_bias, down_bias, act=act,
+                       acts=_ACTS, alpha=alpha, limit=limit)
 
 
 def gated_act(x, *, act):
@@ -312,8 +314,8 @@ def _build() -> dict[str, OpDef]:
         OpDef("pointwise", pointwise, "fused", (1, 16)),
         OpDef("topk", moe_ref.topk, "reduction", (1, 1)),
         OpDef("gather", moe_ref.gather, "copy", (2, 2)),
-        OpDef("moe", moe, "fused", (5, 5)),
-        OpDef("sdpa", sdpa, "attention", (3, 3)),
+        OpDef("moe", moe, "fused", (5, 7)),
+        OpDef("sdpa", sdpa, "attention", (3, 4)),
         OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),
         OpDef("all_reduce", all_reduce, "collective", (1, 1), needs_ctx=True),
         OpDef("all_gather", all_gather, "collective", (1, 1), needs_ctx=True),

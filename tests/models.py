@@ -17,7 +17,8 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # scalar multipliers, interleaved RoPE, QK norms, post-norms), and their norms and biases
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
 HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
-             "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe")
+             "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe",
+             "gpt_oss")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 # What each tested architecture exercises: README's table is rendered from this
@@ -45,6 +46,8 @@ FEATURES = {
     "qwen2_moe": ("Qwen2-MoE", "MoE: top-2 of 4 without renormalization, sigmoid-gated "
                   "shared expert"),
     "qwen3_moe": ("Qwen3-MoE", "MoE: top-2 of 4, renormalized; q/k norms"),
+    "gpt_oss": ("gpt-oss", "attention sinks, sliding / full layers, MoE with biased, "
+                "interleaved, transposed experts and a clamped SwiGLU"),
 }
 BACKENDS = "reference, ONNX (CPU fast path)"
 
@@ -173,6 +176,12 @@ def _hub_config(arch: str, common: dict):
     if arch == "qwen3_moe":  # top-2 of 4, renormalized, q/k norms
         return T.Qwen3MoeConfig(**c, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=48, head_dim=16, norm_topk_prob=True)
+    if arch == "gpt_oss":  # sinks, sliding / full layers, biased interleaved experts with a
+        # clamped SwiGLU (limit low enough to clip), router softmax over the top-2 logits
+        return T.GptOssConfig(**{**c, "intermediate_size": 48}, num_local_experts=4,
+                              num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                              swiglu_limit=1.0,
+                              layer_types=["sliding_attention", "full_attention"])
     return None
 
 

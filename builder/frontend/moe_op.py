@@ -8,9 +8,10 @@ experts trace to one `llm_engine::moe` node instead of a data-dependent loop tha
 torch.export cannot follow. The router itself (linear, softmax or sigmoid, top-k,
 renormalization, shared experts and their gate) is ordinary code and traces as it is.
 
-Supported: concatenated [gate; up] weights, not transposed, no biases, no post-expert norm,
-the default gate (act(gate) * up) with one of the reference activations. Anything else fails
-the trace naming what the experts module uses.
+Supported: gate and up weights concatenated or interleaved, transposed or not, with or without
+biases; the default gate (act(gate) * up) with one of the reference activations, or
+gpt-oss's clamped SwiGLU. Anything else (no gate, a post-expert norm, another custom gate)
+fails the trace naming what the experts module uses.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
 
 @torch.library.custom_op("llm_engine::moe", mutates_args=())
 def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-        down: torch.Tensor, act: str) -> torch.Tensor:
+        down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+        act: str, alpha: float, limit: float) -> torch.Tensor:
     from llm_engine.kernels.ops import moe as reference
 
-    return reference(x, index, weights, gate_up, down, act=act)
+    biases = [b for b in (gate_up_bias, down_bias) if b is not None]
+    return reference(x, index, weights, gate_up, down, *biases, act=act, alpha=alpha,
+                     limit=limit)
 
 
 @moe.register_fake
-def _(x, index, weights, gate_up, down, act):
+def _(x, index, weights, gate_up, down, gate_up_bias, down_bias, act, alpha, limit):
     return torch.empty_like(x)
 
 
@@ -41,26 +45,45 @@ def _unsupported(module, what: str) -> NotImplementedError:
                                "llm_engine lowering yet")
 
 
-def _forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts-function signature."""
+def _gate(module) -> tuple[str, float, float]:
+    """(act, alpha, limit): the default gate act(gate) * up, or gpt-oss's clamped SwiGLU
+    ((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)),
+    recognized by its `alpha` and `limit` (the gate transformers' gpt-oss defines)."""
     from transformers.integrations.moe import _default_apply_gate
 
-    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
-        raise _unsupported(module, "separate or interleaved gate/up weights")
-    if getattr(module, "is_transposed", False):
-        raise _unsupported(module, "transposed weights")
-    if getattr(module, "has_bias", False):
-        raise _unsupported(module, "biases")
+    if getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate:
+        act = ACTS.get(str(getattr(module.config, "hidden_act", "silu")))
+        if act is None:
+            raise _unsupported(module, f"activation {module.config.hidden_act!r}")
+        return act, 0.0, 0.0
+    if isinstance(getattr(module, "alpha", None), float) and \
+            isinstance(getattr(module, "limit", None), float):
+        return "clamped_swiglu", module.alpha, module.limit
+    raise _unsupported(module, "a custom gate")
+
+
+def _forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts-function signature. The weights reach the op in one layout,
+    [E, 2I, H] with gate rows first and [E, H, I]: transposed or interleaved checkpoints
+    (gpt-oss) are rearranged here, as ops on the weights that the fast path folds at load."""
+    if not getattr(module, "has_gate", True):
+        raise _unsupported(module, "no gate (up projection only)")
     if getattr(module, "has_post_expert_norm", False):
         raise _unsupported(module, "a post-expert norm")
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        raise _unsupported(module, "a custom gate (e.g. a clamped SwiGLU)")
-    act = ACTS.get(str(getattr(module.config, "hidden_act", "silu")))
-    if act is None:
-        raise _unsupported(module, f"activation {module.config.hidden_act!r}")
-    return torch.ops.llm_engine.moe(hidden_states, top_k_index, top_k_weights.to(
-        hidden_states.dtype), module.gate_up_proj, module.down_proj, act)
+    act, alpha, limit = _gate(module)
+    gate_up, down = module.gate_up_proj, module.down_proj
+    gate_up_bias = getattr(module, "gate_up_proj_bias", None) if module.has_bias else None
+    down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
+    if getattr(module, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if not getattr(module, "is_concatenated", True):  # gate0, up0, gate1, up1, ...
+        gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+        if gate_up_bias is not None:
+            gate_up_bias = torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], dim=1)
+    return torch.ops.llm_engine.moe(hidden_states, top_k_index,
+                                    top_k_weights.to(hidden_states.dtype), gate_up, down,
+                                    gate_up_bias, down_bias, act, float(alpha), float(limit))
 
 
 def register() -> str:

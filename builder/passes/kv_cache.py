@@ -35,6 +35,18 @@ def strip_repeat_kv(graph: Graph, name: str) -> str:
     return unsq.inputs[0]
 
 
+def _weight_values(graph: Graph, name: str, options) -> list[float]:
+    """The values of a small weight (a layer's attention sinks), read from the checkpoint."""
+    from llm_engine.builder.weights import make_weight
+
+    node = graph.node(name)
+    if node.op != "weight" or options is None or options.weights is None:
+        raise ValueError(f"{name}: attention sinks must be a checkpoint weight")
+    spec = graph.weights[node.attrs["name"]]
+    return [float(x) for x in make_weight(spec, options.weights, options.buffers).float()
+            .flatten()]
+
+
 def _metadata_inputs(graph: Graph) -> list[str]:
     names = []
     for name, (shape, dtype) in METADATA_INPUTS.items():
@@ -54,7 +66,12 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
     meta = _metadata_inputs(graph)
     layers = []
     for layer, node in enumerate(attention):
-        q, k, v = node.inputs
+        q, k, v = node.inputs[:3]
+        extra = {}
+        if node.attrs.get("softcap"):
+            extra["softcap"] = node.attrs["softcap"]
+        if len(node.inputs) > 3:  # sinks: their values become attrs, as KV scales are
+            extra["sinks"] = _weight_values(graph, node.inputs[3], options)
         k, v = strip_repeat_kv(graph, k), strip_repeat_kv(graph, v)
         q_shape, k_shape = graph.node(q).shape, graph.node(k).shape
         heads, kv_heads, head_dim = q_shape[1], k_shape[1], k_shape[3]
@@ -64,7 +81,7 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
             "paged_attention", [q, k, v, *meta], node.shape, node.dtype,
             attrs={"layer": layer, "scale": node.attrs["scale"], "window": node.attrs["window"],
                    "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
-                   **({"softcap": node.attrs["softcap"]} if node.attrs.get("softcap") else {})},
+                   **extra},
             origin=node.origin, name=f"paged_attention_{layer}", order=node.order)
         graph.replace_uses(node.name, paged.name)
         graph.remove(node.name)

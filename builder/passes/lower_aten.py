@@ -102,6 +102,17 @@ class Lowering:
             self.weight_nodes[name] = self.graph.add_weight(spec, origin=origin).name
         return self.weight_nodes[name]
 
+    def literal(self, value: torch.Tensor) -> str:
+        """A tensor the lowering computed from constants alone (an arange of fixed bounds):
+        kept like a buffer, its value stored in the engine."""
+        name = f"constant.{self.current.name}"
+        if name not in self.weight_nodes:
+            self.traced.buffers[name] = value.detach().clone()
+            spec = WeightSpec(name, tuple(value.shape), dtype_name(value.dtype),
+                              {"buffer": name})
+            self.weight_nodes[name] = self.graph.add_weight(spec, origin=[self.current.name]).name
+        return self.weight_nodes[name]
+
     def constant(self, node: torch.fx.Node) -> str:
         """A tensor the graph reads as an attribute (a buffer or constant that export did not
         lift to an input, as some transformers versions' RoPE `inv_freq`): kept like a

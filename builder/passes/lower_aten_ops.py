@@ -365,19 +365,33 @@ def _attention(lo, node, args, kwargs):
     """The engine's own attention op (builder/frontend/attention_op.py): its variant is in
     its arguments."""
     q, k, v, _, sinks, scale, softcap = args[:7]
-    if sinks is not None:
-        raise lo.fail("attention sinks (gpt-oss)")
     attrs = {"scale": float(scale), "window": _window(lo, node)}
     if softcap:
         attrs["softcap"] = float(softcap)
-    return lo.emit("sdpa", [q, k, v], attrs)
+    # sinks (gpt-oss): one learned logit per head, a weight until kv_cache reads its values
+    return lo.emit("sdpa", [q, k, v, *([sinks] if sinks is not None else [])], attrs)
+
+
+@handles(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(lo, node, args, kwargs):
+    """An arange of fixed bounds (long-context RoPE's frequency index) is a constant."""
+    if any(not isinstance(a, int | float) for a in args):
+        raise lo.fail("arange with a size known only at run time")
+    val = node.meta["val"]
+    return lo.literal(torch.arange(*args, dtype=val.dtype))
 
 
 @handles(torch.ops.llm_engine.moe.default)
 def _moe(lo, node, args, kwargs):
     """The experts of a MoE block (builder/frontend/moe_op.py); the router traced before."""
-    x, index, weights, gate_up, down, act = args[:6]
-    return lo.emit("moe", [x, index, weights, gate_up, down], {"act": act})
+    x, index, weights, gate_up, down, gate_up_bias, down_bias, act, alpha, limit = args[:10]
+    if (gate_up_bias is None) != (down_bias is None):
+        raise lo.fail("experts with a bias on one projection only")
+    attrs = {"act": act}
+    if act == "clamped_swiglu":
+        attrs |= {"alpha": float(alpha), "limit": float(limit)}
+    biases = [b for b in (gate_up_bias, down_bias) if b is not None]
+    return lo.emit("moe", [x, index, weights, gate_up, down, *biases], attrs)
 
 
 @handles(aten.topk.default)
