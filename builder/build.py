@@ -204,11 +204,14 @@ def build_engine(options: BuildOptions, ui: BuildUI | None = None) -> Path:
             weight_bytes = _write_ranks(out, graphs, source, traced, ui)
         with timings("onnx"):
             onnx, cpu_graph = _write_onnx(out, graphs, options, ui)
+        with timings("moe_report"):
+            moe = _moe_report(out, graphs, options, source, ui)
         with timings("tokenizer"):
             _write_tokenizer(out, source, ui)
         _write_kernels(out, graphs)
-        out.write_json("report.json", engine_report(traced, graphs, reports, onnx=onnx,
-                                                    weight_bytes=weight_bytes, timings=timings))
+        report = engine_report(traced, graphs, reports, onnx=onnx, weight_bytes=weight_bytes,
+                               timings=timings)
+        out.write_json("report.json", {**report, **({"moe": moe} if moe else {})})
         out.write_json("engine.json", engine_manifest(out, options, source, traced, graphs,
                                                       max_seq_len=max_seq_len,
                                                       cpu_graph=cpu_graph))
@@ -289,6 +292,29 @@ def _write_onnx(out: EngineWriter, graphs: list[Graph], options: BuildOptions, u
         ui.note(f"no ONNX graph: {export.reason}; the CPU runtime will use the reference "
                 "executor")
         return export, None
+
+
+def _moe_report(out: EngineWriter, graphs: list[Graph], options: BuildOptions, source,
+                ui: BuildUI) -> dict[str, Any] | None:
+    """report.json's `moe` (builder/moe_report.py): rank 0's experts, and the routing
+    balance on a few windows of the calibration text (single-rank engines)."""
+    from llm_engine.builder.moe_report import WINDOW_TOKENS, WINDOWS, moe_layers, moe_report
+    from llm_engine.builder.quant.calib_data import load_calib_data
+
+    if not moe_layers(graphs[0]):
+        return None
+    if len(graphs) > 1:
+        return {"layers": moe_layers(graphs[0]),
+                "routing": {"measured": False, "reason": "measured on single-rank builds"}}
+
+    def windows() -> list[list[int]]:
+        tokenizer = source.load_tokenizer() if source.has_tokenizer() else None
+        return load_calib_data(options.calib_data, tokenizer, samples=WINDOWS,
+                               seq_len=WINDOW_TOKENS, heldout=0,
+                               vocab_size=int(source.config.vocab_size)).samples
+
+    with ui.stage("moe routing balance"):
+        return moe_report(graphs[0], out.path("weights.rank0.safetensors"), windows)
 
 
 def _checked(out: EngineWriter, plan: dict[str, Any], options: BuildOptions,

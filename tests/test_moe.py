@@ -49,3 +49,36 @@ def test_moe_block_traces_to_one_moe_node_per_layer(graphs):
     moe = next(n for n in g.nodes() if n.op == "moe")
     assert moe.attrs == {"act": "silu"}
     assert g.node(moe.inputs[3]).shape == (4, 2 * 160, 64)  # [experts, 2 * inter, hidden]
+
+
+def test_report_has_experts_and_measured_routing(checkpoints, tmp_path):
+    """report.json -> moe: each layer's experts and top-k, and the share of routed tokens
+    per expert measured on calibration text (here token ids: the tiny model has no
+    tokenizer)."""
+    import json
+    import random
+
+    from tests.models import build_tiny_engine
+
+    rng = random.Random(0)
+    calib = tmp_path / "ids.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": [rng.randrange(320) for _ in range(128)]})
+                             + "\n" for _ in range(4)))
+    ckpt, _ = checkpoints("mixtral")
+    path = build_tiny_engine(ckpt, tmp_path / "engine", calib_data=str(calib))
+    moe = json.loads((path / "report.json").read_text())["moe"]
+    assert [(la["experts"], la["top_k"], la["gate"]) for la in moe["layers"]] == \
+        [(4, 2, "silu")] * 2
+    assert moe["routing"]["measured"] and moe["routing"]["tokens"] == 256
+    for layer in moe["layers"]:
+        assert sum(layer["routed_share"]) == pytest.approx(1.0, abs=1e-3)
+    assert moe["routing"]["max_over_mean_load"]["worst_layer"] >= 1.0
+
+
+def test_report_says_why_routing_was_not_measured(engines):
+    import json
+
+    moe = json.loads((engines("qwen3_moe") / "report.json").read_text())["moe"]
+    assert moe["routing"]["measured"] is False and "tokenizer" in moe["routing"]["reason"]
+    dense = json.loads((engines("llama") / "report.json").read_text())
+    assert "moe" not in dense
