@@ -25,6 +25,27 @@ class MoeOps(EmitterCore):
     def op_gather(self, n, ins, attrs):
         return self.op("GatherElements", ins[0], ins[1], axis=attrs["dim"])
 
+    def op_scatter(self, n, ins, attrs):
+        value = self.const([attrs["value"]], np.float32)
+        if n["dtype"] != "float32":
+            value = self.op("Cast", value, to=self.onnx_dtype(n["dtype"]))
+        updates = self.op("Expand", value, self.op("Shape", ins[1]))
+        return self.op("ScatterElements", ins[0], ins[1], updates, axis=attrs["dim"])
+
+    def op_masked_fill(self, n, ins, attrs):
+        value = self.const(attrs["value"], np.float32)
+        if n["dtype"] != "float32":
+            value = self.op("Cast", value, to=self.onnx_dtype(n["dtype"]))
+        return self.op("Where", ins[1], value, ins[0])
+
+    def op_logical_not(self, n, ins, attrs):
+        return self.op("Not", ins[0])
+
+    def onnx_dtype(self, name: str) -> int:
+        from llm_engine.builder.onnx_emitter import DTYPES, FLOATS
+
+        return TensorProto.FLOAT if name in FLOATS else DTYPES[name]
+
     def op_moe(self, n, ins, attrs):
         x, index, weights, gate_up, down = ins[:5]
         dtype = {name: self.nodes_by_name[name]["dtype"] for name in n["inputs"]}

@@ -55,3 +55,16 @@ def moe(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, gate_up: to
             h = h + down_bias[e].to(flat.dtype)
         out.index_add_(0, tokens, (h * w[tokens, slot, None]).to(out.dtype))
     return out.reshape(x.shape)
+
+
+def scatter(x: torch.Tensor, index: torch.Tensor, *, dim: int, value: float) -> torch.Tensor:
+    """x with `value` written at `index` along dim (group-limited routing's group mask)."""
+    return x.scatter(dim, index, value)
+
+
+def masked_fill(x: torch.Tensor, mask: torch.Tensor, *, value: float) -> torch.Tensor:
+    return x.masked_fill(mask, value)
+
+
+def logical_not(x: torch.Tensor) -> torch.Tensor:
+    return torch.logical_not(x)

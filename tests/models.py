@@ -18,7 +18,7 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
 HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
              "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe",
-             "gpt_oss")
+             "gpt_oss", "deepseek_v3")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 # What each tested architecture exercises: README's table is rendered from this
@@ -46,6 +46,9 @@ FEATURES = {
     "qwen2_moe": ("Qwen2-MoE", "MoE: top-2 of 4 without renormalization, sigmoid-gated "
                   "shared expert"),
     "qwen3_moe": ("Qwen3-MoE", "MoE: top-2 of 4, renormalized; q/k norms"),
+    "deepseek_v3": ("DeepSeek-V3", "multi-head latent attention (K and V of one head size), "
+                    "group-limited sigmoid routing with correction bias, shared expert, dense "
+                    "first layer"),
     "gpt_oss": ("gpt-oss", "attention sinks, sliding / full layers, MoE with biased, "
                 "interleaved, transposed experts and a clamped SwiGLU"),
 }
@@ -182,6 +185,14 @@ def _hub_config(arch: str, common: dict):
                               num_experts_per_tok=2, head_dim=16, sliding_window=8,
                               swiglu_limit=1.0,
                               layer_types=["sliding_attention", "full_attention"])
+    if arch == "deepseek_v3":  # MLA (LoRA'd q and kv, decoupled RoPE), a dense first layer,
+        # then sigmoid routing limited to 1 of 2 expert groups, correction bias, shared expert
+        return T.DeepseekV3Config(**{**c, "num_hidden_layers": 3}, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                  first_k_dense_replace=1, n_group=2, topk_group=1,
+                                  routed_scaling_factor=2.5)
     return None
 
 
@@ -197,6 +208,9 @@ def make_checkpoint(arch: str, path: Path, seed: int = 0):
                 p.mul_(2.0)
             elif arch in HUB_ARCHS:  # norms and biases away from their constant init
                 p.add_(torch.randn_like(p) * 0.2)
+        for name, b in model.named_buffers():  # a saved router bias (DeepSeek-V3)
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.5)
     model.save_pretrained(path)
     if arch in WITH_TOKENIZER:
         make_tokenizer().save_pretrained(path)

@@ -82,3 +82,22 @@ def test_report_says_why_routing_was_not_measured(engines):
     assert moe["routing"]["measured"] is False and "tokenizer" in moe["routing"]["reason"]
     dense = json.loads((engines("llama") / "report.json").read_text())
     assert "moe" not in dense
+
+
+def test_mla_with_a_distinct_value_head_size_fails_in_one_line(tmp_path):
+    """DeepSeek's real shapes (values of 128 against keys of 192) need a cache with two head
+    sizes: refused, naming it, instead of a wrong engine."""
+    import transformers as T
+
+    from llm_engine.builder.errors import BuildError
+    from tests.models import build_tiny_engine
+
+    cfg = T.DeepseekV3Config(vocab_size=320, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                             first_k_dense_replace=1, pad_token_id=0)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(BuildError, match="multi-head latent attention"):
+        build_tiny_engine(tmp_path / "ckpt", tmp_path / "engine")

@@ -45,6 +45,9 @@ class Traced:
     # transformers' checkpoint-key renamings for this model (checkpoint_names.py)
     renamings: list = field(default_factory=list)
     base_model_prefix: str | None = None
+    # buffers saved with the model (a MoE router's score-correction bias): the checkpoint's
+    # value wins over the one computed at init, as in from_pretrained
+    persistent_buffers: frozenset[str] = frozenset()
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -60,6 +63,16 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
         for target, source in tied.items():
             aliases.setdefault(target, source)
     return aliases
+
+
+def _persistent_buffers(model: torch.nn.Module) -> frozenset[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in skip:
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return frozenset(names)
 
 
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
@@ -84,6 +97,7 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     model = build_meta_model(config, dtype)
     arch = type(model).__name__
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    persistent = _persistent_buffers(model)
     aliases = _tied_aliases(model)
     param_dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
     renamings = renamings_for(model)
@@ -99,6 +113,11 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildError(f"torch.export failed for {arch}: {first}") from e
+    if _mutates_views(program.graph_module.graph):
+        # Writes into slices of a fresh tensor (DeepSeek's MLA builds K as new_empty + two
+        # copy_ into its halves) or in-place scatters: functionalize (no op decomposed), so
+        # the lowering sees slice_scatter / scatter values instead of mutations.
+        program = program.run_decompositions({})
     _inline_wrappers(program.graph_module, arch)
     sig = program.graph_signature
     names = {}
@@ -112,7 +131,21 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
         buffers[name] = program.constants[target].detach().clone()
     return Traced(program, names, buffers, aliases, param_dtypes, arch,
                   time.perf_counter() - start, renamings=renamings,
+                  persistent_buffers=persistent,
                   base_model_prefix=getattr(model, "base_model_prefix", None) or None)
+
+
+# In-place ops lower_aten lowers as their out-of-place forms (they mutate no view).
+_INPLACE_ARITH = frozenset({"aten::add_", "aten::sub_", "aten::mul_", "aten::div_"})
+
+
+def _mutates_views(graph: torch.fx.Graph) -> bool:
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable and \
+                schema.name not in _INPLACE_ARITH:
+            return True
+    return False
 
 
 def _wrapper_parts(node: torch.fx.Node) -> tuple[torch.fx.Node, tuple] | None:

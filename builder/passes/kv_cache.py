@@ -9,6 +9,7 @@ Positions already are one (`position_ids`), which covers RoPE and learned (GPT-2
 
 from __future__ import annotations
 
+from llm_engine.builder.errors import BuildError
 from llm_engine.builder.ir import Graph, Node
 from llm_engine.builder.passes.report import PassReport
 
@@ -75,6 +76,11 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
         k, v = strip_repeat_kv(graph, k), strip_repeat_kv(graph, v)
         q_shape, k_shape = graph.node(q).shape, graph.node(k).shape
         heads, kv_heads, head_dim = q_shape[1], k_shape[1], k_shape[3]
+        if graph.node(v).shape[3] != head_dim:
+            raise BuildError(f"{node.name}: keys of head size {head_dim} and values of "
+                             f"{graph.node(v).shape[3]} (multi-head latent attention with "
+                             "v_head_dim != qk_head_dim): the paged cache holds one head size "
+                             "for both; not supported yet")
         if heads % kv_heads:
             raise ValueError(f"{node.name}: {heads} query heads over {kv_heads} KV heads")
         paged = graph.add(

@@ -84,7 +84,8 @@ class Lowering:
         state_name = self.traced.placeholder_names[node.target]
         name = self.traced.aliases.get(state_name, state_name)
         val = node.meta["val"]
-        if name in self.traced.buffers:
+        if name in self.traced.buffers and not (name in self.traced.persistent_buffers
+                                                and self.available(name)):
             recipe = {"buffer": name}
             dtype = dtype_name(self.traced.buffers[name].dtype)
         else:

@@ -381,6 +381,85 @@ def _arange(lo, node, args, kwargs):
     return lo.literal(torch.arange(*args, dtype=val.dtype))
 
 
+def _zeros(lo, node, shape, dtype):
+    """A tensor of `shape` whose values do not matter or are zero (empty / zeros_like): a
+    zero literal expanded, which costs no buffer."""
+    one = lo.literal(torch.zeros([1] * len(shape), dtype=dtype))
+    return lo.emit("expand", [one], {"shape": [lo.value(s) for s in shape]})
+
+
+@handles(aten.new_empty.default, aten.empty.memory_format, aten.zeros_like.default,
+         aten.new_zeros.default, aten.empty_like.default)
+def _fresh(lo, node, args, kwargs):
+    val = node.meta["val"]
+    return _zeros(lo, node, list(val.shape), val.dtype)
+
+
+@handles(aten.copy.default)
+def _copy(lo, node, args, kwargs):
+    """The functional copy_: src in dst's dtype and shape."""
+    dst, src = node.args[0].meta["val"], node.args[1].meta["val"]
+    out = args[1]
+    if src.dtype != dst.dtype:
+        out = lo.emit("to_dtype", [out], {"dtype": dtype_name(dst.dtype)},
+                      val=_Val(src.shape, dst.dtype))
+    if tuple(src.shape) != tuple(dst.shape):
+        out = lo.emit("expand", [out], {"shape": [lo.value(s) for s in dst.shape]})
+    return out
+
+
+@handles(aten.slice_scatter.default)
+def _slice_scatter(lo, node, args, kwargs):
+    """base with src over [start:end) of dim, as the concatenation of base's other parts
+    and src (step 1); parts of size 0 are left out."""
+    params = dict(zip(["dim", "start", "end", "step"], args[2:]))
+    params.update(kwargs)
+    dim, start, end = params.get("dim", 0), params.get("start"), params.get("end")
+    if params.get("step", 1) != 1:
+        raise lo.fail("slice_scatter with a step")
+    base = node.args[0].meta["val"]
+    d = dim % base.dim()
+    size = base.shape[d]
+    start = 0 if start is None else start
+    end = size if end is None or (isinstance(end, int) and end >= INT64_MAX) else end
+    if not all(isinstance(x, int) for x in (start, end, size)):
+        raise lo.fail("slice_scatter over a dimension of run-time size")
+    end = min(end, size)
+    parts = []
+    shape = list(base.shape)
+    if start > 0:
+        parts.append(lo.emit("slice", [args[0]], _slice_attrs(lo, d, 0, start, 1),
+                             val=_Val([*shape[:d], start, *shape[d + 1:]], base.dtype)))
+    parts.append(args[1])
+    if end < size:
+        parts.append(lo.emit("slice", [args[0]], _slice_attrs(lo, d, end, size, 1),
+                             val=_Val([*shape[:d], size - end, *shape[d + 1:]], base.dtype)))
+    return parts[0] if len(parts) == 1 else lo.emit("cat", parts, {"dim": d})
+
+
+@handles(aten.scatter.value)
+def _scatter(lo, node, args, kwargs):
+    x, dim, index, value = args[:4]
+    return lo.emit("scatter", [x, index], {"dim": dim, "value": float(value)})
+
+
+@handles(aten.masked_fill.Scalar)
+def _masked_fill(lo, node, args, kwargs):
+    return lo.emit("masked_fill", [args[0], args[1]], {"value": float(args[2])})
+
+
+@handles(aten.bitwise_not.default, aten.logical_not.default)
+def _not(lo, node, args, kwargs):
+    if node.meta["val"].dtype != torch.bool:
+        raise lo.fail("bitwise_not of integers")
+    return lo.emit("logical_not", [args[0]])
+
+
+@handles(aten.gather.default)
+def _gather(lo, node, args, kwargs):
+    return lo.emit("gather", [args[0], args[2]], {"dim": args[1]})
+
+
 @handles(torch.ops.llm_engine.moe.default)
 def _moe(lo, node, args, kwargs):
     """The experts of a MoE block (builder/frontend/moe_op.py); the router traced before."""
