@@ -90,8 +90,11 @@ def test_vocab_not_divisible(tp_engines, checkpoints):
 
 
 @pytest.mark.parametrize("arch,tp", [("llama_tied", 2), ("llama", 3), ("qwen2", 2),
-                                     ("gpt2", 2), ("mistral", 2)])
+                                     ("gpt2", 2), ("mistral", 2), ("mixtral", 2),
+                                     ("qwen2_moe", 2)])
 def test_ranks_match_single_rank(tp_engines, arch, tp):
+    """MoE: attention and the shared expert split by heads / channels, each expert's
+    intermediate channels split, the router on every rank."""
     one = PagedRunner(tp_engines(arch, 1))
     want = [one.step(work) for work in _steps()]
     got = _rank_logits(tp_engines(arch, tp), tp, _steps())
@@ -185,3 +188,16 @@ def test_build_parallel_bad_options(checkpoints, tmp_path, args, fragment):
     else:
         one_line_error(result, fragment)  # refused before any work
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_attention_tp_refuses_what_it_cannot_split(checkpoints, tmp_path, arch):
+    """gpt-oss (RoPE'd q/k concatenated back) and DeepSeek's MLA (K built from two halves)
+    reach attention through a concatenation, not a projection: --tp refuses in one line."""
+    from llm_engine.builder.errors import BuildError
+    from tests.models import build_tiny_engine
+
+    ckpt, _ = checkpoints(arch)
+    with pytest.raises(BuildError, match=r"tensor parallelism: attention input .* not from "
+                                         r"a projection"):
+        build_tiny_engine(ckpt, tmp_path / "engine", tp=2)

@@ -37,6 +37,7 @@ from llm_engine.builder.errors import BuildError
 from llm_engine.builder.ir import Graph
 from llm_engine.builder.passes.partition_attention import shard_attention
 from llm_engine.builder.passes.partition_mlp import mlp_region, shard_mlp
+from llm_engine.builder.passes.partition_moe import shard_moe, shardable
 from llm_engine.builder.passes.partition_slicing import RankPlan, Slicer, weight_bytes
 from llm_engine.builder.passes.partition_vocab import shard_vocab
 from llm_engine.builder.passes.report import PassReport
@@ -91,6 +92,9 @@ def partition_rank(graph: Graph, tp: int, rank: int) -> tuple[Graph, RankPlan]:
         found = mlp_region(g, node)
         if found is not None and not any(c.name in claimed for c in found[0]):
             shard_mlp(g, node, *found, tp, rank, slicer, claimed, plan)
+    for node in [n for n in g.nodes() if n.op == "moe"]:
+        if shardable(g, node):
+            shard_moe(g, node, tp, rank, slicer, plan)
     shard_vocab(g, tp, rank, slicer, claimed, plan)
     g.dce()
     _reshape_nodes(g)
