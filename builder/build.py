@@ -21,6 +21,7 @@ from llm_engine.builder.frontend.checkpoint_names import checkpoint_weights
 from llm_engine.builder.frontend.trace import Traced
 from llm_engine.builder.ir import Graph
 from llm_engine.builder.onnx_export_report import OnnxExport
+from llm_engine.builder.passes.fold_weights import fold_weights
 from llm_engine.builder.passes.fuse import RULES as FUSE_RULES
 from llm_engine.builder.passes.fuse import fuse
 from llm_engine.builder.passes.kv_cache import kv_cache, select_logits
@@ -49,6 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # the IR. `partition` splits the model into ranks: the passes after it run once per rank.
 PASSES: list[tuple[str, Callable[[Any, PassOptions], tuple[Graph, PassReport]], bool]] = [
     ("lower_aten", lower_aten, False),
+    ("fold_weights", fold_weights, False),
     ("kv_cache", kv_cache, False),
     ("select_logits", select_logits, False),
     ("fuse", fuse, True),

@@ -34,7 +34,8 @@ class WeightSpec:
     """A tensor of the engine's weight file and how to make it from the checkpoint.
 
     `recipe` is a small tree: `{"load": name}`, `{"t": r}` (transpose),
-    `{"cat": [r, ...], "dim": d}`; the writer materialises it tensor by tensor."""
+    `{"cat": [r, ...], "dim": d}`, `{"fold": op, "attrs": {...}, "of": [r, ...]}` (an IR op
+    over weights, passes/fold_weights.py); the writer materialises it tensor by tensor."""
 
     name: str
     shape: tuple[int, ...]

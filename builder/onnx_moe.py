@@ -46,7 +46,54 @@ class MoeOps(EmitterCore):
 
         return TensorProto.FLOAT if name in FLOATS else DTYPES[name]
 
+    # Which lowering `moe` gets: onnxruntime's MoE contrib op where it computes the gate
+    # (SwiGLU: silu and gpt-oss's clamped form), else the dense one. benchmarks/ops/moe.py
+    # measures both.
+    MOE_LOWERING = "auto"  # auto | dense
+
     def op_moe(self, n, ins, attrs):
+        if self.MOE_LOWERING == "auto" and attrs["act"] in ("silu", "clamped_swiglu"):
+            self.lowerings["moe_contrib"] = self.lowerings.get("moe_contrib", 0) + 1
+            return self.moe_contrib(n, ins, attrs)
+        self.lowerings["moe_dense"] = self.lowerings.get("moe_dense", 0) + 1
+        return self.moe_dense(n, ins, attrs)
+
+    def moe_contrib(self, n, ins, attrs):
+        """com.microsoft.MoE: only the routed experts run. Its CPU kernel routes by itself
+        (softmax over [T, E] router logits, then top-k), so the graph's own choice goes in as
+        logits: log(weight) at the chosen experts, -1e30 elsewhere; softmax gives each
+        chosen weight over their sum, and the output is scaled back by that sum (routers that
+        do not renormalize, DeepSeek's scaling factor). The gate/up rows come interleaved, as
+        the kernel reads them."""
+        x, index, weights, gate_up, down = ins[:5]
+        names = n["inputs"]
+        dtype = {name: self.nodes_by_name[name]["dtype"] for name in names}
+        experts, _, hidden = self.nodes_by_name[names[3]]["shape"]
+        rows = self.op("Reshape", self.as_float(x, dtype[names[0]]), self.const([-1, hidden]))
+        w = self.as_float(weights, dtype[names[2]])
+        t_e = self.op("Concat", self.op("Slice", self.op("Shape", rows), self.const([0]),
+                                        self.const([1])), self.const([experts]), axis=0)
+        floor = self.op("ConstantOfShape", t_e, value=self.tensor_value(-1e30))
+        logits = self.op("ScatterElements", floor, index, self.op(
+            "Log", self.op("Max", w, self.const(1e-30, np.float32))), axis=1)
+
+        fc1 = self.as_float(gate_up, dtype[names[3]])  # interleaved, as the kernel wants
+        fc2 = self.as_float(down, dtype[names[4]])
+        fc1_bias = fc2_bias = ""
+        if len(ins) > 5:
+            fc1_bias = self.as_float(ins[5], dtype[names[5]])
+            fc2_bias = self.as_float(ins[6], dtype[names[6]])
+        clamped = attrs["act"] == "clamped_swiglu"
+        extra = {"swiglu_limit": float(attrs["limit"])} if clamped else {}
+        y = self.op("MoE", rows, logits, fc1, fc1_bias, fc2, fc2_bias, domain="com.microsoft",
+                    k=int(self.nodes_by_name[names[1]]["shape"][-1]), activation_type="swiglu",
+                    swiglu_fusion=1, normalize_routing_weights=0,
+                    activation_alpha=float(attrs["alpha"]) if clamped else 1.0,
+                    activation_beta=1.0 if clamped else 0.0, **extra)
+        total = self.op("ReduceSum", w, self.const([-1]), keepdims=1)  # [T, 1]
+        return self.op("Reshape", self.op("Mul", y, total), self.op("Shape", ins[0]))
+
+    def moe_dense(self, n, ins, attrs):
         x, index, weights, gate_up, down = ins[:5]
         dtype = {name: self.nodes_by_name[name]["dtype"] for name in n["inputs"]}
         biases = [self.as_float(b, dtype[name]) for b, name in zip(ins[5:], n["inputs"][5:])]
@@ -77,7 +124,8 @@ class MoeOps(EmitterCore):
         return self.op("Reshape", out, self.op("Shape", ins[0]))
 
     def moe_gate(self, h: str, attrs) -> str:
-        gate, up = self.node("Split", [h], 2, axis=-1, num_outputs=2)  # [E, T, I] each
+        gate, up = (self.op("Slice", h, self.const([start]), self.const([2**62]),
+                            self.const([-1]), self.const([2])) for start in (0, 1))
         if attrs["act"] != "clamped_swiglu":
             return self.op("Mul", self.act(gate, attrs["act"]), up)
         limit = self.const(float(attrs["limit"]), np.float32)

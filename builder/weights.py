@@ -30,6 +30,11 @@ def materialize(recipe: dict, source, buffers: dict[str, torch.Tensor]) -> torch
         shape = list(t.shape)
         shape[dim] = recipe["to"] - shape[dim]
         return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
+    if "fold" in recipe:  # an op over weights, done at build time (passes/fold_weights.py)
+        from llm_engine.kernels.ops import OPS
+
+        parts = [materialize(r, source, buffers) for r in recipe["of"]]
+        return OPS[recipe["fold"]].fn(*parts, **recipe["attrs"]).contiguous()
     raise ValueError(f"unknown weight recipe {recipe}")
 
 

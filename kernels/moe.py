@@ -3,8 +3,9 @@
 A MoE block traces (builder/frontend/moe_op.py) to its router in ordinary ops (a linear, a
 softmax or sigmoid, `topk`, `gather` of the chosen scores, renormalization) and one `moe`
 node for the experts. The router's choice is data, so `moe` runs each expert on the tokens
-routed to it: x [T, H], index and weights [T, k], gate_up [E, 2I, H] (gate rows first),
-down [E, H, I], optional biases [E, 2I] and [E, H] -> sum over a token's k experts of
+routed to it: x [T, H], index and weights [T, k], gate_up [E, 2I, H] (gate and up rows
+interleaved: g0, u0, g1, u1, ..., the layout onnxruntime's MoE kernel reads), down [E, H, I],
+optional biases [E, 2I] and [E, H] -> sum over a token's k experts of
 weight * down(gate(gate_up(x))).
 """
 
@@ -27,8 +28,9 @@ def gather(x: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Tensor:
 
 def gate(h: torch.Tensor, *, act: str, acts: dict[str, Callable], alpha: float = 0.0,
          limit: float = 0.0) -> torch.Tensor:
-    """[..., 2I] (gate first) -> [..., I]: act(gate) * up, or gpt-oss's clamped SwiGLU."""
-    g, up = h.chunk(2, dim=-1)
+    """[..., 2I] (gate and up interleaved) -> [..., I]: act(gate) * up, or gpt-oss's clamped
+    SwiGLU."""
+    g, up = h[..., 0::2], h[..., 1::2]
     if act == "clamped_swiglu":
         g = g.clamp(max=limit)
         return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))

@@ -14,7 +14,8 @@ from llm_engine.kernels.ops import OPS
 def _dense(x, index, weights, gate_up, down):
     """Every expert on every token, weighted by the router's (zero elsewhere)."""
     route = torch.zeros(x.shape[0], gate_up.shape[0]).scatter(1, index, weights)
-    gate, up = torch.einsum("th,eih->eti", x, gate_up).chunk(2, dim=-1)
+    h = torch.einsum("th,eih->eti", x, gate_up)
+    gate, up = h[..., 0::2], h[..., 1::2]  # interleaved rows
     y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, down)
     return (y * route.t()[..., None]).sum(0)
 

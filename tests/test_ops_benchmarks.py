@@ -111,3 +111,17 @@ def test_step_profile_kinds():
     assert res["kernel_ms"]["LM head"] == pytest.approx((20 - floor) / 1e3)
     assert res["kernel_ms"]["attention"] == pytest.approx((12 - floor) / 1e3)
     assert res["kernel_ms"]["layout"] == 0
+
+
+def test_moe_benchmark_quick(tmp_path):
+    """Both ONNX lowerings of `moe` (dense, onnxruntime's MoE op) from the exporter itself
+    compute what the reference computes."""
+    moe = load_script("benchmarks/ops/moe.py")
+    out = tmp_path / "moe.json"
+    payload = moe.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    assert [r["tokens"] for r in payload["rows"]] == [1, 5]
+    for row in payload["rows"]:
+        for path in ("torch", "ort_dense", "ort_contrib"):
+            _positive(row[path])
+        assert row["rel_err_dense"] < 1e-5 and row["rel_err_contrib"] < 1e-5, row

@@ -65,8 +65,9 @@ def _gate(module) -> tuple[str, float, float]:
 def _forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
              top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts-function signature. The weights reach the op in one layout,
-    [E, 2I, H] with gate rows first and [E, H, I]: transposed or interleaved checkpoints
-    (gpt-oss) are rearranged here, as ops on the weights that the fast path folds at load."""
+    [E, 2I, H] with gate and up rows interleaved (g0, u0, g1, u1, ...: what onnxruntime's
+    MoE kernel reads) and [E, H, I]. Other layouts are rearranged here, as ops on the weights
+    that the fold_weights pass does once at build time."""
     if not getattr(module, "has_gate", True):
         raise _unsupported(module, "no gate (up projection only)")
     if getattr(module, "has_post_expert_norm", False):
@@ -77,13 +78,19 @@ def _forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     down_bias = getattr(module, "down_proj_bias", None) if module.has_bias else None
     if getattr(module, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    if not getattr(module, "is_concatenated", True):  # gate0, up0, gate1, up1, ...
-        gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+    if getattr(module, "is_concatenated", True):  # gate rows, then up rows: interleave them
+        gate_up = _interleave(gate_up)
         if gate_up_bias is not None:
-            gate_up_bias = torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], dim=1)
+            gate_up_bias = _interleave(gate_up_bias)
     return torch.ops.llm_engine.moe(hidden_states, top_k_index,
                                     top_k_weights.to(hidden_states.dtype), gate_up, down,
                                     gate_up_bias, down_bias, act, float(alpha), float(limit))
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """[E, 2I, ...] gate rows then up rows -> [E, 2I, ...] with g0, u0, g1, u1, ..."""
+    half = t.shape[1] // 2
+    return torch.stack([t[:, :half], t[:, half:]], dim=2).reshape(t.shape)
 
 
 def register() -> str:
