@@ -327,8 +327,8 @@ def _checked(out: EngineWriter, plan: dict[str, Any], options: BuildOptions,
 
     out_node = next(n for n in plan["nodes"] if n["name"] == plan["outputs"][0])
     quantized = bool(options.quant) or options.kv_cache_dtype not in (None, "auto")
-    why = check_graph(out.path(ONNX_FILE).parent, plan, quantized,
-                      vocab=int(out_node["shape"][-1]))
+    kind = "quantized" if quantized else "float32" if options.dtype == "float32" else "half"
+    why = check_graph(out.path(ONNX_FILE).parent, plan, kind, vocab=int(out_node["shape"][-1]))
     if why is None:
         return export
     out.path(ONNX_FILE).unlink()
