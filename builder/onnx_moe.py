@@ -38,6 +38,18 @@ class MoeOps(EmitterCore):
             value = self.op("Cast", value, to=self.onnx_dtype(n["dtype"]))
         return self.op("Where", ins[1], value, ins[0])
 
+    def op_compare(self, n, ins, attrs):
+        op = {"gt": "Greater", "ge": "GreaterOrEqual", "lt": "Less", "le": "LessOrEqual",
+              "eq": "Equal", "ne": "Equal"}[attrs["op"]]
+        b = ins[1] if len(ins) > 1 else self.const(attrs["scalar"], np.float32)
+        a = ins[0]
+        if len(ins) == 1 and self.nodes_by_name[n["inputs"][0]]["dtype"] not in (
+                "float32", "float16", "bfloat16"):
+            b = self.op("Cast", b, to=self.onnx_dtype(self.nodes_by_name[n["inputs"][0]]
+                                                      ["dtype"]))
+        out = self.op(op, a, b)
+        return self.op("Not", out) if attrs["op"] == "ne" else out
+
     def op_logical_not(self, n, ins, attrs):
         return self.op("Not", ins[0])
 

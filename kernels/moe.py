@@ -70,3 +70,15 @@ def masked_fill(x: torch.Tensor, mask: torch.Tensor, *, value: float) -> torch.T
 
 def logical_not(x: torch.Tensor) -> torch.Tensor:
     return torch.logical_not(x)
+
+
+COMPARE = {"gt": torch.gt, "ge": torch.ge, "lt": torch.lt, "le": torch.le, "eq": torch.eq,
+           "ne": torch.ne}
+
+
+def compare(a: torch.Tensor, b: torch.Tensor | None = None, *, op: str,
+            scalar: float | None = None) -> torch.Tensor:
+    """a <op> b (or a scalar): a boolean tensor (routers' thresholds, Phi-MoE's sparsemixer)."""
+    if op not in COMPARE:
+        raise ValueError(f"compare: unknown op {op!r}")
+    return COMPARE[op](a, b if b is not None else scalar)

@@ -317,6 +317,7 @@ def _build() -> dict[str, OpDef]:
         OpDef("scatter", moe_ref.scatter, "copy", (2, 2)),
         OpDef("masked_fill", moe_ref.masked_fill, "copy", (2, 2)),
         OpDef("logical_not", moe_ref.logical_not, "copy", (1, 1)),
+        OpDef("compare", moe_ref.compare, "copy", (1, 2)),
         OpDef("moe", moe, "fused", (5, 7)),
         OpDef("sdpa", sdpa, "attention", (3, 4)),
         OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),

@@ -18,7 +18,7 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
 HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
              "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe",
-             "gpt_oss", "deepseek_v3")
+             "gpt_oss", "deepseek_v3", "phimoe")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 # What each tested architecture exercises: README's table is rendered from this
@@ -49,6 +49,8 @@ FEATURES = {
     "deepseek_v3": ("DeepSeek-V3", "multi-head latent attention (K and V of one head size), "
                     "group-limited sigmoid routing with correction bias, shared expert, dense "
                     "first layer"),
+    "phimoe": ("Phi-MoE", "sparsemixer routing (two masked argmax rounds), per-expert "
+               "checkpoint tensors renamed and merged"),
     "gpt_oss": ("gpt-oss", "attention sinks, sliding / full layers, MoE with biased, "
                 "interleaved, transposed experts and a clamped SwiGLU"),
 }
@@ -193,6 +195,8 @@ def _hub_config(arch: str, common: dict):
                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                   first_k_dense_replace=1, n_group=2, topk_group=1,
                                   routed_scaling_factor=2.5)
+    if arch == "phimoe":  # sparsemixer routing (top-2 by masked argmax), LayerNorm, biases
+        return T.PhimoeConfig(**c, num_local_experts=4, num_experts_per_tok=2)
     return None
 
 

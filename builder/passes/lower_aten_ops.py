@@ -256,7 +256,7 @@ def _stack(lo, node, args, kwargs):
     return lo.emit("cat", parts, {"dim": d})
 
 
-@handles(aten.cat.default)
+@handles(aten.cat.default, aten.concat.default)
 def _cat(lo, node, args, kwargs):
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     return lo.emit("cat", list(args[0]), {"dim": dim})
@@ -453,6 +453,61 @@ def _not(lo, node, args, kwargs):
     if node.meta["val"].dtype != torch.bool:
         raise lo.fail("bitwise_not of integers")
     return lo.emit("logical_not", [args[0]])
+
+
+_COMPARE = {aten.gt: "gt", aten.ge: "ge", aten.lt: "lt", aten.le: "le", aten.eq: "eq",
+            aten.ne: "ne"}
+
+
+def _compare(lo, node, args, kwargs):
+    op = _COMPARE[node.target.overloadpacket]
+    a, b = args[0], args[1]
+    if isinstance(b, dict) or isinstance(a, dict):
+        raise lo.fail(f"{op} with a symbolic scalar")
+    if lo.is_tensor(b):
+        return lo.emit("compare", [a, b], {"op": op})
+    return lo.emit("compare", [a], {"op": op, "scalar": float(b)})
+
+
+for _packet in _COMPARE:
+    handles(_packet)(_compare)
+
+
+@handles(aten.max.dim, aten.min.dim)
+def _max_dim(lo, node, args, kwargs):
+    """max(x, dim) -> (values, indices) as top-1 (the router's argmax)."""
+    dim = args[1]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    src = node.args[0].meta["val"]
+    d = dim % src.dim()
+    kept = [*src.shape[:d], 1, *src.shape[d + 1:]]
+    idx = lo.emit("topk", [args[0]], {"k": 1, "dim": d,
+                                      "largest": node.target is aten.max.dim},
+                  val=_Val(kept, torch.int64))
+    vals = lo.emit("gather", [args[0], idx], {"dim": d}, val=_Val(kept, src.dtype))
+    if keepdim:
+        return [vals, idx]
+    values, indices = node.meta["val"]
+    return [lo.emit("squeeze", [vals], {"dim": d}, val=values),
+            lo.emit("squeeze", [idx], {"dim": d}, val=indices)]
+
+
+@handles(aten.clamp.Tensor, aten.clamp_min.Tensor, aten.clamp_max.Tensor)
+def _clamp_tensor(lo, node, args, kwargs):
+    """clamp by tensors: maximum / minimum."""
+    x = args[0]
+    if node.target is aten.clamp.Tensor:
+        lo_, hi = [*args[1:], None, None][:2]
+        lo_, hi = kwargs.get("min", lo_), kwargs.get("max", hi)
+    elif node.target is aten.clamp_min.Tensor:
+        lo_, hi = args[1], None
+    else:
+        lo_, hi = None, args[1]
+    if lo_ is not None:
+        x = lo.emit("maximum", [x, lo_])
+    if hi is not None:
+        x = lo.emit("minimum", [x, hi])
+    return x
 
 
 @handles(aten.gather.default)
