@@ -102,3 +102,28 @@ def test_mla_with_a_distinct_value_head_size_fails_in_one_line(tmp_path):
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
     with pytest.raises(BuildError, match="multi-head latent attention"):
         build_tiny_engine(tmp_path / "ckpt", tmp_path / "engine")
+
+
+@pytest.mark.slow
+def test_moe_int4_engine_passes_the_quality_gates(checkpoints, tmp_path):
+    """A MoE model under --quant int4-awq goes through the same calibration and gates as a
+    dense one (router and attention GEMMs quantized; the experts stay float, see
+    docs/building.md), and keeps its fast-path graph."""
+    import json
+    import random
+
+    from tests.models import build_tiny_engine
+
+    rng = random.Random(1)
+    calib = tmp_path / "ids.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": [rng.randrange(320) for _ in range(128)]})
+                             + "\n" for _ in range(8)))
+    ckpt, _ = checkpoints("mixtral")
+    path = build_tiny_engine(ckpt, tmp_path / "engine", quant="int4-awq", calib_data=str(calib),
+                             calib_samples=4, calib_seq_len=64, calib_cache=None,
+                             max_ppl_increase=5.0, min_greedy_agreement=0.7)
+    report = json.loads((path / "report.json").read_text())
+    gates = report["quantization"]["gates"]
+    assert gates["failed"] == [] and gates["max_ppl_increase"] == 5.0
+    assert report["quantization"]["quality"]["greedy_agreement"] >= 0.7
+    assert report["onnx"]["written"] is True
