@@ -149,8 +149,7 @@ class PassOptions(BuildOptions):
     def of(cls, options: BuildOptions, source, traced: Traced, max_seq_len: int,
            ui: BuildUI | None = None) -> PassOptions:
         build = {f.name: getattr(options, f.name) for f in fields(BuildOptions) if f.init}
-        return cls(**{**build, "max_seq_len": max_seq_len},
-                   weights=checkpoint_weights(source.weights, traced),
+        return cls(**{**build, "max_seq_len": max_seq_len}, weights=source.weights,
                    buffers=traced.buffers,
                    tokenizer=source.load_tokenizer if source.has_tokenizer() else None,
                    vocab_size=int(source.config.vocab_size), ui=ui or BuildUI())
@@ -300,23 +299,18 @@ def _moe_report(out: EngineWriter, graphs: list[Graph], options: BuildOptions, s
                 ui: BuildUI) -> dict[str, Any] | None:
     """report.json's `moe` (builder/moe_report.py): rank 0's experts, and the routing
     balance on a few windows of the calibration text (single-rank engines)."""
-    from llm_engine.builder.moe_report import WINDOW_TOKENS, WINDOWS, moe_layers, moe_report
+    from llm_engine.builder.moe_report import WINDOW_TOKENS, WINDOWS, moe_report
     from llm_engine.builder.quant.calib_data import load_calib_data
 
-    if not moe_layers(graphs[0]):
-        return None
-    if len(graphs) > 1:
-        return {"layers": moe_layers(graphs[0]),
-                "routing": {"measured": False, "reason": "measured on single-rank builds"}}
-
     def windows() -> list[list[int]]:
+        if len(graphs) > 1:
+            raise BuildError("measured on single-rank builds")
         tokenizer = source.load_tokenizer() if source.has_tokenizer() else None
         return load_calib_data(options.calib_data, tokenizer, samples=WINDOWS,
                                seq_len=WINDOW_TOKENS, heldout=0,
                                vocab_size=int(source.config.vocab_size)).samples
 
-    with ui.stage("moe routing balance"):
-        return moe_report(graphs[0], out.path("weights.rank0.safetensors"), windows)
+    return moe_report(graphs[0], out.path("weights.rank0.safetensors"), windows, ui)
 
 
 def _checked(out: EngineWriter, plan: dict[str, Any], options: BuildOptions,

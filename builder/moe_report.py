@@ -43,19 +43,10 @@ def _counting(counts: torch.Tensor, fn: Callable) -> Callable:
     return observed
 
 
-def moe_report(graph: Graph, weights_file: Path, windows: Callable[[], list[list[int]]]
-               ) -> dict[str, Any] | None:
-    """None for a dense model; else the layers and, when calibration text is at hand, each
-    layer's share of routed tokens per expert."""
-    layers = moe_layers(graph)
-    if not layers:
-        return None
-    out: dict[str, Any] = {"layers": layers}
-    try:
-        samples = windows()
-    except BuildError as e:
-        out["routing"] = {"measured": False, "reason": str(e)}
-        return out
+def _route(graph: Graph, weights_file: Path, layers: list[dict[str, Any]],
+           samples: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Tokens routed to each expert, per moe node, over `samples` (reference executor,
+    weights mapped from the written file)."""
     from llm_engine.builder.quant.calibrate import GraphRunner
     from llm_engine.runtime.engine_dir import map_safetensors
 
@@ -69,6 +60,25 @@ def moe_report(graph: Graph, weights_file: Path, windows: Callable[[], list[list
     del runner, weights
     with contextlib.suppress(BufferError):  # a view still alive: the map closes with it
         mapped.close()
+    return counts
+
+
+def moe_report(graph: Graph, weights_file: Path, windows: Callable[[], list[list[int]]],
+               ui: Any = None) -> dict[str, Any] | None:
+    """None for a dense model; else the layers and, when `windows()` gives calibration
+    text (it raises BuildError with the reason otherwise), each layer's share of routed
+    tokens per expert."""
+    layers = moe_layers(graph)
+    if not layers:
+        return None
+    out: dict[str, Any] = {"layers": layers}
+    try:
+        samples = windows()
+    except BuildError as e:
+        out["routing"] = {"measured": False, "reason": str(e)}
+        return out
+    with ui.stage("moe routing balance") if ui else contextlib.nullcontext():
+        counts = _route(graph, weights_file, layers, samples)
     balance = []
     for layer in layers:
         c = counts[layer["node"]].double()

@@ -1,19 +1,20 @@
-"""ONNX lowerings of the mixture-of-experts ops (kernels/moe.py): router top-k and experts.
+"""ONNX lowerings of the mixture-of-experts ops (kernels/moe.py): the experts and the
+router's top-k, gather, scatter, masked_fill, compare and logical_not.
 
-`moe` is lowered densely: every expert runs on every token as one batched MatMul
-([E, T, H] x [E, H, 2I]), and the outputs are summed with the router's weights scattered
-into a [T, E] matrix that is zero for the experts a token was not routed to. That is the
-reference's sum, reordered, so the CPU fast path matches the reference executor, at E / k
-times the experts' FLOPs: the right trade for the small expert counts tested here; large
-MoE models want onnxruntime's `MoE` contrib op or a gather per expert (not built yet).
+`moe` has two lowerings. Where onnxruntime's `com.microsoft.MoE` computes the gate (SwiGLU:
+silu, and gpt-oss's clamped form) it runs only the routed experts (`moe_contrib`).
+Otherwise every expert runs on every token as one batched MatMul, and the outputs are
+summed with the router's weights scattered into a [T, E] matrix that is zero where a token
+was not routed (`moe_dense`): the reference's sum, reordered, at E / k times the experts'
+FLOPs. benchmarks/ops/moe.py measures both.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
-from llm_engine.builder.onnx_emitter import EmitterCore
+from llm_engine.builder.onnx_emitter import FLOATS, EmitterCore
 
 
 class MoeOps(EmitterCore):
@@ -25,38 +26,39 @@ class MoeOps(EmitterCore):
     def op_gather(self, n, ins, attrs):
         return self.op("GatherElements", ins[0], ins[1], axis=attrs["dim"])
 
+    def scalar(self, value: float, dtype: str, shape: list[int] | None = None) -> str:
+        """A constant `value` in the graph's element type for `dtype` (floats are fp32)."""
+        const = self.const(value if shape is None else np.full(shape, value), np.float32)
+        return const if dtype == "float32" else self.cast_to(const, dtype)
+
     def op_scatter(self, n, ins, attrs):
-        value = self.const([attrs["value"]], np.float32)
-        if n["dtype"] != "float32":
-            value = self.op("Cast", value, to=self.onnx_dtype(n["dtype"]))
-        updates = self.op("Expand", value, self.op("Shape", ins[1]))
+        updates = self.op("Expand", self.scalar(attrs["value"], n["dtype"], [1]),
+                          self.op("Shape", ins[1]))
         return self.op("ScatterElements", ins[0], ins[1], updates, axis=attrs["dim"])
 
     def op_masked_fill(self, n, ins, attrs):
-        value = self.const(attrs["value"], np.float32)
-        if n["dtype"] != "float32":
-            value = self.op("Cast", value, to=self.onnx_dtype(n["dtype"]))
-        return self.op("Where", ins[1], value, ins[0])
+        return self.op("Where", ins[1], self.scalar(attrs["value"], n["dtype"]), ins[0])
 
     def op_compare(self, n, ins, attrs):
         op = {"gt": "Greater", "ge": "GreaterOrEqual", "lt": "Less", "le": "LessOrEqual",
               "eq": "Equal", "ne": "Equal"}[attrs["op"]]
-        b = ins[1] if len(ins) > 1 else self.const(attrs["scalar"], np.float32)
-        a = ins[0]
-        if len(ins) == 1 and self.nodes_by_name[n["inputs"][0]]["dtype"] not in (
-                "float32", "float16", "bfloat16"):
-            b = self.op("Cast", b, to=self.onnx_dtype(self.nodes_by_name[n["inputs"][0]]
-                                                      ["dtype"]))
-        out = self.op(op, a, b)
+        a_dtype = self.nodes_by_name[n["inputs"][0]]["dtype"]
+        b = ins[1] if len(ins) > 1 else self.scalar(
+            attrs["scalar"], "float32" if a_dtype in FLOATS else a_dtype)
+        out = self.op(op, ins[0], b)
         return self.op("Not", out) if attrs["op"] == "ne" else out
 
     def op_logical_not(self, n, ins, attrs):
         return self.op("Not", ins[0])
 
-    def onnx_dtype(self, name: str) -> int:
-        from llm_engine.builder.onnx_emitter import DTYPES, FLOATS
-
-        return TensorProto.FLOAT if name in FLOATS else DTYPES[name]
+    def routed(self, rows: str, index: str, values: str, experts: int, fill: float) -> str:
+        """[T, E]: `values` at each token's chosen experts (`index` [T, k]), `fill`
+        elsewhere."""
+        t_e = self.op("Concat", self.op("Slice", self.op("Shape", rows), self.const([0]),
+                                        self.const([1])), self.const([experts]), axis=0)
+        base = self.op("ConstantOfShape", t_e,
+                       value=helper.make_tensor("value", TensorProto.FLOAT, [1], [fill]))
+        return self.op("ScatterElements", base, index, values, axis=1)
 
     # Which lowering `moe` gets: onnxruntime's MoE contrib op where it computes the gate
     # (SwiGLU: silu and gpt-oss's clamped form), else the dense one. benchmarks/ops/moe.py
@@ -83,11 +85,8 @@ class MoeOps(EmitterCore):
         experts, _, hidden = self.nodes_by_name[names[3]]["shape"]
         rows = self.op("Reshape", self.as_float(x, dtype[names[0]]), self.const([-1, hidden]))
         w = self.as_float(weights, dtype[names[2]])
-        t_e = self.op("Concat", self.op("Slice", self.op("Shape", rows), self.const([0]),
-                                        self.const([1])), self.const([experts]), axis=0)
-        floor = self.op("ConstantOfShape", t_e, value=self.tensor_value(-1e30))
-        logits = self.op("ScatterElements", floor, index, self.op(
-            "Log", self.op("Max", w, self.const(1e-30, np.float32))), axis=1)
+        logits = self.routed(rows, index, self.op(
+            "Log", self.op("Max", w, self.const(1e-30, np.float32))), experts, -1e30)
 
         fc1 = self.as_float(gate_up, dtype[names[3]])  # interleaved, as the kernel wants
         fc2 = self.as_float(down, dtype[names[4]])
@@ -114,14 +113,11 @@ class MoeOps(EmitterCore):
         rows = self.op("Reshape", self.as_float(x, dtype[n["inputs"][0]]),
                        self.const([-1, hidden]))  # [T, H]
         # [T, E]: each token's weight for each expert, zero where it was not routed
-        t_e = self.op("Concat", self.op("Slice", self.op("Shape", rows), self.const([0]),
-                                        self.const([1])), self.const([experts]), axis=0)
-        zeros = self.op("ConstantOfShape", t_e,
-                        value=self.tensor_value(0.0))
-        route = self.op("ScatterElements", zeros, index,
-                        self.as_float(weights, dtype[n["inputs"][2]]), axis=1)
+        route = self.routed(rows, index, self.as_float(weights, dtype[n["inputs"][2]]),
+                            experts, 0.0)
+        # Transposed on every call: onnxruntime does not fold this for large initializers
         w_gu = self.op("Transpose", self.as_float(gate_up, dtype[n["inputs"][3]]),
-                       perm=[0, 2, 1])  # [E, H, 2I], folded at load
+                       perm=[0, 2, 1])  # [E, H, 2I]
         w_down = self.op("Transpose", self.as_float(down, dtype[n["inputs"][4]]),
                          perm=[0, 2, 1])  # [E, I, H]
         h = self.op("MatMul", rows, w_gu)  # [E, T, 2I]
@@ -146,9 +142,3 @@ class MoeOps(EmitterCore):
         glu = self.op("Mul", g, self.op("Sigmoid", self.op(
             "Mul", g, self.const(float(attrs["alpha"]), np.float32))))
         return self.op("Mul", self.op("Add", up, self.const(1.0, np.float32)), glu)
-
-    @staticmethod
-    def tensor_value(v: float):
-        from onnx import helper
-
-        return helper.make_tensor("value", TensorProto.FLOAT, [1], [v])

@@ -119,10 +119,11 @@ def time_many(fns: Sequence[Callable[[], Any]], *, warmup: int, reps: int, min_t
     return [_summary(ts) for ts in times]
 
 
-def ort_session(model_path: Path, threads: int):
+def ort_session(model_path: Path, threads: int, profile_prefix: str | None = None):
     """An onnxruntime session with the options `runtime.onnx_backend.OnnxRunner` uses (intra-op
     threads, one inter-op thread, all graph optimizations, spinning unless
-    LLM_ENGINE_ORT_SPIN=0), so a lowering is measured as the fast path runs it."""
+    LLM_ENGINE_ORT_SPIN=0), so a lowering is measured as the fast path runs it; with
+    `profile_prefix`, onnxruntime's per-node profiler on."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -132,6 +133,9 @@ def ort_session(model_path: Path, threads: int):
     spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -206,20 +206,9 @@ def genai_steps(model_dir: Path, args, profile_prefix: str | None) -> tuple[Any,
     """A session on onnxruntime-genai's model, bound as its generator binds it, and its
     decode steps after the first (cold) one as a lazy iterator."""
     import numpy as np
-    import onnxruntime as ort
 
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    opts.log_severity_level = 3
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    sess = ort.InferenceSession(str(model_dir / config["filename"]), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = C.ort_session(model_dir / config["filename"], args.threads, profile_prefix)
     layers, kvh, d = (config["num_hidden_layers"], config["num_key_value_heads"],
                       config["head_size"])
     vocab = sess.get_outputs()[0].shape[-1]

@@ -25,7 +25,7 @@ import torch
 from llm_engine.builder.errors import BuildError
 
 
-def renamings_for(model: torch.nn.Module) -> list[Any]:
+def weight_transforms_for(model: torch.nn.Module) -> list[Any]:
     """The weight transforms transformers applies when loading `model`: renamings, then
     converters (merges of several checkpoint tensors into one)."""
     try:
@@ -138,10 +138,10 @@ class RenamedWeights:
 
 def checkpoint_weights(reader, traced):
     """`reader`, answering also to the model's names of the tensors transformers would
-    rename when loading (itself when nothing is renamed)."""
-    if not traced.renamings or isinstance(reader, RenamedWeights):
+    rename or merge when loading (itself when there are none)."""
+    if not traced.weight_transforms:
         return reader
     model_names = set(traced.param_dtypes) | set(traced.placeholder_names.values())
-    renamed, merges = rename_keys(reader.names(), traced.renamings, traced.base_model_prefix,
-                                  model_names)
+    renamed, merges = rename_keys(reader.names(), traced.weight_transforms,
+                                  traced.base_model_prefix, model_names)
     return RenamedWeights(reader, renamed, merges) if renamed or merges else reader

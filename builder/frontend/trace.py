@@ -18,7 +18,7 @@ import torch.fx
 
 from llm_engine.builder.errors import BuildError
 from llm_engine.builder.frontend import attention_op, moe_op
-from llm_engine.builder.frontend.checkpoint_names import renamings_for
+from llm_engine.builder.frontend.checkpoint_names import weight_transforms_for
 
 MAX_TOKENS = 1 << 16
 
@@ -42,8 +42,8 @@ class Traced:
     architecture: str
     seconds: float
     notes: list[str] = field(default_factory=list)
-    # transformers' checkpoint-key renamings for this model (checkpoint_names.py)
-    renamings: list = field(default_factory=list)
+    # transformers' checkpoint-key renamings and merges for this model (checkpoint_names.py)
+    weight_transforms: list = field(default_factory=list)
     base_model_prefix: str | None = None
     # buffers saved with the model (a MoE router's score-correction bias): the checkpoint's
     # value wins over the one computed at init, as in from_pretrained
@@ -100,7 +100,7 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     persistent = _persistent_buffers(model)
     aliases = _tied_aliases(model)
     param_dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
-    renamings = renamings_for(model)
+    weight_transforms = weight_transforms_for(model)
     model.to("meta")
     tokens = torch.export.Dim("T", min=1, max=MAX_TOKENS)
     # Distinct example tensors: export would merge identical inputs into one placeholder.
@@ -130,7 +130,7 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
         names[ph] = name
         buffers[name] = program.constants[target].detach().clone()
     return Traced(program, names, buffers, aliases, param_dtypes, arch,
-                  time.perf_counter() - start, renamings=renamings,
+                  time.perf_counter() - start, weight_transforms=weight_transforms,
                   persistent_buffers=persistent,
                   base_model_prefix=getattr(model, "base_model_prefix", None) or None)
 

@@ -41,7 +41,6 @@ def fold_weights(graph: Graph, options=None) -> tuple[Graph, PassReport]:
                           {"fold": node.op, "attrs": dict(node.attrs),
                            "of": [s.recipe for s in specs]})
         new = graph.add_weight(spec, origin=node.origin)
-        new.order = -1.0
         graph.replace_uses(node.name, new.name)
         graph.remove(node.name)
         folded += 1

@@ -103,10 +103,11 @@ class Lowering:
             self.weight_nodes[name] = self.graph.add_weight(spec, origin=origin).name
         return self.weight_nodes[name]
 
-    def literal(self, value: torch.Tensor) -> str:
-        """A tensor the lowering computed from constants alone (an arange of fixed bounds):
-        kept like a buffer, its value stored in the engine."""
-        name = f"constant.{self.current.name}"
+    def literal(self, value: torch.Tensor, key: str | None = None) -> str:
+        """A tensor kept like a buffer, its value stored in the engine: one the lowering
+        computed from constants alone (an arange of fixed bounds), or a constant the graph
+        reads (`key`: its fx target)."""
+        name = f"constant.{key or self.current.name}"
         if name not in self.weight_nodes:
             self.traced.buffers[name] = value.detach().clone()
             spec = WeightSpec(name, tuple(value.shape), dtype_name(value.dtype),
@@ -123,13 +124,7 @@ class Lowering:
             value = getattr(value, part, None)
         if not isinstance(value, torch.Tensor):
             raise self.fail(f"fx get_attr of a {type(value).__name__} ({node.target})")
-        name = f"constant.{node.target}"
-        if name not in self.weight_nodes:
-            self.traced.buffers[name] = value.detach().clone()
-            spec = WeightSpec(name, tuple(value.shape), dtype_name(value.dtype),
-                              {"buffer": name})
-            self.weight_nodes[name] = self.graph.add_weight(spec, origin=[node.name]).name
-        return self.weight_nodes[name]
+        return self.literal(value, key=str(node.target))
 
     # the walk ----------------------------------------------------------------------------
     def needed_nodes(self) -> set[torch.fx.Node]:

@@ -381,18 +381,14 @@ def _arange(lo, node, args, kwargs):
     return lo.literal(torch.arange(*args, dtype=val.dtype))
 
 
-def _zeros(lo, node, shape, dtype):
-    """A tensor of `shape` whose values do not matter or are zero (empty / zeros_like): a
-    zero literal expanded, which costs no buffer."""
-    one = lo.literal(torch.zeros([1] * len(shape), dtype=dtype))
-    return lo.emit("expand", [one], {"shape": [lo.value(s) for s in shape]})
-
-
 @handles(aten.new_empty.default, aten.empty.memory_format, aten.zeros_like.default,
          aten.new_zeros.default, aten.empty_like.default)
 def _fresh(lo, node, args, kwargs):
+    """A tensor whose values do not matter or are zero (empty / zeros_like): a zero literal
+    expanded, which costs no buffer."""
     val = node.meta["val"]
-    return _zeros(lo, node, list(val.shape), val.dtype)
+    one = lo.literal(torch.zeros([1] * val.dim(), dtype=val.dtype))
+    return lo.emit("expand", [one], {"shape": [lo.value(s) for s in val.shape]})
 
 
 @handles(aten.copy.default)
@@ -481,10 +477,8 @@ def _max_dim(lo, node, args, kwargs):
     src = node.args[0].meta["val"]
     d = dim % src.dim()
     kept = [*src.shape[:d], 1, *src.shape[d + 1:]]
-    idx = lo.emit("topk", [args[0]], {"k": 1, "dim": d,
-                                      "largest": node.target is aten.max.dim},
-                  val=_Val(kept, torch.int64))
-    vals = lo.emit("gather", [args[0], idx], {"dim": d}, val=_Val(kept, src.dtype))
+    vals, idx = _top_k(lo, args[0], 1, d, node.target is aten.max.dim,
+                       _Val(kept, src.dtype), _Val(kept, torch.int64))
     if keepdim:
         return [vals, idx]
     values, indices = node.meta["val"]
@@ -537,11 +531,15 @@ def _topk(lo, node, args, kwargs):
     if not isinstance(k, int):
         raise lo.fail("topk with a symbolic k")
     values, indices = node.meta["val"]
-    idx = lo.emit("topk", [args[0]], {"k": k, "dim": dim,
-                                      "largest": bool(params.get("largest", True))},
-                  val=indices)
-    vals = lo.emit("gather", [args[0], idx], {"dim": dim}, val=values)
-    return [vals, idx]
+    return list(_top_k(lo, args[0], k, dim, bool(params.get("largest", True)), values,
+                       indices))
+
+
+def _top_k(lo, x, k: int, dim: int, largest: bool, values, indices) -> tuple[str, str]:
+    """(values, indices) of top-k as the IR has it: `topk` gives the indices and `gather`
+    reads their values back (`values`, `indices`: their shapes and dtypes)."""
+    idx = lo.emit("topk", [x], {"k": k, "dim": dim, "largest": largest}, val=indices)
+    return lo.emit("gather", [x, idx], {"dim": dim}, val=values), idx
 
 
 @handles(aten.scaled_dot_product_attention.default)
@@ -551,10 +549,8 @@ def _sdpa(lo, node, args, kwargs):
     params.update(kwargs)
     if params.get("dropout_p", 0.0):
         raise lo.fail("attention dropout")
-    mask = mask_arg(node)
-    if mask is not None:
-        window = classify_mask(mask)
-        lo.masks_folded += 1
+    if mask_arg(node) is not None:
+        window = _window(lo, node)
     elif params.get("is_causal"):
         window = None
     else:
