@@ -230,9 +230,20 @@ class _Timings(dict[str, float]):
 
 
 def _resolve_max_seq_len(config, requested: int | None) -> int:
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) \
+        or getattr(config, "max_seq_len", None)  # MPT's
     if requested is None:
         return int(limit or 4096)
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and "chunked_attention" in (getattr(config, "layer_types", None) or ()):
+        # Llama 4: within one chunk its chunked layers are causal, which is what the engine
+        # computes; past it they would attend across chunks.
+        if requested is None:
+            return int(min(limit or 4096, chunk))
+        if requested > chunk:
+            raise BuildError(f"--max-seq-len {requested} exceeds the model's attention chunk "
+                             f"({chunk} tokens): chunked attention is not supported yet; pass "
+                             f"--max-seq-len {chunk} or less")
     learned = getattr(config, "model_type", "") in ("gpt2",)
     if learned and limit and requested > limit:
         raise BuildError(f"--max-seq-len {requested} exceeds the model's {limit} learned "

@@ -34,7 +34,7 @@ _KINDS: dict[str, frozenset[str]] = {
     "norm": frozenset({"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"}),
     "view": frozenset({"reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand",
                        "slice", "select", "getitem"}),
-    "copy": frozenset({"cat", "index_select"}),
+    "copy": frozenset({"cat", "index_select", "pad"}),
     "reduction": frozenset({"mean", "sum", "amax", "softmax"}),
 }
 COLOURS = {"source": "#d7bde2", "attention": "#f5a3a3", "gemm": "#9ec5f0", "norm": "#b9e0a5",

@@ -8,7 +8,8 @@ recorded for the graph's `kv_new` output (quantized to the cache's codes for an 
 cache), the step's rows laid out as [sequences, longest chunk] by `attn.q_index`, this
 layer's earlier context gathered from its own cache input by slot (`attn.ctx_slots`), and
 one `Attention` node attends with the step's additive mask (GQA / MQA through its
-`kv_num_heads`, sliding windows through their own masks). The graph inputs this reads
+`kv_num_heads`, sliding windows through their own masks, ALiBi by adding per-head slopes
+times the `attn.rel_pos` input to it). The graph inputs this reads
 (`attn.*`, `kv_cache.<layer>.k|v`) are declared by `_Emitter.build` in onnx_export, whose
 docstring has the contract with the runtime. `attention_rows` lets onnx_ops' reshape reuse the
 output rows.
@@ -24,6 +25,7 @@ from onnx import TensorProto
 from llm_engine.builder.onnx_emitter import DTYPES, EmitterCore, Unsupported
 
 INT8_MAX = 127.0
+REL_POS = "attn.rel_pos"  # [B, 1, Tq, C + Tq] key position - query position (ALiBi models)
 
 
 def cache_input(layer: int, half: str) -> str:
@@ -75,6 +77,8 @@ class PagedAttention(EmitterCore):
             self.windows.add(int(window))
         keys = self.op("Concat", self.past(layer, "k", attrs), padded(k, kvh * d), axis=1)
         values = self.op("Concat", self.past(layer, "v", attrs), padded(v, kvh * d), axis=1)
+        if attrs.get("alibi"):
+            mask = self.alibi_mask(mask, attrs["alibi"], h)
         if attrs.get("sinks"):
             keys, values, mask = self.sink_column(keys, values, mask, attrs["sinks"], h)
         softcap = {"softcap": float(attrs["softcap"])} if attrs.get("softcap") else {}
@@ -85,6 +89,17 @@ class PagedAttention(EmitterCore):
         self.attn_rows[n["name"]] = self.op("Unsqueeze", out, self.const([0]))
         return self.op("Transpose", self.op("Reshape", out, self.const([1, -1, h, d])),
                        perm=[0, 2, 1, 3])
+
+    def alibi_mask(self, mask: str, slopes: list[float], h: int) -> str:
+        """ALiBi (MPT) through the standard op: slopes[h] * (key position - query position)
+        added to the step's mask, which so gets a head axis ([B, h, Tq, C + Tq]). The relative
+        positions are the runtime's `attn.rel_pos` input, laid out as the mask; layers with the
+        same slopes and mask share the sum."""
+        if len(slopes) != h:
+            raise Unsupported(f"ALiBi: {len(slopes)} slopes for {h} heads")
+        slope = self.const(np.asarray(slopes, np.float32).reshape(1, h, 1, 1), np.float32)
+        return self.step_once(("alibi", mask, tuple(slopes)), lambda: self.op(
+            "Add", mask, self.op("Mul", REL_POS, slope)))
 
     def sink_column(self, keys: str, values: str, mask: str, sinks: list[float], h: int
                     ) -> tuple[str, str, str]:

@@ -12,7 +12,8 @@ The model's contract with `runtime.onnx_backend`:
   position_ids, logits_indices), plus the per-step attention metadata the runtime builds
   once for all layers: `attn.q_index` [B, Tq] (flat token of each padded query row),
   `attn.ctx_slots` [B, C] (cache slot of each earlier context position), `attn.mask`
-  (and `attn.mask.w<W>` per sliding window W) [B, 1, Tq, C + Tq] additive,
+  (and `attn.mask.w<W>` per sliding window W) [B, 1, Tq, C + Tq] additive, in graphs of
+  ALiBi models `attn.rel_pos` [B, 1, Tq, C + Tq] (each key's position minus the query's),
   `attn.out_index` [T] (padded row of each flat token), and each layer's cache halves
   `kv_cache.<layer>.k` / `.v` [S, kv_heads·head_dim] (S slots; views of the paged cache
   bound by address, read only).
@@ -43,7 +44,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from llm_engine.builder.onnx_attention import PagedAttention, cache_input
+from llm_engine.builder.onnx_attention import REL_POS, PagedAttention, cache_input
 from llm_engine.builder.onnx_emitter import DTYPES, OPSET, Unsupported
 from llm_engine.builder.onnx_export_report import OnnxExport
 from llm_engine.builder.onnx_gemm import GemmLowerings
@@ -85,7 +86,11 @@ class _Emitter(SimpleOps, GemmLowerings, PagedAttention, MoeOps):
         for layer in range(len(layers)):
             for half in ("k", "v"):
                 self.add_input(cache_input(layer, half), cache_elem, ["S", kvh * d])
-        for name in ["attn.mask"] + [f"attn.mask.w{w}" for w in sorted(self.windows)]:
+        masks = ["attn.mask"] + [f"attn.mask.w{w}" for w in sorted(self.windows)]
+        if any(n["op"] == "paged_attention" and n["attrs"].get("alibi")
+               for n in self.plan["nodes"]):
+            masks.append(REL_POS)
+        for name in masks:
             self.add_input(name, TensorProto.FLOAT, ["B", 1, "Tq", "CTq"])
         graph = helper.make_graph(
             _live(self.onnx_nodes, ["logits", KV_OUTPUT]), "llm_engine_step",

@@ -26,13 +26,14 @@ from llm_engine.builder.onnx_emitter import (
 
 _UNARY = {"neg": "Neg", "sqrt": "Sqrt", "exp": "Exp", "log": "Log", "tanh": "Tanh",
           "sigmoid": "Sigmoid", "relu": "Relu", "cos": "Cos", "sin": "Sin", "abs": "Abs",
-          "reciprocal": "Reciprocal", "erf": "Erf"}
+          "reciprocal": "Reciprocal", "erf": "Erf", "floor": "Floor"}
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
            "maximum": "Max", "minimum": "Min"}
 
 
 class SimpleOps(EmitterCore):
-    ELEMENTWISE: ClassVar[frozenset[str]] = frozenset({*_UNARY, *_BINARY, "rsqrt", "silu"})
+    ELEMENTWISE: ClassVar[frozenset[str]] = frozenset({*_UNARY, *_BINARY, "rsqrt", "silu",
+                                                       "log1p"})
 
     def lower_elementwise(self, n, ins, attrs):
         return self.expr({"op": n["op"], "args": [{"in": i} for i in range(len(ins))],
@@ -93,6 +94,10 @@ class SimpleOps(EmitterCore):
 
     def op_cat(self, n, ins, attrs):
         return self.op("Concat", *ins, axis=attrs["dim"])
+
+    def op_pad(self, n, ins, attrs):
+        rank = len(n["shape"])
+        return self.op("Pad", ins[0], self.const([0] * (2 * rank - 1) + [attrs["after"]]))
 
     def op_index_select(self, n, ins, attrs):
         return self.op("Gather", ins[0], ins[1], axis=attrs["dim"])
@@ -185,6 +190,11 @@ class SimpleOps(EmitterCore):
         return self.op("Softmax", ins[0], axis=attrs["dim"])
 
     def op_pointwise(self, n, ins, attrs):
+        # The expression computes in fp32, as the reference's float math does; integer
+        # inputs (token positions) join it as floats, exact below 2^24.
+        ins = [i if self.nodes_by_name[name]["dtype"] in FLOATS
+               or self.nodes_by_name[name]["dtype"] == "bool" else self.cast_to(i, "float32")
+               for i, name in zip(ins, n["inputs"], strict=True)]
         out = self.expr(attrs["expr"], ins)
         return out if attrs["dtype"] in FLOATS else self.cast_to(out, attrs["dtype"])
 
@@ -203,6 +213,8 @@ class SimpleOps(EmitterCore):
             return self.op("Reciprocal", self.op("Sqrt", args[0]))
         if op == "silu":
             return self.act(args[0], "silu")
+        if op == "log1p":
+            return self.op("Log", self.op("Add", args[0], self.const(1.0, np.float32)))
         if op in _UNARY:
             return self.op(_UNARY[op], args[0])
         if op in _BINARY:

@@ -53,14 +53,22 @@ def _allowed(n_q: int, n_ctx: int, window: int | None, device) -> torch.Tensor:
     return allowed
 
 
-def attend(q, k, v, allowed, *, scale, softcap=None, sinks=None):
-    """softmax(q k^T * scale [soft-capped], masked to `allowed`) v, with k/v's heads shared by
-    groups of q's (GQA). Soft-capping (Gemma 2: softcap * tanh(s / softcap) on the scores
-    before the mask) and sinks (gpt-oss: a learned logit per head [H] that joins each row's
-    softmax and adds no value) have no SDPA kernel, so they take the explicit path, in
-    fp32."""
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """ALiBi's additive scores, slopes[h] * (key position - query position): [..., H, Tq, S]
+    for slopes [H] (fp32), q_pos [..., Tq] and k_pos [..., S]. MPT adds slopes[h] * (key -
+    (keys - 1)) instead, which differs by a constant per query row: the same softmax."""
+    rel = (k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)).float()
+    return rel.unsqueeze(-3) * slopes.view(-1, 1, 1)
+
+
+def attend(q, k, v, allowed, *, scale, softcap=None, sinks=None, bias=None):
+    """softmax(q k^T * scale [soft-capped] [+ bias], masked to `allowed`) v, with k/v's heads
+    shared by groups of q's (GQA). Soft-capping (Gemma 2: softcap * tanh(s / softcap) on the
+    scores before the mask), sinks (gpt-oss: a learned logit per head [H] that joins each
+    row's softmax and adds no value) and an additive `bias` broadcastable to the scores (ALiBi,
+    `alibi_bias`) have no SDPA kernel, so they take the explicit path, in fp32."""
     gqa = k.shape[-3] != q.shape[-3]
-    if softcap is None and sinks is None:
+    if softcap is None and sinks is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                               enable_gqa=gqa)
     if gqa:
@@ -69,6 +77,8 @@ def attend(q, k, v, allowed, *, scale, softcap=None, sinks=None):
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is None:
         return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
@@ -77,10 +87,21 @@ def attend(q, k, v, allowed, *, scale, softcap=None, sinks=None):
     return (probs @ v.float()).to(q.dtype)
 
 
-def sdpa(q, k, v, sinks=None, *, scale, window=None, softcap=None):
+def sdpa(q, k, v, sinks=None, *, scale, window=None, softcap=None, alibi=None):
     """Causal attention of one sequence (the traced form, before the kv_cache pass)."""
-    mask = _allowed(q.shape[-2], k.shape[-2], window, q.device)
-    return attend(q, k, v, mask, scale=scale, softcap=softcap, sinks=sinks)
+    n_q, n_ctx = q.shape[-2], k.shape[-2]
+    mask = _allowed(n_q, n_ctx, window, q.device)
+    return attend(q, k, v, mask, scale=scale, softcap=softcap, sinks=sinks,
+                  bias=_prefill_alibi(alibi, n_q, n_ctx, q.device))
+
+
+def _prefill_alibi(alibi, n_q: int, n_ctx: int, device) -> torch.Tensor | None:
+    """The ALiBi bias [H, n_q, n_ctx] of the last n_q of n_ctx positions (None without)."""
+    if alibi is None:
+        return None
+    slopes = alibi if isinstance(alibi, torch.Tensor) else _scale_tensor(tuple(alibi), device)
+    return alibi_bias(slopes, torch.arange(n_ctx - n_q, n_ctx, device=device),
+                      torch.arange(n_ctx, device=device))
 
 
 @lru_cache(maxsize=1024)
@@ -185,7 +206,7 @@ def gather_kv(cache, blocks, n_ctx):
 def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_start_loc,
                     cos=None, sin=None, *, ctx, layer, scale, window=None, num_heads=None,
                     num_kv_heads=None, head_dim=None, kv_dtype=None, k_scale=None,
-                    v_scale=None, kv_head_map=None, softcap=None, sinks=None):
+                    v_scale=None, kv_head_map=None, softcap=None, sinks=None, alibi=None):
     """Write K/V into the paged cache, then attend each sequence's queries to its history.
 
     With `cos`/`sin` given, rotary embedding is applied to q and k first (the fuse pass
@@ -193,7 +214,8 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     follow from the shapes. With `kv_dtype` the cache is quantized with the per-KV-head
     `k_scale`/`v_scale` lists (module docstring). `kv_head_map[h]` names the KV head query
     head h reads when the grouping is not uniform (a tensor-parallel rank whose query heads
-    straddle KV groups)."""
+    straddle KV groups). `alibi`: per-query-head slopes, adding slopes[h] * (key position -
+    query position) to the scores (MPT)."""
     if cos is not None:
         q, k = rope_half(q, cos, sin), rope_half(k, cos, sin)
     key_cache, value_cache = ctx.kv_caches[layer]
@@ -206,6 +228,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     block_size = key_cache.shape[1]
     head_map = None if kv_head_map is None else torch.tensor(kv_head_map, device=q.device)
     sinks = None if sinks is None else _scale_tensor(tuple(sinks), q.device)
+    alibi = None if alibi is None else _scale_tensor(tuple(alibi), q.device)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
@@ -215,7 +238,7 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
     decode = [s for s, n in enumerate(n_q) if n == 1]
     if decode:
         _decode_attention(q, out, key_cache, value_cache, block_tables, decode, starts, lens,
-                          scale, window, ks, vs, head_map, softcap, sinks)
+                          scale, window, ks, vs, head_map, softcap, sinks, alibi)
     done = set(decode)
     for s, n_ctx in enumerate(lens):
         q0, q1 = starts[s], starts[s + 1]
@@ -229,13 +252,14 @@ def paged_attention(q, k, v, slot_mapping, block_tables, context_lens, query_sta
             keys, values = keys.index_select(0, head_map), values.index_select(0, head_map)
         mask = _allowed(q1 - q0, n_ctx, window, q.device)
         out[0, :, q0:q1] = attend(q[0, :, q0:q1], keys, values, mask, scale=scale,
-                                  softcap=softcap, sinks=sinks)
+                                  softcap=softcap, sinks=sinks,
+                                  bias=_prefill_alibi(alibi, q1 - q0, n_ctx, q.device))
     return out
 
 
 def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts, lens, scale,
                       window, k_scale=None, v_scale=None, head_map=None, softcap=None,
-                      sinks=None):
+                      sinks=None, alibi=None):
     block_size = key_cache.shape[1]
     idx = torch.tensor(seqs, device=q.device)
     ctx = torch.tensor([lens[s] for s in seqs], device=q.device)
@@ -254,6 +278,8 @@ def _decode_attention(q, out, key_cache, value_cache, block_tables, seqs, starts
     if window is not None:
         allowed &= k_pos > (ctx[:, None] - 1 - window)
     queries = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    # each sequence's one query sits at its last position, ctx - 1
+    bias = None if alibi is None else alibi_bias(alibi, (ctx - 1)[:, None], k_pos)
     res = attend(queries, keys, values, allowed[:, None, None], scale=scale, softcap=softcap,
-                 sinks=sinks)
+                 sinks=sinks, bias=bias)
     out[0, :, rows] = res.squeeze(2).transpose(0, 1)

@@ -120,6 +120,12 @@ def cat(*xs, dim):
     return torch.cat(xs, dim=dim)
 
 
+def pad(x, *, after):
+    """Zeros appended to the last dimension (values of a smaller head size than keys, padded
+    into a paged cache that holds one head size)."""
+    return F.pad(x, (0, after))
+
+
 def index_select(x, index, *, dim):
     return x.index_select(dim, index)
 
@@ -234,13 +240,28 @@ _ACTS: dict[str, Callable] = {
 }
 
 
-def moe(x, index, weights, gate_up, down, gate_up_bias=None, down_bias=None, *, act,
-        alpha=0.0, limit=0.0):
-    """The experts of a mixture-of-experts block (kernels/moe.py)."""
+def moe(x, index, weights, *rest, act, alpha=0.0, limit=0.0, w_format="dense",
+        group_size=None):
+    """The experts of a mixture-of-experts block (kernels/moe.py): gate_up's then down's
+    stored parts in `w_format` (`kernels.formats`: "dense", "int8_channel" or "int4_group",
+    experts first), then the optional gate_up and down biases."""
     if act not in _ACTS and act != "clamped_swiglu":
         raise ValueError(f"moe: unknown activation {act!r}")
-    return moe_ref.moe(x, index, weights, gate_up, down, gate_up_bias, down_bias, act=act,
-                       acts=_ACTS, alpha=alpha, limit=limit)
+    fmt = formats.get(w_format)
+    if fmt.activations:
+        raise ValueError(f"moe: {w_format} quantizes activations; experts are weight-only")
+    n = fmt.operands
+    if len(rest) not in (2 * n, 2 * n + 2):
+        raise ValueError(f"moe: {len(rest)} weight operands for format {w_format} "
+                         f"(want {2 * n}, or {2 * n + 2} with biases)")
+    biases = rest[2 * n:] or (None, None)
+
+    def linear(h, *parts):
+        return fmt.linear(h, *parts, group_size=group_size)
+
+    return moe_ref.moe(x, index, weights, rest[:n], rest[n:2 * n], *biases, act=act,
+                       acts=_ACTS, alpha=alpha, limit=limit,
+                       linear=moe_ref.dense_linear if n == 1 else linear)
 
 
 def gated_act(x, *, act):
@@ -268,6 +289,8 @@ UNARY: dict[str, Callable] = {
     "abs": torch.abs,
     "reciprocal": torch.reciprocal,
     "erf": torch.erf,
+    "floor": torch.floor,
+    "log1p": torch.log1p,
 }
 
 BINARY: dict[str, Callable] = {
@@ -302,6 +325,7 @@ def _build() -> dict[str, OpDef]:
         OpDef("getitem", getitem, "shape", (1, 1)),
         OpDef("cat", cat, "copy", (1, 64)),
         OpDef("index_select", index_select, "copy", (2, 2)),
+        OpDef("pad", pad, "copy", (1, 1)),
         OpDef("embedding", embedding, "gemm", (2, 3)),
         OpDef("linear", linear, "gemm", (2, 5)),
         OpDef("matmul", matmul, "gemm", (2, 2)),
@@ -318,7 +342,7 @@ def _build() -> dict[str, OpDef]:
         OpDef("masked_fill", moe_ref.masked_fill, "copy", (2, 2)),
         OpDef("logical_not", moe_ref.logical_not, "copy", (1, 1)),
         OpDef("compare", moe_ref.compare, "copy", (1, 2)),
-        OpDef("moe", moe, "fused", (5, 7)),
+        OpDef("moe", moe, "fused", (5, 11)),
         OpDef("sdpa", sdpa, "attention", (3, 4)),
         OpDef("paged_attention", paged_attention, "attention", (7, 9), needs_ctx=True),
         OpDef("all_reduce", all_reduce, "collective", (1, 1), needs_ctx=True),

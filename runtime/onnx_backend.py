@@ -76,13 +76,15 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
-                       windows: list[int], pad_to: int = 1) -> dict[str, np.ndarray]:
+                       windows: list[int], pad_to: int = 1, rel_pos: bool = False
+                       ) -> dict[str, np.ndarray]:
     """Per-step inputs shared by every attention layer: the flat token batch laid out as
     [sequences, longest chunk] query rows against [earlier context + this chunk] keys.
 
     numpy, once per step (not per layer or per sequence), and few operations: after the model
-    has streamed its weights through the caches, each one costs several microseconds. The
-    context width is rounded up to `pad_to` (masked columns), so in decode the shapes, and so
+    has streamed its weights through the caches, each one costs several microseconds. With
+    `rel_pos` (ALiBi graphs) each key's position minus each query's, laid out as the mask,
+    goes with it. The context width is rounded up to `pad_to` (masked columns), so in decode the shapes, and so
     the runtime's bound buffers, change once per `pad_to` steps rather than every step."""
     starts = feeds["query_start_loc"].numpy().astype(np.int64, copy=False)
     lens = feeds["context_lens"].numpy().astype(np.int64, copy=False)
@@ -115,9 +117,13 @@ def attention_metadata(feeds: dict[str, torch.Tensor], block_size: int,
         mask[:, 0, :, c:][~own] = NEG
     out = {"attn.q_index": q_index, "attn.ctx_slots": ctx_slots, "attn.out_index": out_index,
            "attn.mask": mask}
-    if windows:
+    if windows or rel_pos:
         q_pos = past[:, None] + np.arange(tq)[None]  # [B, Tq]
         k_pos = np.concatenate([np.broadcast_to(ar_c[None], (b, c)), q_pos], axis=1)
+    if rel_pos:
+        out["attn.rel_pos"] = (k_pos[:, None, None, :] - q_pos[:, None, :, None]
+                               ).astype(np.float32)
+    if windows:
         near = k_pos[:, None, :] > q_pos[:, :, None] - np.asarray(windows)[:, None, None, None]
         for w, allowed in zip(windows, near):
             out[f"attn.mask.w{w}"] = np.where(allowed[:, None], mask, NEG).astype(np.float32)
@@ -172,6 +178,7 @@ class OnnxRunner:
         self.session_seconds, self.steps = 0.0, 0
         self.windows = sorted(int(n.rsplit(".w", 1)[1]) for n in names
                               if n.startswith("attn.mask.w"))
+        self.rel_pos = "attn.rel_pos" in names  # an ALiBi model's graph
         out_node = next(n for n in plan["nodes"] if n["name"] == plan["outputs"][0])
         self.vocab = int(out_node["shape"][-1])
 
@@ -228,7 +235,7 @@ class OnnxRunner:
         for name in self.inputs:
             self._put(io, name, feeds[name].numpy())
         for name, arr in attention_metadata(feeds, block_size, self.windows,
-                                            pad_to=block_size).items():
+                                            pad_to=block_size, rel_pos=self.rel_pos).items():
             self._put(io, name, arr)
         n_rows = feeds["logits_indices"].numel()
         slots = feeds["slot_mapping"]

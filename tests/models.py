@@ -18,7 +18,7 @@ ARCHS = ("llama", "llama_tied", "mistral", "qwen2", "gpt2")
 # are randomized too (make_checkpoint), so a constant init cannot hide a wrong lowering.
 HUB_ARCHS = ("qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3",
              "granite", "gpt_neox", "cohere2", "glm4", "mixtral", "qwen2_moe", "qwen3_moe",
-             "gpt_oss", "deepseek_v3", "phimoe")
+             "gpt_oss", "deepseek_v3", "phimoe", "mpt", "llama4")
 WITH_TOKENIZER = ("llama", "qwen2", "llama_wide")
 
 # What each tested architecture exercises: README's table is rendered from this
@@ -46,11 +46,16 @@ FEATURES = {
     "qwen2_moe": ("Qwen2-MoE", "MoE: top-2 of 4 without renormalization, sigmoid-gated "
                   "shared expert"),
     "qwen3_moe": ("Qwen3-MoE", "MoE: top-2 of 4, renormalized; q/k norms"),
-    "deepseek_v3": ("DeepSeek-V3", "multi-head latent attention (K and V of one head size), "
-                    "group-limited sigmoid routing with correction bias, shared expert, dense "
-                    "first layer"),
+    "deepseek_v3": ("DeepSeek-V3", "multi-head latent attention (keys of 24 channels, values "
+                    "of 16), group-limited sigmoid routing with correction bias, shared "
+                    "expert, dense first layer"),
     "phimoe": ("Phi-MoE", "sparsemixer routing (two masked argmax rounds), per-expert "
                "checkpoint tensors renamed and merged"),
+    "llama4": ("Llama 4 (text)", "complex-number RoPE rewritten to real ops, a NoPE layer "
+               "with attention temperature tuning, dense-dispatch experts (top-1 of 4, "
+               "sigmoid) beside a shared MLP, chunked layers within one chunk"),
+    "mpt": ("MPT", "ALiBi (eager attention recognised in the trace), 6 heads: slopes "
+            "interleaved as for a non-power-of-2 count; fused Wqkv, LayerNorm without bias"),
     "gpt_oss": ("gpt-oss", "attention sinks, sliding / full layers, MoE with biased, "
                 "interleaved, transposed experts and a clamped SwiGLU"),
 }
@@ -189,12 +194,21 @@ def _hub_config(arch: str, common: dict):
                               layer_types=["sliding_attention", "full_attention"])
     if arch == "deepseek_v3":  # MLA (LoRA'd q and kv, decoupled RoPE), a dense first layer,
         # then sigmoid routing limited to 1 of 2 expert groups, correction bias, shared expert
-        return T.DeepseekV3Config(**{**c, "num_hidden_layers": 3}, n_routed_experts=4,
+        return T.DeepseekV3Config(**{**c, "num_hidden_layers": 3, "num_key_value_heads": 4},
+                                  n_routed_experts=4,
                                   num_experts_per_tok=2, moe_intermediate_size=32,
                                   n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16,
-                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                                   first_k_dense_replace=1, n_group=2, topk_group=1,
                                   routed_scaling_factor=2.5)
+    if arch == "mpt":  # ALiBi over 6 heads (MPT's slopes for a non-power-of-2 head count)
+        return T.MptConfig(vocab_size=320, d_model=72, n_heads=6, n_layers=2, max_seq_len=128,
+                           pad_token_id=0)
+    if arch == "llama4":  # complex RoPE, a NoPE layer (every 4th) with attention temperature
+        # tuning, chunked attention, dense-dispatch experts (top-1 of 4, sigmoid) + shared MLP
+        return T.Llama4TextConfig(**{**c, "num_hidden_layers": 4}, num_local_experts=4,
+                                  num_experts_per_tok=1, intermediate_size_mlp=128,
+                                  head_dim=16, attention_chunk_size=8192)
     if arch == "phimoe":  # sparsemixer routing (top-2 by masked argmax), LayerNorm, biases
         return T.PhimoeConfig(**c, num_local_experts=4, num_experts_per_tok=2)
     return None

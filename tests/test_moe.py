@@ -85,9 +85,19 @@ def test_report_says_why_routing_was_not_measured(engines):
     assert "moe" not in dense
 
 
-def test_mla_with_a_distinct_value_head_size_fails_in_one_line(tmp_path):
-    """DeepSeek's real shapes (values of 128 against keys of 192) need a cache with two head
-    sizes: refused, naming it, instead of a wrong engine."""
+def test_mla_values_are_padded_to_the_key_head_size(engines):
+    """DeepSeek's MLA has values smaller than keys (128 against 192 in the real model; 16
+    against 24 here): the values are padded into the one-head-size cache and the attention
+    output sliced back (the HF-match tests check the tokens)."""
+    import json
+
+    engine = engines("deepseek_v3")
+    ops = [n["op"] for n in json.loads((engine / "plan.rank0.json").read_text())["nodes"]]
+    layers = json.loads((engine / "engine.json").read_text())["kv_cache"]["layers"]
+    assert ops.count("pad") == len(layers) and {lay["head_dim"] for lay in layers} == {24}
+
+
+def test_values_larger_than_keys_fail_in_one_line(tmp_path):
     import transformers as T
 
     from llm_engine.builder.errors import BuildError
@@ -96,19 +106,19 @@ def test_mla_with_a_distinct_value_head_size_fails_in_one_line(tmp_path):
     cfg = T.DeepseekV3Config(vocab_size=320, hidden_size=64, intermediate_size=96,
                              num_hidden_layers=1, num_attention_heads=4,
                              num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
-                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=32,
                              first_k_dense_replace=1, pad_token_id=0)
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(BuildError, match="multi-head latent attention"):
+    with pytest.raises(BuildError, match="values of head size 32 over keys of 16"):
         build_tiny_engine(tmp_path / "ckpt", tmp_path / "engine")
 
 
 @pytest.mark.slow
 def test_moe_int4_engine_passes_the_quality_gates(checkpoints, tmp_path):
     """A MoE model under --quant int4-awq goes through the same calibration and gates as a
-    dense one (router and attention GEMMs quantized; the experts stay float, see
-    docs/building.md), and keeps its fast-path graph."""
+    dense one (experts int4 from their own calibration rows, router and attention GEMMs as
+    for dense models), and keeps its fast-path graph."""
     import json
     import random
 
@@ -127,3 +137,16 @@ def test_moe_int4_engine_passes_the_quality_gates(checkpoints, tmp_path):
     assert gates["failed"] == [] and gates["max_ppl_increase"] == 5.0
     assert report["quantization"]["quality"]["greedy_agreement"] >= 0.7
     assert report["onnx"]["written"] is True
+    assert {e["format"] for e in report["quantization"]["experts"].values()} == {"int4_group"}
+
+
+def test_llama4_context_past_its_attention_chunk_fails_in_one_line(checkpoints, tmp_path):
+    """Within one chunk Llama 4's chunked layers are causal (what the engine computes); a
+    longer context would need chunked attention: refused, naming the fix."""
+    from llm_engine.builder.errors import BuildError
+    from tests.models import build_tiny_engine
+
+    ckpt, _ = checkpoints("llama4")
+    with pytest.raises(BuildError, match=r"--max-seq-len 9000 exceeds the model's attention "
+                                         r"chunk \(8192 tokens\).*--max-seq-len 8192 or less"):
+        build_tiny_engine(ckpt, tmp_path / "engine", max_seq_len=9000)

@@ -32,14 +32,21 @@ import common
 DEFAULT_OUT = common.RESULTS / "ops_moe.json"
 
 
-def export_moe(lowering: str, e: int, k: int, h: int, i: int, folder: Path, weights: dict):
-    """The exporter's `moe` lowering (`dense` or `contrib`) of a one-node plan."""
+def export_moe(lowering: str, k: int, hidden: int, folder: Path, weights: dict,
+               attrs: dict | None = None) -> Path:
+    """The exporter's `moe` lowering of a one-node plan: `lowering` is `auto` (the contrib
+    op, MoE or QMoE, that a build picks), `dense` or `gather`; `weights` the node's weight
+    operands in order (gate_up's parts, down's parts, biases), `attrs` its attrs."""
     from onnx import TensorProto, helper
     from safetensors.torch import save_file
 
     from llm_engine.builder.onnx_export import OPSET, _Emitter, _live
+    from llm_engine.kernels.dtypes import dtype_name
 
+    folder = folder / f"{lowering}-{len(list(folder.iterdir()))}"  # one weights file each
+    folder.mkdir()
     save_file(weights, str(folder / "weights.safetensors"))
+    h = hidden
 
     def node(name, op, inputs, shape, dtype="float32", attrs=None):
         return {"name": name, "op": op, "inputs": inputs, "attrs": attrs or {}, "shape": shape,
@@ -47,16 +54,16 @@ def export_moe(lowering: str, e: int, k: int, h: int, i: int, folder: Path, weig
 
     nodes = [node("x", "input", [], ["T", h], attrs={"name": "x"}),
              node("index", "input", [], ["T", k], "int64", {"name": "index"}),
-             node("w", "input", [], ["T", k], attrs={"name": "w"}),
-             node("gate_up", "weight", [], [e, 2 * i, h], attrs={"name": "gate_up"}),
-             node("down", "weight", [], [e, h, i], attrs={"name": "down"}),
-             node("y", "moe", ["x", "index", "w", "gate_up", "down"], ["T", h],
-                  attrs={"act": "silu"})]
+             node("w", "input", [], ["T", k], attrs={"name": "w"})]
+    nodes += [node(name, "weight", [], list(t.shape), dtype_name(t.dtype), {"name": name})
+              for name, t in weights.items()]
+    nodes.append(node("y", "moe", ["x", "index", "w", *weights], ["T", h],
+                      attrs=attrs or {"act": "silu"}))
     plan = {"inputs": [{"name": n["name"], "node": n["name"], "shape": n["shape"],
                         "dtype": n["dtype"]} for n in nodes[:3]],
             "outputs": ["y"], "kv_cache": {"layers": []}, "nodes": nodes}
     em = _Emitter(plan, folder / "weights.safetensors")
-    em.MOE_LOWERING = "auto" if lowering == "contrib" else "dense"
+    em.MOE_LOWERING = lowering
     for n in nodes:
         em.emit(n)
     em.onnx_nodes.append(helper.make_node("Identity", [em.values["y"]], ["y"]))
@@ -66,10 +73,27 @@ def export_moe(lowering: str, e: int, k: int, h: int, i: int, folder: Path, weig
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
-    path = folder / f"{lowering}.onnx"
+    path = folder / "moe.onnx"
     path.write_bytes(model.SerializeToString())
-    assert f"moe_{lowering}" in em.lowerings, em.lowerings
     return path
+
+
+def quantized(dense: dict, fmt: str, group: int) -> tuple[dict, dict]:
+    """The experts in a quantized format as the quantize pass stores them (round to
+    nearest; int4 with integer zero points), and the node's attrs."""
+    import torch
+
+    from llm_engine.kernels import formats
+    from llm_engine.kernels import quant as Q
+
+    parts = {}
+    for name, w in dense.items():
+        per_expert = [Q.quantize_int8_channel(we) if fmt == "int8_channel" else
+                      Q.quantize_int4_group(we, group, integer_zeros=True) for we in w]
+        for j, part in enumerate(formats.get(fmt).parts):
+            parts[f"{name}.{part.suffix}"] = torch.stack([p[j] for p in per_expert])
+    attrs = {"act": "silu", "w_format": fmt, **({"group_size": group} if "int4" in fmt else {})}
+    return parts, attrs
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -83,54 +107,69 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--inter", type=int, default=1408)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--group", type=int, default=128, help="int4 group size")
     common.add_timing_args(p, warmup=3, reps=10, min_time=0.3, out=DEFAULT_OUT,
                            quick="smoke test: tiny shapes, a few calls")
     args = p.parse_args(argv)
     if args.quick:
-        args.experts, args.top_k, args.hidden, args.inter = 4, 2, 32, 48
+        args.experts, args.top_k, args.hidden, args.inter, args.group = 4, 2, 32, 48, 16
         args.tokens, args.warmup, args.reps, args.min_time = [1, 5], 1, 3, 0.0
     torch.set_num_threads(args.threads)
     e, k, h, i = args.experts, args.top_k, args.hidden, args.inter
     g = torch.Generator().manual_seed(args.seed)
-    weights = {"gate_up": torch.randn(e, 2 * i, h, generator=g) * h ** -0.5,
-               "down": torch.randn(e, h, i, generator=g) * i ** -0.5}
+    dense = {"gate_up": torch.randn(e, 2 * i, h, generator=g) * h ** -0.5,
+             "down": torch.randn(e, h, i, generator=g) * i ** -0.5}
+    variants = {  # name: (lowering, weight operands, attrs)
+        "ort_dense": ("dense", dense, None),
+        "ort_gather": ("gather", dense, None),
+        "ort_contrib": ("auto", dense, None),
+        "ort_qmoe_int8": ("auto", *quantized(dense, "int8_channel", args.group)),
+        "ort_qmoe_int4": ("auto", *quantized(dense, "int4_group", args.group)),
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="ops_moe_") as tmp:
-        sessions = {lw: common.ort_session(export_moe(lw, e, k, h, i, Path(tmp), weights),
-                                           args.threads) for lw in ("dense", "contrib")}
+        sessions = {name: common.ort_session(export_moe(lw, k, h, Path(tmp), ws, attrs),
+                                             args.threads)
+                    for name, (lw, ws, attrs) in variants.items()}
         for t in args.tokens:
             x = torch.randn(t, h, generator=g)
             probs = torch.randn(t, e, generator=g).softmax(-1)
             index = probs.topk(k).indices
             w = probs.gather(-1, index)
-            want = OPS["moe"].fn(x, index, w, weights["gate_up"], weights["down"], act="silu")
-            outs: dict[str, Any] = {}
             calls = [lambda x=x, index=index, w=w: OPS["moe"].fn(
-                x, index, w, weights["gate_up"], weights["down"], act="silu")]
-            for lw, sess in sessions.items():
+                x, index, w, dense["gate_up"], dense["down"], act="silu")]
+            outs: dict[str, Any] = {}
+            for name, sess in sessions.items():
                 out = torch.empty(t, h)
                 io = sess.io_binding()
-                for name, val in (("x", x), ("index", index), ("w", w)):
-                    common.bind(io, name, val.contiguous())
+                for arg, val in (("x", x), ("index", index), ("w", w)):
+                    common.bind(io, arg, val.contiguous())
                 common.bind(io, "y", out, output=True)
-                outs[lw] = out
+                outs[name] = out
                 calls.append(lambda s=sess, b=io: s.run_with_iobinding(b))
             timed = common.time_many(calls, warmup=args.warmup, reps=args.reps,
                                      min_time=args.min_time)
-            row = {"tokens": t, "torch": timed[0], "ort_dense": timed[1], "ort_contrib": timed[2]}
-            for lw, out in outs.items():
-                row[f"rel_err_{lw}"] = common.rel_err(out, want)
+            row = {"tokens": t, "torch": timed[0]}
+            for (name, out), tm in zip(outs.items(), timed[1:], strict=True):
+                _, ws, attrs = variants[name]
+                # each against the reference on the same stored weights (quantized or not)
+                want = OPS["moe"].fn(x, index, w, *ws.values(), **(attrs or {"act": "silu"}))
+                row[name] = tm
+                row[f"rel_err_{name[4:]}"] = common.rel_err(out, want)
             rows.append(row)
     machine = common.machine_info(args.threads)
-    lines = ["| tokens | torch us | ort dense us | ort contrib us | rel err dense | "
-             "rel err contrib |", "|---|---|---|---|---|---|"]
+    names = list(variants)
+    lines = ["| tokens | torch us | " + " | ".join(f"{n[4:]} us" for n in names) + " | "
+             + " | ".join(f"rel err {n[4:]}" for n in names) + " |",
+             "|---" * (2 + 2 * len(names)) + "|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['torch']['median_us']:.0f} | "
-                     f"{r['ort_dense']['median_us']:.0f} | {r['ort_contrib']['median_us']:.0f} "
-                     f"| {r['rel_err_dense']:.1e} | {r['rel_err_contrib']:.1e} |")
+                     + " | ".join(f"{r[n]['median_us']:.0f}" for n in names) + " | "
+                     + " | ".join(f"{r['rel_err_' + n[4:]]:.1e}" for n in names) + " |")
     payload = {"benchmark": "ops/moe", "machine": machine,
                "config": {"experts": e, "top_k": k, "hidden": h, "inter": i,
-                          "tokens": args.tokens, "quick": args.quick},
+                          "group_size": args.group, "tokens": args.tokens,
+                          "quick": args.quick},
                "rows": rows, "table": "\n".join(lines)}
     common.write_json(args.out, payload)
     print(f"{common.cpu_line(machine)}\n{e} experts, top-{k}, hidden {h}, inter {i}, fp32\n\n"

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from llm_engine.builder.errors import BuildError
-from llm_engine.builder.frontend import attention_op, moe_op
+from llm_engine.builder.frontend import attention_op, complex_ops, moe_op
 from llm_engine.builder.frontend.checkpoint_names import weight_transforms_for
 
 MAX_TOKENS = 1 << 16
@@ -48,6 +48,8 @@ class Traced:
     # buffers saved with the model (a MoE router's score-correction bias): the checkpoint's
     # value wins over the one computed at init, as in from_pretrained
     persistent_buffers: frozenset[str] = frozenset()
+    # the largest token count T the program was traced for (trace._export)
+    max_tokens: int = MAX_TOKENS
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -76,20 +78,31 @@ def _persistent_buffers(model: torch.nn.Module) -> frozenset[str]:
 
 
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     config._attn_implementation = attention_op.register()
     # a transformers without ExpertsInterface has no MoE models of this form either
     with contextlib.suppress(ImportError):
         config._experts_implementation = moe_op.register()
+    model = _instantiate(config, dtype)
+    if not getattr(model, "_supports_attention_backend", True):
+        # The model computes attention in its own eager code (MPT's ALiBi), never calling
+        # AttentionInterface, and reads the mask HF builds for it as eager code expects
+        # (MPT: True = masked), not as the engine's boolean sdpa mask (True = allowed):
+        # trace it as HF runs it, and let lower_aten recognise the eager attention.
+        config._attn_implementation = "eager"
+        model = _instantiate(config, dtype)
+    return model.eval()
+
+
+def _instantiate(config, dtype: torch.dtype) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:
         arch = (config.architectures or [config.model_type])[0]
         raise BuildError(f"transformers cannot instantiate {arch}: {e}") from e
-    return model.eval()
 
 
 def trace_model(config, dtype: torch.dtype) -> Traced:
@@ -102,23 +115,19 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
     param_dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
     weight_transforms = weight_transforms_for(model)
     model.to("meta")
-    tokens = torch.export.Dim("T", min=1, max=MAX_TOKENS)
-    # Distinct example tensors: export would merge identical inputs into one placeholder.
-    ids = torch.zeros(1, 7, dtype=torch.long, device="meta")
-    pos = torch.zeros(1, 7, dtype=torch.long, device="meta")
-    try:
-        program = torch.export.export(
-            _Forward(model), (ids, pos), dynamic_shapes=({1: tokens}, {1: tokens}), strict=False
-        )
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BuildError(f"torch.export failed for {arch}: {first}") from e
+    program, max_tokens = _export(model, config, arch)
     if _mutates_views(program.graph_module.graph):
         # Writes into slices of a fresh tensor (DeepSeek's MLA builds K as new_empty + two
         # copy_ into its halves) or in-place scatters: functionalize (no op decomposed), so
         # the lowering sees slice_scatter / scatter values instead of mutations.
         program = program.run_decompositions({})
+    _drop_asserts(program.graph_module.graph)  # lower_aten skips them; not what they read
     _inline_wrappers(program.graph_module, arch)
+    # Llama 4: complex RoPE, and a router that scatters its top-k logits into -inf
+    if complex_ops.realify_complex(program.graph_module) + \
+            complex_ops.scatter_topk_as_mask(program.graph_module) + \
+            complex_ops.repeat_as_expand(program.graph_module):
+        program.graph_module.recompile()
     sig = program.graph_signature
     names = {}
     for ph, target in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
@@ -131,8 +140,101 @@ def trace_model(config, dtype: torch.dtype) -> Traced:
         buffers[name] = program.constants[target].detach().clone()
     return Traced(program, names, buffers, aliases, param_dtypes, arch,
                   time.perf_counter() - start, weight_transforms=weight_transforms,
-                  persistent_buffers=persistent,
+                  persistent_buffers=persistent, max_tokens=max_tokens,
                   base_model_prefix=getattr(model, "base_model_prefix", None) or None)
+
+
+def _export(model: torch.nn.Module, config, arch: str
+            ) -> tuple[torch.export.ExportedProgram, int]:
+    """(program, the largest T it was traced for). Some models slice a table made for their
+    context length L by the token count (MPT's ALiBi bias: `bias[..., max(0, L - T):]`), which
+    export can only trace as one graph for T < L; they are traced again with T bounded so.
+    lower_aten then checks that nothing the logits need still depends on the bound."""
+    try:
+        return _export_upto(model, MAX_TOKENS), MAX_TOKENS
+    except Exception as e:
+        context = _context_length(config)
+        if not (_range_violated(e) and context is not None and 1 < context <= MAX_TOKENS):
+            raise _export_error(arch, e) from e
+    try:
+        return _export_upto(model, context - 1), context - 1
+    except Exception as e:
+        if not _range_violated(e):
+            raise _export_error(arch, e) from e
+        first = e
+    # A guard that holds for every T but that export's solver cannot prove (Llama 4's dense
+    # experts: `bmm(...).view(-1, H)` gets the stride Min(H, H*T), and the `reshape` after it
+    # guards T*Min(H, H*T) == H*T): trace with the guards kept as runtime asserts, and accept
+    # the program only if each assert holds for every T it is traced for.
+    try:
+        program = _export_upto(model, MAX_TOKENS, deferred=True)
+    except Exception as e:
+        raise _export_error(arch, e) from e
+    if not _asserts_hold(program, MAX_TOKENS):
+        raise _export_error(arch, first) from first
+    return program, MAX_TOKENS
+
+
+def _drop_asserts(graph: torch.fx.Graph) -> None:
+    """Remove the proven runtime asserts and the symbolic-size arithmetic only they read."""
+    for node in reversed(list(graph.nodes)):
+        if node.target is torch.ops.aten._assert_scalar.default or (
+                not node.users and node.op == "call_function" and
+                not isinstance(node.meta.get("val"), torch.Tensor) and
+                (getattr(node.target, "__module__", None) in ("_operator", "operator") or
+                 node.target in (torch.sym_min, torch.sym_max))):
+            graph.erase_node(node)
+
+
+def _export_upto(model: torch.nn.Module, max_tokens: int, deferred: bool = False
+                 ) -> torch.export.ExportedProgram:
+    tokens = torch.export.Dim("T", min=1, max=max_tokens)
+    # Distinct example tensors: export would merge identical inputs into one placeholder.
+    ids = torch.zeros(1, 7, dtype=torch.long, device="meta")
+    pos = torch.zeros(1, 7, dtype=torch.long, device="meta")
+    return torch.export.export(_Forward(model), (ids, pos),
+                               dynamic_shapes=({1: tokens}, {1: tokens}), strict=False,
+                               prefer_deferred_runtime_asserts_over_guards=deferred)
+
+
+def _asserts_hold(program: torch.export.ExportedProgram, max_tokens: int) -> bool:
+    """Every runtime assert of the program (a guard on T only) is true for T = 1..max_tokens."""
+    import sympy
+
+    for node in program.graph_module.graph.nodes:
+        if node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        expr = getattr(getattr(val, "node", None), "expr", None)
+        if expr is sympy.true:  # input_ids and position_ids both have T tokens
+            continue
+        if expr is None or len(expr.free_symbols) != 1:
+            return False
+        try:
+            check = sympy.lambdify(list(expr.free_symbols), expr, "math")
+            if not all(check(t) for t in range(1, max_tokens + 1)):
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def _range_violated(e: Exception) -> bool:
+    """export found that T's range splits into cases (a guard on T it cannot drop)."""
+    return "Constraints violated (T)" in str(e)
+
+
+def _context_length(config) -> int | None:
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _export_error(arch: str, e: Exception) -> BuildError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BuildError(f"torch.export failed for {arch}: {first}")
 
 
 # In-place ops lower_aten lowers as their out-of-place forms (they mutate no view).

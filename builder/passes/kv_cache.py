@@ -48,6 +48,14 @@ def _weight_values(graph: Graph, name: str, options) -> list[float]:
             .flatten()]
 
 
+def _pad_values(graph: Graph, v: str, after: int, order: float) -> str:
+    """v [1, Hkv, T, Dv] with zeros to the keys' head size."""
+    node = graph.node(v)
+    return graph.add("pad", [v], (*node.shape[:3], node.shape[3] + after), node.dtype,
+                     attrs={"after": after}, origin=node.origin, name=f"{v}_padded",
+                     order=order - 1e-4).name
+
+
 def _metadata_inputs(graph: Graph) -> list[str]:
     names = []
     for name, (shape, dtype) in METADATA_INPUTS.items():
@@ -71,16 +79,20 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
         extra = {}
         if node.attrs.get("softcap"):
             extra["softcap"] = node.attrs["softcap"]
+        if node.attrs.get("alibi"):  # per-head slopes (MPT)
+            extra["alibi"] = node.attrs["alibi"]
         if len(node.inputs) > 3:  # sinks: their values become attrs, as KV scales are
             extra["sinks"] = _weight_values(graph, node.inputs[3], options)
         k, v = strip_repeat_kv(graph, k), strip_repeat_kv(graph, v)
         q_shape, k_shape = graph.node(q).shape, graph.node(k).shape
         heads, kv_heads, head_dim = q_shape[1], k_shape[1], k_shape[3]
-        if graph.node(v).shape[3] != head_dim:
-            raise BuildError(f"{node.name}: keys of head size {head_dim} and values of "
-                             f"{graph.node(v).shape[3]} (multi-head latent attention with "
-                             "v_head_dim != qk_head_dim): the paged cache holds one head size "
-                             "for both; not supported yet")
+        v_dim = graph.node(v).shape[3]
+        if v_dim > head_dim:
+            raise BuildError(f"{node.name}: values of head size {v_dim} over keys of "
+                             f"{head_dim}: the paged cache holds one head size for both; "
+                             "values larger than keys are not supported")
+        if v_dim < head_dim:  # MLA: v_head_dim < qk_head_dim, padded as vLLM does for FA
+            v = _pad_values(graph, v, head_dim - v_dim, node.order)
         if heads % kv_heads:
             raise ValueError(f"{node.name}: {heads} query heads over {kv_heads} KV heads")
         paged = graph.add(
@@ -89,7 +101,13 @@ def kv_cache(graph: Graph, options=None) -> tuple[Graph, PassReport]:
                    "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
                    **extra},
             origin=node.origin, name=f"paged_attention_{layer}", order=node.order)
-        graph.replace_uses(node.name, paged.name)
+        out = paged.name
+        if v_dim < head_dim:  # the padded value channels attend to zeros: drop them
+            paged.shape = (*node.shape[:3], head_dim)
+            out = graph.add("slice", [paged.name], node.shape, node.dtype,
+                            attrs={"dim": 3, "start": 0, "end": v_dim}, origin=node.origin,
+                            name=f"paged_attention_{layer}_values", order=node.order + 1e-4).name
+        graph.replace_uses(node.name, out)
         graph.remove(node.name)
         layers.append({"num_kv_heads": kv_heads, "head_dim": head_dim,
                        "dtype": graph.node(k).dtype, "window": node.attrs["window"]})

@@ -19,8 +19,9 @@ import torch
 import torch.fx
 
 from llm_engine.builder.errors import BuildError
-from llm_engine.builder.frontend.trace import Traced
+from llm_engine.builder.frontend.trace import MAX_TOKENS, Traced
 from llm_engine.builder.ir import Graph, WeightSpec
+from llm_engine.builder.passes.lower_aten_eager import rewrite_eager_attention
 from llm_engine.builder.passes.lower_aten_mask import mask_arg
 from llm_engine.builder.passes.lower_aten_ops import (
     ATTENTION_OPS,
@@ -177,7 +178,8 @@ class Lowering:
 
     def lower_call(self, node: torch.fx.Node):
         target = node.target
-        if target is aten.sym_size.int:
+        if target is aten.sym_size.int or isinstance(node.meta.get("val"), torch.SymInt):
+            # a size or arithmetic on sizes (Llama 4's reshape to 4*T rows): an expression of T
             return {"sym": str(sym_str(node.meta["val"]))}
         handler = HANDLERS.get(target) or HANDLERS.get(getattr(target, "overloadpacket", None))
         if handler is None:
@@ -191,7 +193,10 @@ def lower_aten(traced: Traced, options: Any) -> tuple[Graph, PassReport]:
     """The first pass: torch.export's ATen graph -> the IR graph. `options.weights` is the
     checkpoint's tensors by name; a weight the graph reads that it lacks is refused."""
     before = sum(1 for n in traced.program.graph_module.graph.nodes if n.op == "call_function")
+    eager = rewrite_eager_attention(traced)
     lowering = Lowering(traced, options.weights.__contains__)
+    if traced.max_tokens < MAX_TOKENS:
+        _check_token_bound(lowering)
     graph = lowering.run()
     graph.meta["architecture"] = traced.architecture
     report = PassReport("lower_aten", changed=True, stats={
@@ -204,4 +209,22 @@ def lower_aten(traced: Traced, options: Any) -> tuple[Graph, PassReport]:
     report.notes.append(
         f"{lowering.masks_folded} attention masks verified causal on a 37-token probe and folded"
     )
+    if eager:
+        report.stats["eager_attention"] = eager
+        report.notes.append(f"{eager} eager attentions (the model's own matmul / softmax code) "
+                            "recognised and replaced by the engine's attention")
     return graph, report
+
+
+def _check_token_bound(lowering: Lowering) -> None:
+    """A trace bounded to T < L (trace._export) holds for any step size only if what the
+    logits need has no case split on T left: the table slicing that forced the bound must be
+    gone with the attention it fed."""
+    for node in lowering.needed_nodes():
+        val = node.meta.get("val")
+        shape = val.shape if isinstance(val, torch.Tensor) else [val]
+        if node.target in (torch.sym_max, torch.sym_min) or \
+                any("Max(" in str(s) or "Min(" in str(s) for s in shape):
+            lowering.current = node
+            raise lowering.fail(f"{node.target}, a size that is valid only for up to "
+                                f"{lowering.traced.max_tokens} tokens,")

@@ -93,7 +93,8 @@ def _cast(lo, node, args, kwargs):
 _UNARY = {aten.neg: "neg", aten.rsqrt: "rsqrt", aten.sqrt: "sqrt", aten.exp: "exp",
           aten.log: "log", aten.tanh: "tanh", aten.sigmoid: "sigmoid", aten.silu: "silu",
           aten.relu: "relu", aten.cos: "cos", aten.sin: "sin", aten.abs: "abs",
-          aten.reciprocal: "reciprocal", aten.erf: "erf"}
+          aten.reciprocal: "reciprocal", aten.erf: "erf", aten.floor: "floor",
+          aten.log1p: "log1p"}
 _BINARY = {aten.add: "add", aten.sub: "sub", aten.mul: "mul", aten.div: "div",
            aten.pow: "pow", aten.maximum: "maximum", aten.minimum: "minimum",
            # in-place forms (the router's `scores /= scores.sum()`): the value is the result,
@@ -365,17 +366,34 @@ def _attention(lo, node, args, kwargs):
     """The engine's own attention op (builder/frontend/attention_op.py): its variant is in
     its arguments."""
     q, k, v, _, sinks, scale, softcap = args[:7]
-    attrs = {"scale": float(scale), "window": _window(lo, node)}
+    # an eager attention recognised by lower_aten_eager: its mask is already classified
+    variant = node.meta.get("llm_engine_variant")
+    if variant is not None:
+        lo.masks_folded += 1
+    window = variant["window"] if variant is not None else _window(lo, node)
+    attrs = {"scale": float(scale), "window": window}
     if softcap:
         attrs["softcap"] = float(softcap)
+    if variant is not None and variant["alibi"]:
+        attrs["alibi"] = variant["alibi"]  # per-head slopes
     # sinks (gpt-oss): one learned logit per head, a weight until kv_cache reads its values
     return lo.emit("sdpa", [q, k, v, *([sinks] if sinks is not None else [])], attrs)
 
 
 @handles(aten.arange.default, aten.arange.start, aten.arange.start_step)
 def _arange(lo, node, args, kwargs):
-    """An arange of fixed bounds (long-context RoPE's frequency index) is a constant."""
+    """An arange of fixed bounds (long-context RoPE's frequency index) is a constant.
+    arange(T), the index of each token, is its position: the model is traced without a
+    cache, where `arange(T) + past_seen_tokens` (Llama 4's attention temperature) is
+    arange(T); in a flat paged batch each token's position is in `position_ids`."""
     if any(not isinstance(a, int | float) for a in args):
+        bounds = [a for a in args if not (isinstance(a, int) and a == 0)]
+        if len(args) <= 2 and bounds == [{"sym": "T"}]:
+            pos = next(n for n in lo.graph.inputs
+                       if lo.graph.node(n).attrs.get("name") == "position_ids")
+            flat = lo.emit("reshape", [pos], {"shape": [{"sym": "T"}]})
+            dtype = dtype_name(node.meta["val"].dtype)
+            return flat if dtype == "int64" else lo.emit("to_dtype", [flat], {"dtype": dtype})
         raise lo.fail("arange with a size known only at run time")
     val = node.meta["val"]
     return lo.literal(torch.arange(*args, dtype=val.dtype))

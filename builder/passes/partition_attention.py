@@ -135,6 +135,8 @@ def shard_attention(graph: Graph, attn: Node, tp: int, rank: int, slicer: Slicer
     for key in ("k_scale", "v_scale"):
         if isinstance(attn.attrs.get(key), list):
             attn.attrs[key] = attn.attrs[key][kv_local[0]:kv_local[-1] + 1]
+    if isinstance(attn.attrs.get("alibi"), list):  # slopes per query head: this rank's
+        attn.attrs["alibi"] = [attn.attrs["alibi"][h] for h in q_local]
     layers = (graph.meta.get("kv_cache") or {}).get("layers")
     if layers is not None:
         layers[layer] = {**layers[layer], "num_kv_heads": len(kv_local)}

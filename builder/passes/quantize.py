@@ -66,6 +66,7 @@ from llm_engine.builder.quant.config import (
     fp8_group_for,
     group_size_for,
 )
+from llm_engine.builder.quant.experts import quantize_experts
 from llm_engine.builder.quant.folds import Exclusions, Group, Weights, groups, table_users
 from llm_engine.builder.quant.gates import fail_gate, gates
 from llm_engine.builder.quant.linear import quantize_group
@@ -185,6 +186,7 @@ def quantize(graph: Graph, options: Any) -> tuple[Graph, PassReport]:
     ref_graph, ref_values = copy.deepcopy(graph), dict(values)
 
     layers: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
     if mode:
         tick = env.ui.counter("quantize", len(linears)) if env.ui else None
         for g in reversed(linears):  # down before gate/up: down's 1/s is folded into up's rows
@@ -192,6 +194,7 @@ def quantize(graph: Graph, options: Any) -> tuple[Graph, PassReport]:
             if tick:
                 tick(g.linears[0])
         layers.update(quantize_tables(graph, w, tables, calib))
+        experts = quantize_experts(w, calib, config)
     kv_info = None
     if kv:
         from llm_engine.builder.passes.kv_quant import quantize_kv_cache
@@ -226,6 +229,7 @@ def quantize(graph: Graph, options: Any) -> tuple[Graph, PassReport]:
                     f"{HELDOUT_WINDOWS} windows of the calibration source"},
         "gates": gate,
         "layers": layers,
+        "experts": experts,
         "weight_rel_error": {n: e["weight_rel_error"] for n, e in sorted(layers.items())},
         "worst": worst,
         "kv_cache": kv_info,
@@ -237,7 +241,7 @@ def quantize(graph: Graph, options: Any) -> tuple[Graph, PassReport]:
     graph.meta["quantization"] = qreport
     report.changed = True
     report.stats.update({"mode": mode, "kv": kv, "quantized_linears": len(layers),
-                         "excluded": excluded.kept,
+                         "excluded": excluded.kept, "quantized_moe_layers": len(experts),
                          "ppl_increase_pct": round(quality.ppl_increase_pct, 3),
                          "greedy_agreement": round(quality.greedy_agreement, 4)})
     if gate["failed"]:

@@ -6,6 +6,8 @@ observers see is exactly what the engine's GEMMs and attention will see. Each `l
 weight is a weight tensor is wrapped by an observer keyed by the name of its input activation
 (linears that read the same activation, such as an unfused q/k/v, share one). Each
 `paged_attention` is wrapped to record per-KV-head ranges of K (after rotary embedding) and V.
+Each `moe` is wrapped to record, per expert, the rows routed to it and their gated
+activations: the inputs of that expert's two GEMMs (`expert_key`).
 
 Statistics are plain tensors (float64 sums, fp32 ranges), saved as safetensors in a cache keyed
 by the graph, the weights and the calibration tokens, so a second build of the same model with
@@ -148,6 +150,58 @@ def _observe_attention(store: dict, layer: int, fn: Callable) -> Callable:
     return observed
 
 
+def expert_inputs(graph: Graph) -> dict[str, tuple[int, int, int]]:
+    """moe node -> (experts, hidden, intermediate) of each `moe` whose experts are float
+    checkpoint weights (what the quantize pass can quantize)."""
+    found = {}
+    for node in graph.nodes():
+        if node.op == "moe" and all(graph.node(i).op == "weight" for i in node.inputs[3:5]) \
+                and node.attrs.get("w_format", "dense") == "dense":
+            experts, inter2, hidden = graph.node(node.inputs[3]).shape
+            found[node.name] = (experts, hidden, inter2 // 2)
+    return found
+
+
+def expert_key(moe: str, expert: int, weight: str) -> str:
+    """The `Calibration.acts` key of one expert's GEMM input ("gate_up" or "down")."""
+    return f"{moe}/expert{expert}/{weight}"
+
+
+def _observe_experts(calib: Calibration, name: str, shape: tuple[int, int, int],
+                     hessian: bool, every: int) -> Callable:
+    """Records, for every expert, the rows routed to it (gate_up's input) and their gated
+    activations (down's input): the expert's own calibration data, however few tokens reach
+    it."""
+    from llm_engine.kernels import moe as moe_ref
+    from llm_engine.kernels.ops import _ACTS
+
+    experts, hidden, inter = shape
+    records = []
+    for e in range(experts):
+        pair = []
+        for weight, K in (("gate_up", hidden), ("down", inter)):
+            stats = ActStats(torch.zeros(K), torch.zeros(K, dtype=torch.float64))
+            calib.acts[expert_key(name, e, weight)] = stats
+            pair.append(_observer(stats, hessian, every))
+        records.append(pair)
+
+    def observed(x, index, weights, gate_up, down, *biases, **attrs):
+        flat = x.reshape(-1, x.shape[-1])
+        idx = index.reshape(flat.shape[0], -1)
+        for e in torch.unique(idx).tolist():
+            rows = flat[(idx == e).any(dim=1)]
+            records[e][0](rows)
+            h = rows @ gate_up[e].t().to(rows.dtype)
+            if biases:
+                h = h + biases[0][e].to(rows.dtype)
+            records[e][1](moe_ref.gate(h, act=attrs["act"], acts=_ACTS,
+                                       alpha=attrs.get("alpha", 0.0),
+                                       limit=attrs.get("limit", 0.0)))
+        return OPS["moe"].fn(x, index, weights, gate_up, down, *biases, **attrs)
+
+    return observed
+
+
 def calibrate(graph: Graph, weights: dict[str, torch.Tensor], samples: list[list[int]], *,
               hessian: bool, progress: Callable[[str], None] | None = None) -> Calibration:
     """Run every sample through the graph with observers on; return what they saw."""
@@ -162,6 +216,8 @@ def calibrate(graph: Graph, weights: dict[str, torch.Tensor], samples: list[list
         record = _observer(stats, hessian, every)
         for name in linears:
             overrides[name] = _wrap_linear(record, OPS["linear"].fn)
+    for name, shape in expert_inputs(graph).items():
+        overrides[name] = _observe_experts(calib, name, shape, hessian, every)
     for node in graph.nodes():
         if node.op == "paged_attention":
             overrides[node.name] = _observe_attention(calib.kv, node.attrs["layer"],
@@ -184,6 +240,7 @@ def calibrate(graph: Graph, weights: dict[str, torch.Tensor], samples: list[list
 def cache_key(graph: Graph, weight_digest: str, samples: list[list[int]], hessian: bool) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(sorted(linear_inputs(graph).items())).encode())
+    h.update(json.dumps(sorted(expert_inputs(graph).items())).encode())
     h.update(json.dumps(graph.meta.get("kv_cache"), sort_keys=True).encode())
     h.update(weight_digest.encode())
     h.update(json.dumps(samples).encode())

@@ -35,7 +35,7 @@ the K scale into the score scale and the V scale into the output. Float renderin
 byte-identical to those before quantized caches existed (engines built then still verify).
 
 Unsupported (`params` returns None): soft-capped scores (`softcap`, Gemma 2), attention sinks
-(`sinks`, gpt-oss), head_dim > 256, num_heads not a multiple of
+(`sinks`, gpt-oss), ALiBi (`alibi`, MPT), head_dim > 256, num_heads not a multiple of
 num_kv_heads or groups over 128 heads, q dtypes other than float32/float16/bfloat16, cache
 dtypes other than those or int8/float8_e4m3fn (the latter two only with the node's
 `kv_dtype` equal to the cache dtype and `k_scale`/`v_scale` of one positive value per KV
@@ -85,7 +85,8 @@ def params(attrs: dict, q_shape, kv_cache_dtype: str, q_dtype: str, block_size: 
     heads, kv_heads, head_dim = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
     if attrs.get("kv_head_map") is not None:  # a non-uniform grouping (tensor-parallel shard)
         return None
-    if attrs.get("softcap") or attrs.get("sinks"):  # Gemma 2, gpt-oss: the reference runs them
+    if attrs.get("softcap") or attrs.get("sinks") or attrs.get("alibi"):
+        # Gemma 2, gpt-oss, MPT: the reference runs them
         return None
     if not all(isinstance(x, int) and x > 0 for x in (heads, kv_heads, head_dim)):
         return None

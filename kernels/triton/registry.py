@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llm_engine.kernels.codegen import load_kernel
-from llm_engine.kernels.triton import attention, embedding, gated_act, gemm, norm, pointwise
+from llm_engine.kernels.triton import attention, embedding, gated_act, gemm, moe, norm, pointwise
 
 FAMILIES = {
     "linear": gemm,
@@ -26,6 +26,7 @@ FAMILIES = {
     "embedding": embedding,
     "pointwise": pointwise,
     "paged_attention": attention,
+    "moe": moe,
 }
 # Elementwise ops the pointwise template also covers when they were left unfused.
 for _op in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "neg", "rsqrt", "sqrt",
