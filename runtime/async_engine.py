@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm_engine.runtime.engine import Engine
@@ -48,7 +49,8 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", **options: Any) -> AsyncEngine:
+    def load(cls, path: str | Path, device: str = "cpu", **options: Any) -> AsyncEngine:
+        """Engine.load's options (EngineConfig fields, speculative decoding's included)."""
         return cls(Engine.load(path, device, **options), owns_engine=True)
 
     # ---- the loop thread ------------------------------------------------------------------

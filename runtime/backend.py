@@ -50,8 +50,8 @@ def _onnx_unavailable(files: Any) -> str | None:
     return available(files.path, files.meta, files.plan)
 
 
-def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: str
-                ) -> PlanRunner:
+def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: str,
+                spinning: bool | None = None) -> PlanRunner:
     """The plan bound to this rank's weights and (triton backend) verified kernels, or
     (onnx backend) the engine's ONNX graph in an onnxruntime session."""
     # the plan's ops and weights first: an op this runtime lacks is "upgrade", not "tampered"
@@ -63,7 +63,8 @@ def make_runner(files: EngineFiles, config: EngineConfig, backend: str, device: 
         # onnxruntime's pool gets the cores; torch (sampling, KV stores, metadata) runs on the
         # calling thread, because two thread pools spinning on the same cores cost more than
         # torch's small per-step work gains from threads (measured: 46 -> 102 tok/s on 2 cores).
-        runner = OnnxRunner(files.path, files.plan, config.threads or default_threads(1))
+        runner = OnnxRunner(files.path, files.plan, config.threads or default_threads(1),
+                            spinning)
         torch.set_num_threads(1)
         return runner
     if backend != "triton" and device == "cpu":

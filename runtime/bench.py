@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,7 +165,8 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
     for name, values in series.items():
         for q in (0.5, 0.95, 0.99):
             v = _pct(values, q)
-            stats[f"{name}_p{int(q * 100)}_ms"] = None if v is None else round(1000 * v, 2)
+            # µs resolution: a tiny engine's per-token gaps are below 10 µs
+            stats[f"{name}_p{int(q * 100)}_ms"] = None if v is None else round(1000 * v, 3)
     errors = sorted({r.error for r in results if r.error})
     if errors:
         stats["error_examples"] = errors[:5]
@@ -281,18 +282,44 @@ def http_sender(base_url: str, model: str | None, max_tokens: int,
     return send
 
 
+# Called before a level; what it returns is called after it, and its dict joins the level's row.
+Probe = Callable[[], Callable[[], dict[str, Any]]]
+
+
+def speculation_probe(engine: Any) -> Probe | None:
+    """The speculation of an in-process engine per level: the change of its SpecStats over
+    the level (the engine's counters run for its whole life); None when speculation is off."""
+    speculator = getattr(engine, "speculator", None)
+    if speculator is None:
+        return None
+
+    def start() -> Callable[[], dict[str, Any]]:
+        before = replace(speculator.stats)  # a copy: the engine thread keeps counting
+
+        def end() -> dict[str, Any]:
+            now = speculator.stats
+            delta = replace(now, **{f.name: getattr(now, f.name) - getattr(before, f.name)
+                                    for f in fields(now)})
+            return {"speculative": delta.to_json()}
+
+        return end
+
+    return start
+
+
 # ---- a sweep -----------------------------------------------------------------------------
 async def sweep(send: Send, prompts: Sequence[str], levels: list[LoadSpec],
-                progress: Callable[[str, int], Callable[[], None]] | None = None
-                ) -> list[dict[str, Any]]:
+                progress: Callable[[str, int], Callable[[], None]] | None = None,
+                probe: Probe | None = None) -> list[dict[str, Any]]:
     rows = []
     for spec in levels:
         label = f"concurrency {spec.concurrency}" if spec.concurrency else \
             f"rate {spec.rate}/s"
         tick = progress(label, spec.num_requests) if progress else None
+        end = probe() if probe is not None else None
         results, wall = await run_load(prompts[:spec.num_requests], spec, send, tick)
         rows.append({"load": {k: v for k, v in asdict(spec).items() if v is not None},
-                     **summarize(results, wall)})
+                     **summarize(results, wall), **(end() if end is not None else {})})
     return rows
 
 

@@ -6,10 +6,16 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from llm_engine.runtime.cli_options import _fail, engine_options, load_engine
+from llm_engine.runtime.cli_options import (
+    _fail,
+    engine_options,
+    load_engine,
+    speculative_options,
+)
 
 
 def _progress(label: str, total: int):
@@ -42,6 +48,7 @@ def _progress(label: str, total: int):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench"),
               show_default=True, help="Writes OUT.json and OUT.png (latency against load).")
 @engine_options
+@speculative_options
 def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requests,
           input_tokens, output_tokens, prompts_file, seed, out, **engine_kw) -> None:
     """Load-test ENGINE_DIR in this process, or a server with --url."""
@@ -51,6 +58,7 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
         file_prompts,
         http_sender,
         plot,
+        speculation_probe,
         sweep,
         synthetic_prompts,
     )
@@ -63,6 +71,11 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
         _fail("--concurrency must be >= 1 and --rate > 0")
     if output_tokens < 1 or input_tokens < 1:
         _fail("--input-tokens and --output-tokens must be >= 1")
+    spec_flags = ("speculative", "num_speculative_tokens", "draft_engine", "ngram_min",
+                  "ngram_max")
+    if url is not None and any(engine_kw[k] is not None for k in spec_flags):
+        _fail("--speculative and its options are for ENGINE_DIR; a server --url speculates "
+              "as it was started")
     levels = []
     for c in concurrency or (() if rate else (1, 8, 32, 64)):
         levels.append(LoadSpec(num_requests or max(8, 2 * c), concurrency=c, seed=seed))
@@ -75,7 +88,7 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
             synthetic_prompts(most, input_tokens, seed)
     except (OSError, ValueError) as e:
         _fail(str(e))
-    async_engine = None
+    async_engine = probe = None
     if url is not None:
         send = http_sender(url, model, output_tokens, api_key)
         target = url
@@ -86,9 +99,10 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
                                         max(s.concurrency or 0 for s in levels))
         async_engine = AsyncEngine(load_engine(engine_dir, **engine_kw), owns_engine=True)
         send = engine_sender(async_engine, output_tokens)
+        probe = speculation_probe(async_engine.engine)
         target = str(engine_dir)
     try:
-        rows = asyncio.run(sweep(send, prompts, levels, _progress))
+        rows = asyncio.run(sweep(send, prompts, levels, _progress, probe))
     finally:
         if async_engine is not None:
             async_engine.shutdown()
@@ -99,18 +113,31 @@ def bench(engine_dir, url, model, api_key, concurrency, rate, arrivals, num_requ
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     drew = plot(rows, out.with_suffix(".png"), f"engine bench: {target}")
-    click.echo("| load | req/s | out tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | "
-               "ITL p50/p99 ms | e2e p50/p99 ms | errors |")
-    click.echo("|---|---:|---:|---:|---:|---:|---:|---:|")
-    def pair(r: dict, name: str) -> str:
-        a, b = r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]
-        return "–" if a is None else f"{a:.0f} / {b:.0f}"
+    _print_table(rows)
+    click.echo(f"wrote {json_path}" + (f" and {out.with_suffix('.png')}" if drew else ""),
+               err=True)
 
+
+def _pair(r: dict[str, Any], name: str) -> str:
+    a, b = r[f"{name}_p50_ms"], r[f"{name}_p99_ms"]
+    return "–" if a is None else f"{a:.0f} / {b:.0f}"
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """The levels as a Markdown table; with speculation, its acceptance per level too."""
+    spec = any("speculative" in r for r in rows)
+    click.echo("| load | req/s | out tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | "
+               "ITL p50/p99 ms | e2e p50/p99 ms | errors |"
+               + (" spec accepted | tok/step |" if spec else ""))
+    click.echo("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if spec else ""))
     for r in rows:
         load = f"c={r['load']['concurrency']}" if "concurrency" in r["load"] else \
             f"{r['load']['rate']}/s"
-        click.echo(f"| {load} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
-                   f"{pair(r, 'ttft')} | {pair(r, 'tpot')} | {pair(r, 'itl')} | {pair(r, 'e2e')} | "
-                   f"{r['errors']} |")
-    click.echo(f"wrote {json_path}" + (f" and {out.with_suffix('.png')}" if drew else ""),
-               err=True)
+        line = (f"| {load} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+                f"{_pair(r, 'ttft')} | {_pair(r, 'tpot')} | {_pair(r, 'itl')} | "
+                f"{_pair(r, 'e2e')} | {r['errors']} |")
+        if spec:
+            s = r.get("speculative") or {}
+            line += (f" {s.get('acceptance_rate', 0):.0%} | "
+                     f"{s.get('mean_accepted_length', 0):.2f} |")
+        click.echo(line)

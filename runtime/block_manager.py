@@ -191,6 +191,24 @@ class BlockManager:
         seq.num_tokens = max(seq.num_tokens, num_tokens)
         return True
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Roll the sequence back to its first `num_tokens` slots (a speculative step's
+        rejected draft tokens): blocks past them are released, the last one first. Slots
+        left in the kept last block are overwritten by later writes; prefix-cache keys exist
+        only for committed (accepted) full blocks, which lie below `num_tokens`."""
+        seq = self._seqs[seq_id]
+        if num_tokens > seq.num_tokens:
+            raise BlockManagerError(f"sequence {seq_id}: cannot truncate {seq.num_tokens} "
+                                    f"slots to {num_tokens}")
+        if len(seq.keys) * self.block_size > num_tokens:
+            raise BlockManagerError(f"sequence {seq_id}: truncating to {num_tokens} would drop "
+                                    "committed blocks")
+        keep = self.blocks_for(num_tokens)
+        for b in reversed(seq.blocks[keep:]):
+            self._release(b)
+        del seq.blocks[keep:]
+        seq.num_tokens = num_tokens
+
     def _needs_cow(self, seq: _Seq, num_tokens: int) -> bool:
         """True when the next write lands in a partially filled last block that other
         sequences also hold."""

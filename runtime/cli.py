@@ -16,7 +16,13 @@ from typing import Any
 
 import click
 
-from llm_engine.runtime.cli_options import _fail, engine_options, load_engine
+from llm_engine.runtime.cli_options import (
+    _fail,
+    engine_options,
+    load_engine,
+    speculative_options,
+    speculative_result,
+)
 from llm_engine.runtime.cluster import RankFailedError
 from llm_engine.runtime.rank_files import engine_ranks
 
@@ -74,6 +80,7 @@ def _render(engine, prompt: Any, chat: bool, system: str | None) -> Any:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (text, token_ids, finish_reason).")
 @engine_options
+@speculative_options
 def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature, top_p, top_k,
         seed, as_json, **engine_kw) -> None:
     """Generate text from ENGINE_DIR (interactive chat when no prompt is given on a TTY)."""
@@ -117,6 +124,9 @@ def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature
     generated = sum(len(o.token_ids) for o in outputs)
     click.echo(f"{len(outputs)} prompts, {generated} tokens in {elapsed:.1f}s = "
                f"{generated / elapsed:.1f} tok/s", err=True)
+    spec = speculative_result(engine)
+    if spec is not None:
+        click.echo(spec, err=True)
 
 
 def _stream_one(engine, prompt: Any, params) -> str:
@@ -287,6 +297,7 @@ def _read_api_keys(keys: tuple[str, ...], key_file: Path | None) -> tuple[str, .
               help="Seconds a chat-template render may take (it runs off the engine thread; "
                    "past this the request gets 400).")
 @engine_options
+@speculative_options
 def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max_n,
           max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, max_concurrent_requests,
           request_timeout, body_timeout, template_timeout, **engine_kw) -> None:

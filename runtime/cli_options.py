@@ -14,6 +14,9 @@ from typing import Any
 import click
 
 from llm_engine.runtime.engine_dir import EngineLoadError
+from llm_engine.runtime.speculative.speculator import MAX_SPECULATIVE_TOKENS, METHODS
+
+_DEFAULT_K = 4  # EngineConfig.num_speculative_tokens
 
 
 def _fail(message: str) -> None:
@@ -49,6 +52,96 @@ def engine_options(fn):
     return fn
 
 
+def speculative_options(fn):
+    """Speculative decoding options of run, serve and bench (not eval: it scores, never
+    decodes). Defaults are None so that a tuning option without --speculative is an error,
+    not silently ignored."""
+    options = [
+        click.option("--speculative", type=str, default=None, metavar="[ngram|draft]",
+                     help="Speculative decoding: 'ngram' drafts from the prompt and output so "
+                          "far (prompt lookup), 'draft' from --draft-engine. Default: off."),
+        click.option("--num-speculative-tokens", type=int, default=None,
+                     help=f"K: the most drafted tokens per request and step (1.."
+                          f"{MAX_SPECULATIVE_TOKENS}; default {_DEFAULT_K}); fewer, or none, "
+                          "where measured acceptance and step cost say they do not pay."),
+        click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
+                     help="Engine directory that drafts for --speculative draft (a smaller or "
+                          "int4 build with the same tokenizer)."),
+        click.option("--ngram-min", type=int, default=None,
+                     help="--speculative ngram: shortest suffix matched (default 2)."),
+        click.option("--ngram-max", type=int, default=None,
+                     help="--speculative ngram: longest suffix matched (default 4)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def speculative_config(speculative: str | None, num_speculative_tokens: int | None,
+                       draft_engine: Path | None, ngram_min: int | None,
+                       ngram_max: int | None) -> dict[str, Any]:
+    """The EngineConfig fields of the --speculative options, checked before the (slow) engine
+    load so that a mistake costs nothing; errors name the flags, not the config fields."""
+    given = {"--num-speculative-tokens": num_speculative_tokens,
+             "--draft-engine": draft_engine, "--ngram-min": ngram_min, "--ngram-max": ngram_max}
+    if speculative is None:
+        stray = [name for name, value in given.items() if value is not None]
+        if stray:
+            _fail(f"{stray[0]} needs --speculative ngram or --speculative draft")
+        return {}
+    if speculative not in METHODS:
+        _fail(f"--speculative {speculative!r}: choose one of {', '.join(METHODS)}")
+    k = _DEFAULT_K if num_speculative_tokens is None else num_speculative_tokens
+    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        _fail(f"--num-speculative-tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {k}")
+    if speculative == "draft":
+        _check_draft_options(draft_engine, ngram_min, ngram_max)
+        return {"speculative": "draft", "num_speculative_tokens": k,
+                "draft_engine": str(draft_engine)}
+    if draft_engine is not None:
+        _fail("--draft-engine is for --speculative draft")
+    lo = 2 if ngram_min is None else ngram_min
+    hi = max(4, lo) if ngram_max is None else ngram_max  # --ngram-min 6 alone: max follows
+    if not 1 <= lo <= hi <= 16:
+        _fail(f"--ngram-min and --ngram-max must satisfy 1 <= min <= max <= 16, got {lo} "
+              f"and {hi}")
+    return {"speculative": "ngram", "num_speculative_tokens": k, "ngram_min": lo,
+            "ngram_max": hi}
+
+
+def _check_draft_options(draft_engine: Path | None, ngram_min: int | None,
+                         ngram_max: int | None) -> None:
+    if draft_engine is None:
+        _fail("--speculative draft needs --draft-engine DIR (an engine directory with the "
+              "target's tokenizer)")
+    if ngram_min is not None or ngram_max is not None:
+        _fail("--ngram-min and --ngram-max are for --speculative ngram")
+    # The engine's own message would not say which of the two directories is missing.
+    if not (draft_engine / "engine.json").is_file():
+        _fail(f"--draft-engine {draft_engine} is not an engine directory; build one with "
+              "`engine build`")
+
+
+def speculative_summary(engine: Any) -> str | None:
+    """`ngram, K=4 (adaptive)` / `draft DIR, K=4`: the engine's speculation; None when off."""
+    spec = getattr(engine, "speculator", None)
+    if spec is None:
+        return None
+    c = spec.config
+    method = f"draft {c.draft_engine}" if c.method == "draft" else "ngram"
+    return f"{method}, K={c.num_tokens}{' (adaptive)' if c.adaptive else ''}"
+
+
+def speculative_result(engine: Any) -> str | None:
+    """The end-of-run line on speculation: how many drafts were kept; None when off."""
+    spec = getattr(engine, "speculator", None)
+    if spec is None:
+        return None
+    s = spec.stats
+    return (f"speculative: {s.accepted}/{s.proposed} drafted tokens accepted "
+            f"({s.acceptance_rate:.0%}), {s.mean_accepted_length:.2f} tokens per verified step")
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
 
@@ -73,7 +166,10 @@ def parse_memory(text: str) -> dict[str, Any]:
 
 
 def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max_batch_tokens,
-                no_prefix_caching, kernels="auto", threads=None, quiet: bool = False):
+                no_prefix_caching, kernels="auto", threads=None, quiet: bool = False,
+                speculative: str | None = None, num_speculative_tokens: int | None = None,
+                draft_engine: Path | None = None, ngram_min: int | None = None,
+                ngram_max: int | None = None):
     from llm_engine.runtime.engine import Engine
 
     if threads is not None and threads < 1:
@@ -82,6 +178,8 @@ def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max
                                "max_batch_tokens": max_batch_tokens,
                                "prefix_caching": not no_prefix_caching, "kernels": kernels,
                                "threads": threads}
+    options.update(speculative_config(speculative, num_speculative_tokens, draft_engine,
+                                      ngram_min, ngram_max))
     if kv_cache_memory is not None:
         try:
             options.update(parse_memory(kv_cache_memory))
@@ -94,4 +192,7 @@ def load_engine(engine_dir: Path, kv_cache_memory, block_size, max_num_seqs, max
     if not quiet:
         click.echo(f"KV cache: {engine.kv_cache_summary}; backend: {engine.backend_summary}",
                    err=True)
+        spec = speculative_summary(engine)
+        if spec is not None:
+            click.echo(f"Speculative: {spec}", err=True)
     return engine

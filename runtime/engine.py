@@ -62,6 +62,14 @@ class EngineConfig:
     pp_microbatches: int | None = None  # pipeline engines: micro-batches per step (default:
     #                                     one per stage)
     collective_timeout: float = 60.0  # seconds a rank waits inside a step for a stalled peer
+    # speculative decoding (runtime.speculative): "ngram" (prompt lookup) or "draft" (a
+    # draft engine directory with the same tokenizer); None: off
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # K: the most drafts per request and step
+    draft_engine: str | None = None
+    ngram_min: int = 2
+    ngram_max: int = 4
+    speculative_adaptive: bool = True  # K and on/off by measured acceptance and step cost
 
 
 class Engine:
@@ -132,6 +140,24 @@ class Engine:
             self._finalizer = weakref.finalize(self, cluster.close)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.speculator = self._speculator(config, num_blocks, device)
+
+    def _speculator(self, config: EngineConfig, num_blocks: int, device: str):
+        if config.speculative is None:
+            return None
+        from llm_engine.runtime.speculative import SpeculativeConfig, Speculator
+
+        spec = SpeculativeConfig(config.speculative, config.num_speculative_tokens,
+                                 config.draft_engine, config.ngram_min, config.ngram_max,
+                                 config.speculative_adaptive)
+        draft = None
+        if spec.method == "draft":
+            from llm_engine.runtime.speculative.draft import DraftModel
+
+            # as many blocks as the target's: the draft can hold whatever the target does
+            draft = DraftModel(spec.draft_engine, config, device, num_blocks, self.meta)
+        # the fast path computes sequences x longest chunk rows (the scheduler's padded bound)
+        return Speculator(spec, draft, padded=self.scheduler.config.max_padded_rows is not None)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -305,6 +331,9 @@ class Engine:
         finished during the step. On a multi-rank engine, raises RankFailedError naming the
         rank when one dies; the engine is stopped from then on (`healthy`, `error`)."""
         self._check_healthy()
+        start = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.scheduler.requests)
         sched = self.scheduler.schedule()
         changed: dict[str, Request] = {r.id: r for r in sched.finished}
         for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
@@ -312,6 +341,12 @@ class Engine:
                 flush(req)
         if sched.chunks:
             self._run(sched, changed)
+            if self.speculator is not None:
+                # The whole step, host work included (drafts cost sampling and verification
+                # too); a draft engine's time is measured apart.
+                rows = sched.num_tokens if not self.speculator.padded else \
+                    len(sched.chunks) * max(c.num_tokens for c in sched.chunks)
+                self.speculator.step_done(rows, time.perf_counter() - start)
         self.stats["steps"] += 1
         return [make_output(r) for r in changed.values()]
 
@@ -331,7 +366,11 @@ class Engine:
                 raise failure from e
             raise  # KeyboardInterrupt and the like stay what they are
         self.scheduler.update(sched)
-        sampling = [(c, result.rows[i]) for i, c in enumerate(sched.chunks) if c.sample]
+        for i, c in enumerate(sched.chunks):
+            if c.draft:
+                self._verify(c, result.logits[result.rows[i]], changed)
+        sampling = [(c, result.rows[i]) for i, c in enumerate(sched.chunks)
+                    if c.sample and not c.draft]
         for chunk, rows in ((c, result.rows[i]) for i, c in enumerate(sched.chunks)):
             if chunk.prompt_logits:
                 self._prompt_logprobs(chunk, result.logits[rows])
@@ -352,6 +391,31 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(req, reason)
             changed[req.id] = req
+
+    def _verify(self, chunk, rows: torch.Tensor, changed: dict[str, Request]) -> None:
+        """Keep what verification accepts of a speculative chunk's drafts, token by token
+        through the usual stop checks (runtime.speculative.verify)."""
+        from llm_engine.runtime.speculative.verify import verify
+
+        req = chunk.req
+        emitted = 0
+
+        def emit(s) -> bool:
+            nonlocal emitted
+            emitted += 1
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            self.stats["generated_tokens"] += 1
+            reason = append_token(req, s, self.eos_token_ids)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                return False
+            return True
+
+        kept = verify(rows, chunk.draft, req.spec.q, req.sampler, emit)
+        self.scheduler.accept(req, kept)
+        self.speculator.verified(req, len(chunk.draft), kept, emitted)
+        changed[req.id] = req
 
     def _prompt_logprobs(self, chunk, rows: torch.Tensor) -> None:
         req = chunk.req

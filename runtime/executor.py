@@ -115,9 +115,8 @@ class Executor:
         rows: list[int] = []
         row_slices: list[slice] = []
         for chunk, table in zip(chunks, block_tables):
-            req = chunk.req
             first, n = chunk.start, chunk.num_tokens
-            ids += req.all_ids[first:first + n]
+            ids += chunk.token_ids
             positions = range(first, first + n)
             pos += positions
             slots += [table[p // bs] * bs + p % bs for p in positions]
@@ -125,7 +124,7 @@ class Executor:
             starts.append(row0 + n)
             lens.append(first + n)
             before = len(rows)
-            if chunk.prompt_logits:
+            if chunk.all_rows:
                 rows += range(row0, row0 + n)
             elif chunk.sample:
                 rows.append(row0 + n - 1)

@@ -135,7 +135,9 @@ class OnnxRunner:
     is the runner's own output buffer, valid until the next run (as a CUDA graph's static
     outputs are): the engine samples from it within the step; copy what must outlive it."""
 
-    def __init__(self, engine_dir: Path, plan: dict[str, Any], threads: int) -> None:
+    def __init__(self, engine_dir: Path, plan: dict[str, Any], threads: int,
+                 spinning: bool | None = None) -> None:
+        """`spinning`: None follows LLM_ENGINE_ORT_SPIN (default on)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -144,7 +146,8 @@ class OnnxRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning keeps the pool's threads awake between kernels of one step; without it
         # each of a step's ~2000 kernels pays a wake-up.
-        spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
+        if spinning is None:
+            spinning = os.environ.get("LLM_ENGINE_ORT_SPIN", "1") != "0"
         # What this machine got, for the `KV cache:` line and /metrics (onnxruntime picks its
         # MLAS kernels by CPUID at load: the graph names no ISA).
         self.settings = {"onnxruntime": ort.__version__, "threads": str(threads),

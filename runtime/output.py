@@ -120,4 +120,7 @@ def make_output(req: Request) -> Output:
         error=req.error, num_cached_tokens=req.num_cached_tokens,
         metrics={"arrival": req.arrival, "first_scheduled": req.first_scheduled_time,
                  "first_token": req.first_token_time, "finish": req.finish_time,
-                 "preemptions": req.num_preemptions})
+                 "preemptions": req.num_preemptions,
+                 **({"spec_proposed_tokens": req.spec.proposed,
+                     "spec_accepted_tokens": req.spec.accepted} if req.spec is not None
+                    else {})})

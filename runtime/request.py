@@ -47,6 +47,10 @@ class Request:
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
+    # speculative decoding: the tokens proposed for the next step (runtime.speculative)
+    draft_ids: list[int] = field(default_factory=list)
+    spec: Any = None  # runtime.speculative.SpecState, when the engine speculates
+
     stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for per-token lookups
     cache_salt: bytes = b""  # prefix-cache partition (tenant and request salt); b"": shared
 

@@ -334,6 +334,22 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[Sample]
     return out
 
 
+def raw_sample(row: torch.Tensor, token: int, logprobs: int | None) -> Sample:
+    """A Sample for a token decided outside `sample` (speculative verification): its raw
+    logprob and top-`logprobs` as `sample` reports them, or none when none were asked for."""
+    if logprobs is None:
+        return Sample(token, None)
+    x = row.float()
+    lse = torch.logsumexp(x, dim=-1)
+    lp = float(x[token] - lse)
+    top: dict[int, float] = {token: lp}
+    if logprobs:
+        vals, ids = x.topk(min(logprobs, x.shape[-1]))
+        top = dict(zip(ids.tolist(), (vals - lse).tolist()))
+        top.setdefault(token, lp)
+    return Sample(token, lp, top)
+
+
 def prompt_logprobs_for(logits_rows: torch.Tensor, next_ids: Sequence[int],
                         n: int) -> list[Sample]:
     """Raw logprobs for prompt positions: row t of `logits_rows` [T, V] is the model's output at

@@ -14,6 +14,10 @@ path's attention), `max_padded_rows` bounds sequences x longest chunk: a long pr
 many decodes is then prefilled in chunks that fit beside them, instead of padding every decode
 to its length (63 decodes + a 2,000-token prompt would be 128,000 query rows).
 
+Speculative drafts ride in their decode's chunk but only get what real tokens leave: budget and
+padded rows past the other decodes' one token each, and KV slots claimed after every real
+token has its own, from free blocks only (speculation never preempts anyone).
+
 When the KV cache runs out, the scheduler preempts by recomputation: the running request
 that is least important (lowest priority, then most recently admitted) gives up its blocks and
 goes back to the front of the waiting queue with its generated tokens kept; re-admission
@@ -37,6 +41,18 @@ class Chunk:
     num_tokens: int
     sample: bool  # the chunk reaches the end of the request's tokens: sample its next token
     prompt_logits: bool  # all rows' logits are wanted (prompt logprobs)
+    # speculative decoding: proposed tokens scored after the request's last token; every row
+    # then has logits, and how many drafts are kept is decided after the step (`accept`)
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.req.all_ids[self.start:self.start + self.num_tokens - len(self.draft)] \
+            + self.draft
+
+    @property
+    def all_rows(self) -> bool:
+        return self.prompt_logits or bool(self.draft)
 
 
 @dataclass
@@ -112,19 +128,36 @@ class Scheduler:
         scheduled: set[str] = set()
         decoding = [r for r in self.running if len(r.all_ids) - r.num_computed == 1]
         prefilling = [r for r in self.running if len(r.all_ids) - r.num_computed > 1]
-        for req in decoding + prefilling:
+        cap = self.config.max_padded_rows
+        for i, req in enumerate(decoding + prefilling):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._fit(out, min(len(req.all_ids) - req.num_computed, budget))
+            drafts: list[int] = []
+            if i < len(decoding) and req.draft_ids:
+                # Drafts get only what the real tokens of the decodes after this one leave:
+                # a token of the budget and (all sharing a longest chunk) a padded row each.
+                k = min(len(req.draft_ids), budget - (len(decoding) - i))
+                if cap is not None:
+                    k = min(k, cap // len(decoding) - 1)
+                drafts = req.draft_ids[:max(k, 0)]
+            n = self._fit(out, min(len(req.all_ids) - req.num_computed + len(drafts), budget))
             if n == 0:
                 continue
-            if not self._grow(req, n, scheduled, out):
+            drafts = drafts[:n - 1]
+            # The drafts' slots are claimed once every real token has its own (below).
+            if not self._grow(req, n - len(drafts), scheduled, out):
                 continue
             scheduled.add(req.id)
             budget -= n
-            out.chunks.append(self._chunk(req, n))
+            out.chunks.append(self._chunk(req, n, drafts))
+        for c in out.chunks:
+            if c.draft and not self.blocks.allocate_slots(c.req.id, c.start + c.num_tokens):
+                # Speculation never preempts: without free blocks for them, a plain decode.
+                # (Their budget is not handed on: with no block free, admission waits too.)
+                c.num_tokens -= len(c.draft)
+                c.draft = []
         if not out.preempted:  # admitting while preempting would just thrash
             budget = self._admit(budget, out)
         out.copies = self.blocks.take_copies()
@@ -140,10 +173,11 @@ class Scheduler:
         room = cap // seqs
         return 0 if room < longest else min(n, room)
 
-    def _chunk(self, req: Request, n: int) -> Chunk:
-        end = req.num_computed + n
+    def _chunk(self, req: Request, n: int, draft: list[int] | None = None) -> Chunk:
+        end = req.num_computed + n - len(draft or ())
         return Chunk(req, req.num_computed, n, sample=end == len(req.all_ids),
-                     prompt_logits=req.wants_prompt_logprobs() and req.num_computed < req.num_prompt)
+                     prompt_logits=req.wants_prompt_logprobs() and req.num_computed < req.num_prompt,
+                     draft=list(draft or ()))
 
     def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput) -> bool:
         """Get slots for n more tokens of a running request, preempting others if needed."""
@@ -219,5 +253,15 @@ class Scheduler:
             req = chunk.req
             if req.finished:
                 continue
-            req.num_computed = chunk.start + chunk.num_tokens
+            # A speculative chunk's drafts count once verified (`accept`).
+            req.num_computed = chunk.start + chunk.num_tokens - len(chunk.draft)
             self.blocks.commit(req.id, req.all_ids, req.num_computed)
+
+    def accept(self, req: Request, num_accepted: int) -> None:
+        """After verification: the first `num_accepted` drafts of the request's chunk were
+        kept (their KV stays); the slots of the rejected ones are given back."""
+        if req.finished:
+            return
+        req.num_computed += num_accepted
+        self.blocks.truncate(req.id, req.num_computed)
+        self.blocks.commit(req.id, req.all_ids, req.num_computed)

@@ -1,8 +1,9 @@
 """Prometheus metrics of `engine serve` (GET /metrics), in a registry of the app's own.
 
 Engine state (running and waiting requests, KV-cache usage, token, preemption and prefix-cache
-counters) is read from the engine when scraped; per-request latencies (TTFT, inter-token,
-end-to-end, queue time) and finish reasons are observed as each request ends.
+counters, and speculative decoding's when it is on) is read from the engine when scraped;
+per-request latencies (TTFT, inter-token, end-to-end, queue time) and finish reasons are
+observed as each request ends.
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ class _EngineCollector:
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                  blocks.stats.hits)):
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        yield from _speculation(getattr(e, "speculator", None))
+
+
+def _speculation(speculator: Any):
+    """Speculative decoding's series, only when it is on: a dashboard tells 'off' from
+    'nothing accepted yet' by their absence."""
+    if speculator is None:
+        return
+    s = speculator.stats
+    yield CounterMetricFamily(PREFIX + "spec_proposed_tokens",
+                              "Drafted tokens sent to verification.", value=s.proposed)
+    yield CounterMetricFamily(PREFIX + "spec_accepted_tokens",
+                              "Drafted tokens verification kept.", value=s.accepted)
+    yield GaugeMetricFamily(PREFIX + "spec_acceptance_rate",
+                            "Accepted over proposed drafted tokens since start (0..1).",
+                            value=s.acceptance_rate)
+    yield GaugeMetricFamily(PREFIX + "spec_mean_accepted_length",
+                            "Tokens per verified request-step since start (1 + accepted "
+                            "drafts).", value=s.mean_accepted_length)
 
 
 class ServerMetrics:

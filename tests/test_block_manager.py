@@ -54,6 +54,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.stale: set[int] = set()
         self.next_id = 0
         self.history: list[list[int]] = []  # token lists of every sequence so far
+        # Per prefix-cache key: its block and that block's contents when first seen cached.
+        self.cached: dict[bytes, tuple[int, list[tuple[int, ...] | None]]] = {}
 
     # ---- helpers --------------------------------------------------------------------------
     @property
@@ -155,8 +157,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.seqs)), label="seq")
         self._grow(data, sid, extra)
 
-    def _grow(self, data: st.DataObject, sid: str, extra: int) -> None:
-        """Claim `extra` more slots for `sid` (more prompt, or tokens past the prompt)."""
+    def _grow(self, data: st.DataObject, sid: str, extra: int) -> bool:
+        """Claim `extra` more slots for `sid` (more prompt, or tokens past the prompt); False
+        when the manager refused."""
         bm = self.bm
         s = self.seqs[sid]
         target = s.claimed + extra
@@ -171,7 +174,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             event("allocate_slots refused")
             assert self._snapshot() == before  # a failed allocation changes nothing
             assert need > before[1], "refused although the free blocks sufficed"
-            return
+            return False
         copies = bm.take_copies()
         table = bm.block_table(sid)
         assert len(table) == bm.blocks_for(target)
@@ -192,6 +195,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         s.tokens += new_tokens
         s.claimed = target
         self.stale -= set(table)
+        return True
 
     @precondition(lambda self: any(s.claimed > s.computed for s in self.seqs.values()))
     @rule()
@@ -216,6 +220,70 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.commit(sid, s.tokens, end)
         s.computed = end
         self.history.append(s.tokens[:end])
+
+    # A speculative step (runtime.scheduler, runtime.speculative): a sequence whose every token
+    # has a slot claims K more for proposed drafts; the step writes every pending slot, the real
+    # tokens are committed (Scheduler.update), and verification keeps some of the drafts: the
+    # slots past them are given back (truncate) and what is kept is committed (Scheduler.accept).
+    @precondition(lambda self: any(len(s.tokens) == s.claimed for s in self.seqs.values()))
+    @rule(data=st.data(), k=st.integers(1, 6))
+    def speculate(self, data: st.DataObject, k: int) -> None:
+        bm = self.bm
+        sid = data.draw(st.sampled_from(sorted(i for i, s in self.seqs.items()
+                                               if len(s.tokens) == s.claimed)), label="seq")
+        s = self.seqs[sid]
+        real = s.claimed  # the tokens the step computes for real; the drafts come after
+        if not self._grow(data, sid, k):
+            return
+        self._write(sid, s.computed, s.claimed)
+        bm.commit(sid, s.tokens, real)
+        s.computed = real
+        self.keys_are_committed_prefixes()
+        # Prefix-cache keys cover committed full blocks only, and those may not be rolled back.
+        committed = len(bm._seqs[sid].keys) * self.bs
+        assert committed <= real
+        before = self._snapshot()
+        if committed:
+            with pytest.raises(BlockManagerError, match="committed"):
+                bm.truncate(sid, data.draw(st.integers(0, committed - 1), label="too_far"))
+            assert self._snapshot() == before
+        with pytest.raises(BlockManagerError):
+            bm.truncate(sid, s.claimed + 1)  # past the claimed end
+        assert self._snapshot() == before
+        # Usually verification keeps the real tokens and a prefix of the drafts; any point down
+        # to the committed blocks is a valid rollback too.
+        keep = data.draw(st.one_of(st.integers(real, s.claimed), st.integers(committed, real)),
+                         label="keep")
+        old = list(bm.block_table(sid))
+        refs = [bm.ref_count(b) for b in range(bm.num_blocks)]
+        bm.truncate(sid, keep)
+        table = bm.block_table(sid)
+        released = Counter(old[bm.blocks_for(keep):])
+        assert table == old[:bm.blocks_for(keep)]  # the head is untouched
+        if released:
+            event("speculative rollback released blocks")
+        for b in range(bm.num_blocks):  # only this sequence's own references go
+            assert bm.ref_count(b) == refs[b] - released[b]
+        assert bm.num_free_blocks == before[1] + sum(1 for b in released if refs[b] == released[b])
+        assert bm.take_copies() == []
+        for other in self.seqs:
+            if other != sid:
+                assert bm.block_table(other) == before[0][other]
+        del s.tokens[keep:]
+        s.claimed = s.computed = keep
+        bm.commit(sid, s.tokens, keep)
+        self.history.append(list(s.tokens))
+
+    @precondition(lambda self: self.seqs)
+    @rule()
+    def free_all(self) -> None:
+        """Every sequence ends: no block may stay held, whatever was rolled back or shared."""
+        for sid in list(self.seqs):
+            self.bm.free(sid)
+            del self.seqs[sid]
+        self.bm.check()
+        assert self.bm.num_free_blocks == self.bm.num_blocks, "blocks leaked"
+        assert all(self.bm.ref_count(b) == 0 for b in range(self.bm.num_blocks))
 
     # Forking happens between steps (parallel sampling after the prompt), when every claimed
     # slot is written: a fork with claimed-but-unwritten slots would have both sharers write
@@ -295,6 +363,29 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for p in range(s.computed):
                 got = self.shadow[table[p // self.bs]][p % self.bs]
                 assert got == tuple(s.tokens[:p + 1]), f"{sid} position {p}: foreign KV {got}"
+
+
+    @invariant()
+    def keys_are_committed_prefixes(self) -> None:
+        """A sequence's prefix-cache keys name exactly its committed full blocks: never a
+        block holding rolled-back (rejected draft) or unwritten tokens."""
+        for sid, s in self.seqs.items():
+            keys = self.bm._seqs[sid].keys
+            if self.bm.prefix_caching:
+                assert keys == self.bm._prefix_keys(s.tokens[:s.computed], s.computed // self.bs)
+            else:
+                assert keys == []
+
+    @invariant()
+    def cached_blocks_are_never_rewritten(self) -> None:
+        """While a block is a prefix-cache entry its KV stays what it was when cached, so a hit
+        can never read over-written (e.g. rolled-back, then rewritten) slots."""
+        for key, b in self.bm._cached.items():
+            seen = self.cached.get(key)
+            if seen is None or seen[0] != b:
+                self.cached[key] = (b, list(self.shadow[b]))
+            else:
+                assert self.shadow[b] == seen[1], f"cached block {b} was written over"
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
@@ -464,3 +555,104 @@ def test_invalid_sizes() -> None:
         BlockManager(0, 4)
     with pytest.raises(ValueError):
         BlockManager(4, 0)
+
+
+# ---------------------------------------------------------------- speculative rollback
+
+
+def test_rollback_across_a_block_boundary_frees_exactly_the_blocks_past_the_kept_tokens() -> None:
+    bm = BlockManager(8, 4)
+    _run(bm, "a", [1, 2, 3, 4, 5, 6])  # a full block and a half one
+    head = list(bm.block_table("a"))
+    # A speculative step: the 7th token plus 6 drafts, 13 slots over 4 blocks.
+    assert bm.allocate_slots("a", 13)
+    table = list(bm.block_table("a"))
+    assert table[:2] == head and bm.num_free_blocks == 4
+    bm.commit("a", [1, 2, 3, 4, 5, 6, 7], 7)  # the real token only
+    # Two drafts kept (9 tokens): the third block stays, the fourth is given back.
+    bm.truncate("a", 9)
+    assert bm.block_table("a") == table[:3] and bm.num_free_blocks == 5
+    assert bm.ref_count(table[3]) == 0
+    bm.commit("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], 9)
+    bm.check()
+    # Everything rejected again, from a block boundary: exactly the blocks past 8 go.
+    assert bm.allocate_slots("a", 14)
+    table = list(bm.block_table("a"))
+    bm.truncate("a", 8)
+    assert bm.block_table("a") == table[:2] and bm.num_free_blocks == 6
+    assert all(bm.ref_count(b) == 0 for b in table[2:])
+    bm.truncate("a", 8)  # no-op
+    assert bm.block_table("a") == table[:2]
+    bm.check()
+    bm.free("a")
+    assert bm.num_free_blocks == 8
+
+
+def test_truncating_below_committed_blocks_or_past_the_claimed_end_raises() -> None:
+    bm = BlockManager(8, 4)
+    _run(bm, "a", [1, 2, 3, 4, 5, 6, 7, 8, 9])  # two committed full blocks
+    assert bm.allocate_slots("a", 12)
+    before = (list(bm.block_table("a")), bm.num_free_blocks)
+    with pytest.raises(BlockManagerError, match="committed"):
+        bm.truncate("a", 7)
+    with pytest.raises(BlockManagerError, match="cannot truncate"):
+        bm.truncate("a", 13)
+    assert (bm.block_table("a"), bm.num_free_blocks) == before  # nothing changed
+    bm.truncate("a", 8)  # down to the committed blocks is fine
+    assert bm.block_table("a") == before[0][:2]
+    bm.check()
+
+
+def test_truncate_on_a_forked_sequence_releases_only_its_own_references() -> None:
+    bm = BlockManager(8, 4)
+    _run(bm, "p", [1, 2, 3, 4, 5, 6, 7, 8])
+    assert bm.allocate_slots("p", 11)  # drafts' slots in a third block...
+    bm.fork("p", "c")  # ...shared by a fork
+    shared = list(bm.block_table("p"))
+    free = bm.num_free_blocks
+    bm.truncate("c", 8)
+    assert bm.block_table("c") == shared[:2]
+    assert bm.block_table("p") == shared  # the sharer keeps its table...
+    assert [bm.ref_count(b) for b in shared] == [2, 2, 1]  # ...and its reference
+    assert bm.num_free_blocks == free
+    bm.truncate("p", 9)
+    assert bm.block_table("p") == shared and bm.ref_count(shared[2]) == 1
+    bm.truncate("p", 8)  # now the last holder: the block is free
+    assert bm.ref_count(shared[2]) == 0 and bm.num_free_blocks == free + 1
+    bm.check()
+    bm.free("p")
+    bm.free("c")
+    assert bm.num_free_blocks == 8
+
+
+def test_rolled_back_sequence_appending_into_a_shared_partial_block_copies_it() -> None:
+    # No prefix caching, so nothing stops a rollback into a shared full block.
+    bm = BlockManager(8, 4, prefix_caching=False)
+    _run(bm, "p", [1, 2, 3, 4, 5, 6, 7, 8])
+    bm.fork("p", "c")
+    parent = list(bm.block_table("p"))
+    assert bm.allocate_slots("c", 11)  # a fresh third block: no copy
+    assert bm.take_copies() == []
+    bm.truncate("c", 6)  # back into the shared second block, which is now partial for c
+    assert bm.block_table("c") == parent and bm.ref_count(parent[1]) == 2
+    # c's next token lands in slot 2 of a block p also holds (its positions 6, 7): copy first.
+    assert bm.allocate_slots("c", 7)
+    (src, dst), = bm.take_copies()
+    assert src == parent[1] and bm.block_table("c") == [parent[0], dst]
+    assert bm.block_table("p") == parent
+    assert (bm.ref_count(parent[0]), bm.ref_count(parent[1]), bm.ref_count(dst)) == (2, 1, 1)
+    # The same through a rollback of a block that a fork shares while it is partial.
+    bm.free("c")
+    assert bm.allocate_slots("p", 10)
+    bm.fork("p", "d")
+    bm.truncate("p", 9)  # p keeps the shared partial third block
+    third = bm.block_table("p")[2]
+    assert bm.ref_count(third) == 2
+    assert bm.allocate_slots("p", 10)  # slot 9 is d's too: copy
+    (src, dst), = bm.take_copies()
+    assert src == third and bm.block_table("p")[2] == dst and bm.ref_count(third) == 1
+    assert bm.allocate_slots("d", 11) and bm.take_copies() == []  # d alone now: in place
+    bm.check()
+    bm.free("p")
+    bm.free("d")
+    assert bm.num_free_blocks == 8

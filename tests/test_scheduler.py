@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -35,19 +36,41 @@ def _request(rid: str, prompt: list[int], max_tokens: int = 16, priority: int = 
     return req
 
 
-def _sample(sched: Scheduler, out: SchedulerOutput, token: int | random.Random = 0) -> None:
-    """Engine._run after the executor: prompt logprob rows, then one token per sampling
-    chunk, finishing a request once it reaches its length limit (runtime.output.append_token)."""
+def _sample(sched: Scheduler, out: SchedulerOutput, token: int | random.Random = 0,
+            accepted: Callable[[int], int] | None = None) -> None:
+    """Engine._run after the executor: speculative chunks' verification, prompt logprob rows,
+    then one token per sampling chunk, finishing a request once it reaches its length limit
+    (runtime.output.append_token). `accepted(k)`: how many of k drafts verification keeps."""
+
+    def draw() -> int:
+        return token.randrange(VOCAB) if isinstance(token, random.Random) else token
+
+    for c in out.chunks:
+        if not c.draft:
+            continue
+        # Engine._verify: the kept drafts, then the target's own token after them (a
+        # correction of the first rejected draft, or the bonus), each through the stop checks.
+        req = c.req
+        kept = accepted(len(c.draft)) if accepted is not None else 0
+        nxt = draw()
+        if kept < len(c.draft) and nxt == c.draft[kept]:
+            nxt = (nxt + 1) % VOCAB  # a correction differs from the draft it rejects
+        for t in [*c.draft[:kept], nxt]:
+            req.all_ids.append(t)
+            if len(req.all_ids) >= req.max_total_tokens:
+                sched.finish(req, "length")
+                break
+        sched.accept(req, kept)
     for c in out.chunks:
         req = c.req
         if c.prompt_logits:
             rows = min(c.num_tokens, req.num_prompt - 1 - c.start)
             req.prompt_logprobs.extend({} for _ in range(max(rows, 0)))
     for c in out.chunks:
-        if not c.sample:
+        if not c.sample or c.draft:
             continue
         req = c.req
-        req.all_ids.append(token.randrange(VOCAB) if isinstance(token, random.Random) else token)
+        req.all_ids.append(draw())
         if len(req.all_ids) >= req.max_total_tokens:
             sched.finish(req, "length")
 
@@ -98,6 +121,11 @@ class SchedulerMachine(RuleBasedStateMachine):
 
         def spy(req: Request, out: SchedulerOutput) -> None:
             scheduled = {c.req.id for c in out.chunks}
+            # Speculation never preempts: while anyone is preempted, no draft holds a slot
+            # (drafts only get the blocks that no real token of the step needs).
+            for c in out.chunks:
+                assert len(self.bm.block_table(c.req.id)) == self.bm.blocks_for(
+                    c.start + c.num_tokens - len(c.draft)), f"{req.id} preempted for drafts"
             self.victims.append((req, [r for r in self.sched.running if r.id not in scheduled]))
             preempt(req, out)
 
@@ -147,6 +175,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.broken = True
         self._step()
 
+    @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
+    @rule(data=st.data())
+    def speculative_step(self, data: st.DataObject) -> None:
+        """A step with drafts proposed (runtime.speculative): random draft lengths and random
+        acceptance. Every request gets draft_ids, waiting and prefilling ones included: the
+        scheduler must only use a decoding request's."""
+        self.broken = True
+        self._step(lambda lo, hi, label: data.draw(st.integers(lo, hi), label=label))
+
     @precondition(lambda self: self.reqs)
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
@@ -163,10 +200,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.sched.abort("no-such-request") is None
 
     # ---- the step -------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self, draw: Callable[[int, int, str], int] | None = None) -> None:
+        """One engine step; with `draw(lo, hi, label)`, a speculative one (drafts and how many
+        are accepted drawn with it)."""
         sched, bm = self.sched, self.bm
         assert sched is not None
         cfg = sched.config
+        for r in sched.running + sched.waiting:
+            r.draft_ids = []
+            if draw is not None:  # K at most what the length limit leaves (Speculator._plan)
+                k = draw(0, min(5, r.max_total_tokens - len(r.all_ids)), "k")
+                r.draft_ids = [draw(0, VOCAB - 1, "draft") for _ in range(k)]
+        proposed = {r.id: list(r.draft_ids) for r in sched.running}
         ids_before = {r.id: list(r.all_ids) for r in sched.running + sched.waiting}
         running = list(sched.running)
         waiting = list(sched.waiting)
@@ -198,14 +243,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             worst = max(candidates, key=lambda r: (r.priority, r.seqno))
             assert victim is worst, f"{victim.id} preempted while {worst.id} was less important"
         for c in out.chunks:
-            self._check_chunk(c, computed)
+            self._check_chunk(c, computed, decoding, proposed)
         # Decodes first: their chunks lead the batch, and a running decode is left out only
-        # when it lost its blocks or the decodes before it used up the whole token budget.
+        # when it lost its blocks or the decodes before it used up the whole token budget with
+        # their real tokens: another request's drafts never cost a decode its token.
         kinds = [c.req.id in decoding for c in out.chunks]
         assert kinds == sorted(kinds, reverse=True), "a prefill chunk ran ahead of a decode"
-        decode_tokens = sum(c.num_tokens for c in out.chunks if c.req.id in decoding)
+        decode_tokens = sum(1 for c in out.chunks if c.req.id in decoding)
         for rid in decoding - set(ids) - preempted - finished:
             assert decode_tokens == cfg.max_batch_tokens, f"decode {rid} skipped with budget left"
+        if any(c.draft for c in out.chunks):
+            event("speculative chunk")
+        if any(proposed[c.req.id] and not c.draft for c in out.chunks if c.req.id in decoding):
+            event("drafts dropped: a plain decode")
         # Admissions go by (priority, arrival), and later arrivals never jump the queue.
         admitted = [c.req for c in out.chunks if c.req.id not in computed]
         keys = [(r.priority, r.seqno) for r in admitted]
@@ -227,28 +277,51 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.shadow[dst] = list(self.shadow[src])
         for c in out.chunks:
             table = bm.block_table(c.req.id)
+            tokens = c.req.all_ids[:c.start] + c.token_ids  # a speculative chunk's drafts too
             for p in range(c.start, c.start + c.num_tokens):
-                self.shadow[table[p // self.bs]][p % self.bs] = tuple(c.req.all_ids[:p + 1])
+                self.shadow[table[p // self.bs]][p % self.bs] = tuple(tokens[:p + 1])
         sched.update(out)
-        for c in out.chunks:
-            assert c.req.num_computed == c.start + c.num_tokens
-        _sample(sched, out, self.rng)
-        # Tokens are only ever appended, one per step at most: a preempted request keeps
-        # what it generated, and its recomputation samples nothing until it catches up.
+        for c in out.chunks:  # drafts are not computed until verification keeps them
+            assert c.req.num_computed == c.start + c.num_tokens - len(c.draft)
+        held = {c.req.id: len(bm.block_table(c.req.id)) for c in out.chunks if c.draft}
+        _sample(sched, out, self.rng,
+                None if draw is None else lambda k: draw(0, k, "accepted"))
+        for rid, n in held.items():
+            if bm.has(rid) and len(bm.block_table(rid)) < n:
+                event("rejected drafts' blocks given back")
+        # Tokens are only ever appended, one per step at most (or the kept drafts and one
+        # more): a preempted request keeps what it generated, and its recomputation samples
+        # nothing until it catches up.
+        drafts = {c.req.id: c.draft for c in out.chunks}
         for r in self.reqs:
             if r.id in ids_before:
                 before = ids_before[r.id]
                 assert r.all_ids[:len(before)] == before
-                assert len(r.all_ids) - len(before) <= (1 if r.id in ids else 0)
+                assert len(r.all_ids) - len(before) <= (1 + len(drafts[r.id]) if r.id in ids
+                                                        else 0)
+                if r.id in ids and drafts[r.id]:  # kept drafts, then the target's token
+                    new = r.all_ids[len(before):]
+                    assert new[:-1] == drafts[r.id][:len(new) - 1]
         self._check()
 
-    def _check_chunk(self, c: Chunk, computed: dict[str, int]) -> None:
+    def _check_chunk(self, c: Chunk, computed: dict[str, int], decoding: set[str],
+                     proposed: dict[str, list[int]]) -> None:
         req, bm = c.req, self.bm
         assert req.status is Status.RUNNING and req in self.sched.running
         assert c.num_tokens >= 1
         assert c.start == req.num_computed
-        assert c.start + c.num_tokens <= len(req.all_ids)
-        assert c.sample == (c.start + c.num_tokens == len(req.all_ids))
+        real = c.num_tokens - len(c.draft)  # the chunk's tokens that are not drafts
+        assert c.start + real <= len(req.all_ids)
+        assert c.sample == (c.start + real == len(req.all_ids))
+        if c.draft:
+            # Drafts only for a request that was decoding: its last token, then a prefix of
+            # what was proposed for it, every row's logits wanted.
+            assert req.id in decoding, "drafts scheduled for a prefilling or new request"
+            assert real == 1 and c.sample and c.all_rows
+            assert c.draft == proposed[req.id][:len(c.draft)]
+            assert c.token_ids == [req.all_ids[-1], *c.draft]
+        else:
+            assert c.token_ids == req.all_ids[c.start:c.start + c.num_tokens]
         # The slots this step writes are all in the request's table.
         assert len(bm.block_table(req.id)) * self.bs >= c.start + c.num_tokens
         if req.id in computed:  # a running request continues where it stopped
@@ -321,7 +394,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         steps = 0
         while sched.has_unfinished():
             assert steps < bound, f"no progress after {steps} steps: livelock"
-            self._step()
+            # Every other step speculates, with drafts and acceptance from the example's rng.
+            self._step(None if steps % 2 else lambda lo, hi, _: self.rng.randint(lo, hi))
             steps += 1
         for r in self.reqs:
             assert r.finished and r.finish_reason in FINISH_REASONS
@@ -546,3 +620,103 @@ def _drain(sched, max_steps: int = 50) -> None:
         if not sched.has_unfinished():
             break
         _step(sched)
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+def _decoding_with_drafts(sched: Scheduler, n: int) -> SchedulerOutput:
+    """n decoding requests, the first with five drafts: the step scheduled for them."""
+    reqs = [_request(f"d{i}", [i + 1], max_tokens=10) for i in range(n)]
+    for r in reqs:
+        sched.add(r)
+    _step(sched)
+    reqs[0].draft_ids = [7, 7, 7, 7, 7]
+    return sched.schedule()
+
+
+def test_drafts_never_cost_another_decode_its_token() -> None:
+    # Three decodes, a budget of 4: the first one's 5 drafts may only take the one token the
+    # others' real tokens leave.
+    out = _decoding_with_drafts(_make(max_batch_tokens=4)[0], 3)
+    assert [(c.req.id, c.num_tokens, c.draft) for c in out.chunks] == [
+        ("d0", 2, [7]), ("d1", 1, []), ("d2", 1, [])]
+    # The same under max_padded_rows: 4 decodes in 8 rows leave 2 rows for each.
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, max_padded_rows=8),
+                      BlockManager(64, 4))
+    out = _decoding_with_drafts(sched, 4)
+    assert [c.num_tokens for c in out.chunks] == [2, 1, 1, 1]
+    assert len(out.chunks) * max(c.num_tokens for c in out.chunks) <= 8
+
+
+def test_drafts_are_only_for_decoding_requests() -> None:
+    sched, _ = _make(max_batch_tokens=4)
+    p = _request("p", [1] * 10, max_tokens=4)
+    p.draft_ids = [5, 5]  # stale drafts on a request still prefilling, or just admitted
+    sched.add(p)
+    out = _step(sched)
+    assert [(c.num_tokens, c.draft) for c in out.chunks] == [(4, [])]
+    out = sched.schedule()
+    assert [(c.num_tokens, c.draft) for c in out.chunks] == [(4, [])]
+
+
+def test_drafts_that_do_not_fit_give_a_plain_decode_without_preempting() -> None:
+    # Two requests fill a 4-block cache (2 slots a block); a's drafts need a fresh block.
+    sched, bm = _make(num_blocks=4, block_size=2)
+    a, b = _request("a", [1, 2, 3], max_tokens=8), _request("b", [4, 5, 6], max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    _step(sched)  # 3 slots each, both have a 4th token to compute in their second block
+    assert bm.num_free_blocks == 0
+    a.draft_ids = [9, 9]
+    out = sched.schedule()
+    assert out.preempted == [] and b.status is Status.RUNNING
+    assert [(c.req.id, c.num_tokens, c.draft) for c in out.chunks] == [("a", 1, []), ("b", 1, [])]
+    # Nor may drafts take the block another decode's real token needs: a's next token fits
+    # in its block but its drafts need the one free block, which b's next token needs.
+    sched, bm = _make(num_blocks=4, block_size=2)
+    a, b = _request("a", [1, 2, 3], max_tokens=8), _request("b", [4, 5], max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    _step(sched)
+    assert bm.num_free_blocks == 1
+    a.draft_ids = [9, 9]
+    out = sched.schedule()
+    assert out.preempted == [] and b.status is Status.RUNNING
+    assert [(c.req.id, c.num_tokens, c.draft) for c in out.chunks] == [("a", 1, []), ("b", 1, [])]
+    assert len(bm.block_table("b")) == 2
+    bm.check()
+
+
+def test_accept_keeps_drafts_and_gives_back_the_rejected_slots() -> None:
+    sched, bm = _make(num_blocks=8, block_size=2)
+    r = _request("r", [1, 2], max_tokens=10)
+    sched.add(r)
+    _step(sched, token=3)  # [1, 2, 3]: 2 computed, the 3rd to decode
+    r.draft_ids = [4, 5, 6, 7]
+    out = sched.schedule()
+    (c,) = out.chunks
+    assert (c.start, c.num_tokens, c.token_ids) == (2, 5, [3, 4, 5, 6, 7])
+    assert len(bm.block_table("r")) == 4 and bm.num_free_blocks == 4  # 7 slots
+    sched.update(out)
+    assert r.num_computed == 3  # the real token only, until verification
+    r.all_ids += [4, 5, 0]  # two drafts kept, then the target's correction of the third
+    sched.accept(r, 2)
+    assert r.num_computed == 5 and len(bm.block_table("r")) == 3 and bm.num_free_blocks == 5
+    bm.check()
+    # Rolled back to a block boundary: the next step's prefix is what was kept.
+    r.draft_ids = [1]
+    out = sched.schedule()
+    assert out.chunks[0].token_ids == [0, 1]
+    sched.update(out)
+    r.all_ids += [2]  # the draft rejected
+    sched.accept(r, 0)
+    assert r.num_computed == 6 and len(bm.block_table("r")) == 3
+    bm.check()
+    # Prefix-cache keys exist only for kept tokens: a prompt with the rejected draft misses.
+    sched.add(_request("q", [1, 2, 3, 4, 5, 0, 1, 9], max_tokens=1))
+    out = sched.schedule()
+    assert [c.start for c in out.chunks if c.req.id == "q"] == [6]
+    sched.finish(r, "abort")
+    sched.finish(sched.requests["q"], "abort")
+    assert bm.num_free_blocks == 8
