@@ -27,6 +27,14 @@ from llm_engine.builder.onnx_emitter import (
 _UNARY = {"neg": "Neg", "sqrt": "Sqrt", "exp": "Exp", "log": "Log", "tanh": "Tanh",
           "sigmoid": "Sigmoid", "relu": "Relu", "cos": "Cos", "sin": "Sin", "abs": "Abs",
           "reciprocal": "Reciprocal", "erf": "Erf", "floor": "Floor"}
+def _raw_use(e: dict[str, Any], k: int) -> bool:
+    """Whether input k feeds an op of the expression other than a to_dtype."""
+    args = e.get("args", [])
+    if e.get("op") != "to_dtype" and any(a.get("in") == k for a in args):
+        return True
+    return any(_raw_use(a, k) for a in args if "op" in a)
+
+
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
            "maximum": "Max", "minimum": "Min"}
 
@@ -190,11 +198,13 @@ class SimpleOps(EmitterCore):
         return self.op("Softmax", ins[0], axis=attrs["dim"])
 
     def op_pointwise(self, n, ins, attrs):
-        # The expression computes in fp32, as the reference's float math does; integer
-        # inputs (token positions) join it as floats, exact below 2^24.
-        ins = [i if self.nodes_by_name[name]["dtype"] in FLOATS
-               or self.nodes_by_name[name]["dtype"] == "bool" else self.cast_to(i, "float32")
-               for i, name in zip(ins, n["inputs"], strict=True)]
+        # The expression computes in fp32, as the reference's float math does; an integer
+        # input used directly in arithmetic (Llama 4's token positions + 1) joins it as a
+        # float, exact below 2^24. Under a to_dtype it is cast there already.
+        expr = attrs["expr"]
+        ins = [self.cast_to(i, "float32") if self.nodes_by_name[name]["dtype"] not in FLOATS
+               and self.nodes_by_name[name]["dtype"] != "bool" and _raw_use(expr, k) else i
+               for k, (i, name) in enumerate(zip(ins, n["inputs"], strict=True))]
         out = self.expr(attrs["expr"], ins)
         return out if attrs["dtype"] in FLOATS else self.cast_to(out, attrs["dtype"])
 

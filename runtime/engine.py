@@ -374,6 +374,7 @@ class Engine:
         for chunk, rows in ((c, result.rows[i]) for i, c in enumerate(sched.chunks)):
             if chunk.prompt_logits:
                 self._prompt_logprobs(chunk, result.logits[rows])
+        sampling = self._finish_prompt_only(sampling, changed)
         if not sampling:
             return
         last_rows = [rows.stop - 1 for _, rows in sampling]
@@ -416,6 +417,20 @@ class Engine:
         self.scheduler.accept(req, kept)
         self.speculator.verified(req, len(chunk.draft), kept, emitted)
         changed[req.id] = req
+
+    def _finish_prompt_only(self, sampling: list, changed: dict[str, Request]) -> list:
+        """Scoring requests (max_tokens=0, with prompt_logprobs) end with "length" once their
+        prompt's last chunk has run, its logprobs taken: nothing is sampled for them. Returns
+        the chunks still to sample."""
+        rest = []
+        for chunk, rows in sampling:
+            req = chunk.req
+            if req.params.max_tokens == 0:
+                self.scheduler.finish(req, "length")
+                changed[req.id] = req
+            else:
+                rest.append((chunk, rows))
+        return rest
 
     def _prompt_logprobs(self, chunk, rows: torch.Tensor) -> None:
         req = chunk.req

@@ -237,8 +237,23 @@ class CompletionRequest(_GenBody):
 
     def to_request(self) -> GenRequest:
         lp = self.logprobs
-        params = self._sampling(self.max_tokens, lp, lp if self.echo and lp is not None else None)
+        prompt_lp = lp if self.echo and lp is not None else None
+        if self.max_tokens == 0:  # the scoring call: the echoed prompt (and its logprobs) only
+            self._check_scoring()
+            prompt_lp = lp if lp is not None else 0  # the engine's prompt-only mode needs it
+        params = self._sampling(self.max_tokens, lp, prompt_lp)
         return self._request(self.prompt, None, params, bool(self.echo), lp)
+
+    def _check_scoring(self) -> None:
+        """max_tokens: 0 generates nothing, so it only makes sense echoing the prompt, and
+        the prompt's logprobs come back in the whole response only."""
+        if not self.echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing, so there is nothing to "
+                                "return without echo: true (send echo: true and logprobs to "
+                                "score the prompt)", param="max_tokens")
+        if self.stream:
+            raise ApiError(400, "max_tokens: 0 with echo (scoring the prompt) is not "
+                                "streamed: send stream: false", param="stream")
 
 
 class ChatRequest(_GenBody):

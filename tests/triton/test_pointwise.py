@@ -81,7 +81,7 @@ def _positive(shape, dtype, device):
     return (torch.rand(shape, device=device) + 0.5).to(dtype)  # for log, sqrt, pow, division
 
 
-POSITIVE_DOMAIN = {"rsqrt", "sqrt", "log", "reciprocal"}
+POSITIVE_DOMAIN = {"rsqrt", "sqrt", "log", "log1p", "reciprocal"}
 
 
 # ---- lone elementwise ops ------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Structured outputs: constrain sampling to a JSON schema, regex, choice list or grammar.
+
+spec.py parses what a request asks for, compiler.py turns it into a grammar for the engine's
+tokenizer off the engine thread (cached), matcher.py masks each step's logits and follows the
+sampled tokens. The grammar engine is llguidance (docs/structured.md has the measurements).
+Not wired into the engine or the server yet.
+"""
+
+from llm_engine.runtime.structured.compiler import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarTokenizer,
+    grammar_tokenizer,
+)
+from llm_engine.runtime.structured.matcher import Matcher, allocate_bitmask, apply_masks
+from llm_engine.runtime.structured.spec import (
+    StructuredSpec,
+    from_response_format,
+    from_structured_outputs,
+)
+
+__all__ = [
+    "CompiledGrammar", "GrammarCompiler", "GrammarTokenizer", "Matcher", "StructuredSpec",
+    "allocate_bitmask", "apply_masks", "from_response_format", "from_structured_outputs",
+    "grammar_tokenizer",
+]
