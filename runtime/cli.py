@@ -20,6 +20,7 @@ from llm_engine.runtime.cli_options import (
     _fail,
     engine_options,
     load_engine,
+    read_json_schema,
     speculative_options,
     speculative_result,
 )
@@ -79,16 +80,20 @@ def _render(engine, prompt: Any, chat: bool, system: str | None) -> Any:
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object per prompt (text, token_ids, finish_reason).")
+@click.option("--json-schema", type=click.Path(path_type=Path), default=None,
+              help="A JSON Schema file: every output is JSON valid against it (structured "
+                   "outputs; see docs/structured.md).")
 @engine_options
 @speculative_options
 def run(engine_dir, prompts, prompts_file, chat, system, max_tokens, temperature, top_p, top_k,
-        seed, as_json, **engine_kw) -> None:
+        seed, as_json, json_schema, **engine_kw) -> None:
     """Generate text from ENGINE_DIR (interactive chat when no prompt is given on a TTY)."""
     from llm_engine.runtime.sampling_params import SamplingParams
 
+    structured = read_json_schema(json_schema) if json_schema is not None else None
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed)
+                                top_k=top_k, seed=seed, structured=structured)
     except ValueError as e:
         _fail(str(e))
     todo: list[Any] = list(prompts)
@@ -296,11 +301,16 @@ def _read_api_keys(keys: tuple[str, ...], key_file: Path | None) -> tuple[str, .
 @click.option("--template-timeout", type=float, default=2.0, show_default=True,
               help="Seconds a chat-template render may take (it runs off the engine thread; "
                    "past this the request gets 400).")
+@click.option("--tool-call-parser", type=click.Choice(["hermes", "llama3", "mistral"]),
+              default=None,
+              help="The format the model writes tool calls in (default: detected from the "
+                   "chat template's markers; requests with tools get 400 when none is found).")
 @engine_options
 @speculative_options
 def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max_n,
           max_logprobs, max_body_bytes, cors_origins, shutdown_timeout, max_concurrent_requests,
-          request_timeout, body_timeout, template_timeout, **engine_kw) -> None:
+          request_timeout, body_timeout, template_timeout, tool_call_parser,
+          **engine_kw) -> None:
     """Serve ENGINE_DIR over an OpenAI-compatible HTTP API."""
     from llm_engine.runtime.async_engine import AsyncEngine
     from llm_engine.runtime.server import ServerConfig
@@ -329,7 +339,7 @@ def serve(engine_dir, host, port, served_model_name, api_keys, api_key_file, max
                           shutdown_timeout=shutdown_timeout,
                           max_concurrent_requests=max_concurrent_requests,
                           request_timeout=request_timeout, body_timeout=body_timeout,
-                          template_timeout=template_timeout)
+                          template_timeout=template_timeout, tool_call_parser=tool_call_parser)
     click.echo(f"serving {config.model_name} on http://{host}:{port}"
                f"{' (API key required)' if keys else ''}", err=True)
     run_server(AsyncEngine(engine, owns_engine=True), config, host, port)

@@ -7,6 +7,7 @@ one command; `_fail` is their one-line `error: ...` exit (status 2).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,27 @@ _DEFAULT_K = 4  # EngineConfig.num_speculative_tokens
 def _fail(message: str) -> None:
     click.echo(f"error: {' '.join(str(message).split())}", err=True)
     sys.exit(2)
+
+
+def read_json_schema(path: Path) -> Any:
+    """`--json-schema FILE` as a structured-output spec, or a one-line error naming the file
+    and the problem."""
+    from llm_engine.runtime.structured.spec import StructuredSpec
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        _fail(f"cannot read --json-schema {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        _fail(f"--json-schema {path} is not UTF-8 text")
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        _fail(f"--json-schema {path} is not valid JSON: {e}")
+    try:
+        return StructuredSpec("json", schema)
+    except (ValueError, RecursionError) as e:
+        _fail(f"--json-schema {path}: {e}")
 
 
 def engine_options(fn):

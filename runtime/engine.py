@@ -35,7 +35,7 @@ from llm_engine.runtime.kv_budget import kv_cache_blocks
 from llm_engine.runtime.multi_rank import load_ranks
 from llm_engine.runtime.output import Output, append_token, flush, make_output
 from llm_engine.runtime.rank_files import engine_ranks, pipeline_stages, tensor_parallel
-from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS, Request
+from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS, Request, Status
 from llm_engine.runtime.sampling import SamplerState, prompt_logprobs_for, sample
 from llm_engine.runtime.sampling_params import SamplingParams
 from llm_engine.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -141,6 +141,10 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.speculator = self._speculator(config, num_blocks, device)
+        # structured outputs: requests whose grammar is still compiling (off this thread)
+        self._compiling: list[Request] = []
+        self._grammars: Any = None  # runtime.structured.GrammarCompiler, on first use
+        self._grammar_tokenizer: Any = None
 
     def _speculator(self, config: EngineConfig, num_blocks: int, device: str):
         if config.speculative is None:
@@ -310,20 +314,70 @@ class Engine:
             req.logprobs = []
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first token has no prediction
-        self.scheduler.add(req)
+        if params.structured is not None:
+            if any(r.id == req.id for r in self._compiling):
+                raise ValueError(f"request id {req.id!r} is already in use")
+            req.grammar = self._compile(params.structured)
+            self._compiling.append(req)  # admitted once compiled (step)
+        else:
+            self.scheduler.add(req)
         self.stats["prompt_tokens"] += len(ids)
         return req.id
 
+    def _compile(self, spec):
+        """The grammar's compile for this engine's tokenizer, started on a worker thread
+        (cached by spec and tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the engine's tokenizer; this engine "
+                             "takes token ids only")
+        if self._grammars is None:
+            from llm_engine.runtime.structured.compiler import (
+                GrammarCompiler,
+                from_runtime_tokenizer,
+            )
+
+            eos = self.eos_token_ids or list(self.tokenizer.eos_token_ids)
+            if not eos:
+                raise ValueError("structured outputs need an end-of-sequence token; this "
+                                 "engine has none")
+            self._grammar_tokenizer = from_runtime_tokenizer(self.tokenizer)
+            self._grammars = GrammarCompiler()
+        return self._grammars.submit(spec, self._grammar_tokenizer)
+
+    def _admit_compiled(self, changed: dict[str, Request]) -> None:
+        """Requests whose grammar finished compiling join the scheduler; a grammar that
+        failed ends its request with the compiler's message. The others wait without
+        holding anyone up."""
+        waiting = []
+        for req in self._compiling:
+            if not req.grammar.done():
+                waiting.append(req)
+                continue
+            try:
+                req.matcher = req.grammar.result().matcher()
+            except ValueError as e:
+                req.status, req.finish_reason = Status.FINISHED, "error"
+                req.error = f"structured output: {e}"
+                changed[req.id] = req
+                continue
+            self.scheduler.add(req)
+        self._compiling = waiting
+
     def abort(self, request_id: str) -> Output | None:
+        for req in self._compiling:
+            if req.id == request_id:
+                self._compiling.remove(req)
+                req.status, req.finish_reason = Status.FINISHED, "abort"
+                return make_output(req)
         req = self.scheduler.abort(request_id)
         return make_output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._compiling) or self.scheduler.has_unfinished()
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return len(self._compiling) + len(self.scheduler.waiting) + len(self.scheduler.running)
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[Output]:
@@ -332,10 +386,13 @@ class Engine:
         rank when one dies; the engine is stopped from then on (`healthy`, `error`)."""
         self._check_healthy()
         start = time.perf_counter()
+        early: dict[str, Request] = {}
+        if self._compiling:
+            self._admit_compiled(early)
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.scheduler.requests)
         sched = self.scheduler.schedule()
-        changed: dict[str, Request] = {r.id: r for r in sched.finished}
+        changed: dict[str, Request] = {**early, **{r.id: r for r in sched.finished}}
         for req in sched.finished:  # ended by the scheduler (cache full): emit held-back text
             if req.finish_reason == "length":
                 flush(req)
@@ -381,6 +438,13 @@ class Engine:
         logits = result.logits
         if last_rows != list(range(logits.shape[0])):  # a decode step's rows are all sampled
             logits = logits[torch.tensor(last_rows)]
+        matchers = [c.req.matcher for c, _ in sampling]
+        if any(m is not None for m in matchers):
+            from llm_engine.runtime.structured.matcher import apply_masks
+
+            # one mask tensor for the step's constrained rows; the others are untouched
+            logits = apply_masks(logits.clone() if logits is result.logits else logits,
+                                 matchers)
         samples = sample(logits, [c.req.sampler for c, _ in sampling])
         now = time.monotonic()
         for (chunk, _), s in zip(sampling, samples):
@@ -389,8 +453,10 @@ class Engine:
                 req.first_token_time = now
             self.stats["generated_tokens"] += 1
             reason = append_token(req, s, self.eos_token_ids)
+            if reason is None and req.matcher is not None:
+                reason = self._follow_grammar(req, s.token_id)
             if reason is not None:
-                self.scheduler.finish(req, reason)
+                self.scheduler.finish(req, reason, error=req.error)
             changed[req.id] = req
 
     def _verify(self, chunk, rows: torch.Tensor, changed: dict[str, Request]) -> None:
@@ -417,6 +483,17 @@ class Engine:
         self.scheduler.accept(req, kept)
         self.speculator.verified(req, len(chunk.draft), kept, emitted)
         changed[req.id] = req
+
+    @staticmethod
+    def _follow_grammar(req: Request, token: int) -> str | None:
+        """Advance the request's grammar past its sampled token (allowed by the mask); "stop"
+        once the grammar is complete."""
+        try:
+            req.matcher.advance(token)
+        except ValueError as e:  # cannot happen for a masked sample: a runtime bug
+            req.error = f"structured output: {e}"
+            return "error"
+        return "stop" if req.matcher.is_finished() else None
 
     def _finish_prompt_only(self, sampling: list, changed: dict[str, Request]) -> list:
         """Scoring requests (max_tokens=0, with prompt_logprobs) end with "length" once their

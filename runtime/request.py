@@ -50,6 +50,9 @@ class Request:
     # speculative decoding: the tokens proposed for the next step (runtime.speculative)
     draft_ids: list[int] = field(default_factory=list)
     spec: Any = None  # runtime.speculative.SpecState, when the engine speculates
+    # structured outputs: the grammar's compile (a Future) until admitted, then its matcher
+    grammar: Any = None
+    matcher: Any = None
 
     stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for per-token lookups
     cache_salt: bytes = b""  # prefix-cache partition (tenant and request salt); b"": shared

@@ -55,8 +55,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: a runtime.structured.StructuredSpec, or a vLLM-style dict
+    # {"json": schema} | {"regex": ...} | {"choice": [...]} | {"grammar": ...} |
+    # {"json_object": True}; checked here (ValueError naming the problem)
+    structured: Any = None
 
     def __post_init__(self) -> None:
+        if self.structured is not None:
+            from llm_engine.runtime.structured.spec import parse
+
+            self.structured = parse(self.structured)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
@@ -144,4 +152,9 @@ class SamplingParams:
         return cls(**{k: v for k, v in d.items() if v is not None or k in nullable})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        spec = self.structured
+        if spec is not None:  # as the vLLM-style dict from_dict (and the constructor) take
+            d["structured"] = {"json_object": True} if spec.kind == "json_object" else \
+                {spec.kind: list(spec.value) if spec.kind == "choice" else spec.value}
+        return d

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,13 @@ from llm_engine.runtime.server_requests import (
     TokenizeRequest,
     validate,
 )
+from llm_engine.runtime.structured.spec import StructuredSpec
+from llm_engine.runtime.tool_calls import (
+    PARSERS,
+    chat_template_inputs,
+    constrained_grammar,
+    detect_parser,
+)
 
 log = logging.getLogger("engine.server")
 
@@ -59,10 +67,28 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds a request may take before it is ended
     body_timeout: float = 30.0  # seconds a client has to send its body (then 408)
     template_timeout: float = 2.0  # seconds a chat-template render may take (then 400)
+    tool_call_parser: str | None = None  # hermes, llama3 or mistral; None: from the template
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
         self.limits = Limits(self.max_n, self.max_logprobs)
+
+
+# The markers of each tool-call format; those that are special tokens in the engine's tokenizer
+# are kept when decoding (the parser must see them) and matched as tokens by the grammar.
+_PARSER_MARKERS = {"hermes": {"<tool_call>", "</tool_call>"}, "llama3": {"<|python_tag|>"},
+                   "mistral": {"[TOOL_CALLS]"}}
+
+
+def _special_markers(tok: Any) -> dict[str, int]:
+    if tok is None:
+        return {}
+    found = {}
+    for marker in set().union(*_PARSER_MARKERS.values()):
+        i = tok.backend.token_to_id(marker)
+        if i is not None and i in tok.skipped_ids:
+            found[marker] = i
+    return found
 
 
 def _decoder(engine: Any) -> Callable[[int], str]:
@@ -81,11 +107,17 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics = field(init=False)
     decode: Callable[[int], str] = field(init=False)
+    tool_parser: str | None = field(init=False)  # the tool-call format; None: not known
+    tool_markers: dict[str, int] = field(init=False)  # markers that are special tokens
     inflight: int = 0
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.engine)
         self.decode = _decoder(self.engine)
+        tok = self.engine.tokenizer
+        self.tool_parser = detect_parser(tok.chat_template if tok is not None else None,
+                                         self.config.tool_call_parser)
+        self.tool_markers = _special_markers(tok)
 
     @property
     def engine(self) -> Any:
@@ -115,12 +147,43 @@ class ServerState:
         model = ChatRequest if chat else CompletionRequest
         return validate(model, body, limits=self.config.limits).to_request()
 
-    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    async def render_chat(self, messages: list[dict[str, Any]],
+                          tools: list[dict[str, Any]] | None = None) -> str:
         """The chat template rendered off the engine thread (which every request shares), in
         a worker thread under a time and output budget: a slow template or a conversation
         built to make it slow costs its own request a 400, not everyone a stall."""
         budget = RenderBudget(seconds=self.config.template_timeout)
-        return await asyncio.to_thread(self.engine.apply_chat_template, messages, budget=budget)
+        kw = {"tools": tools} if tools is not None else {}
+        return await asyncio.to_thread(self.engine.apply_chat_template, messages, budget=budget,
+                                       **kw)
+
+    def prepare_tools(self, req: GenRequest) -> tuple[list[dict[str, Any]],
+                                                      list[dict[str, Any]] | None]:
+        """A chat request's messages and `tools` template variable; with tools, the parser
+        that reads the reply and (tool_choice "required" or a named function) the grammar
+        that forces a call, both set on `req`."""
+        messages, config = req.messages or [], req.tools
+        has_tools = config is not None and bool(config.tools)
+        if not has_tools and not any(
+                m.get("tool_calls") is not None or m.get("role") == "tool" for m in messages):
+            return messages, None
+        parser = self.tool_parser
+        if has_tools and config.parse_calls and parser is None:
+            raise ApiError(400, "the engine's chat template has no tool-call format this "
+                                "server knows; start `engine serve` with --tool-call-parser "
+                                f"({', '.join(PARSERS)}) to use tools", param="tools")
+        messages, tools = chat_template_inputs(messages, config, parser)
+        if has_tools and config.parse_calls:
+            req.tool_parser = parser
+            changes: dict[str, Any] = {}
+            if config.constrained:
+                grammar = constrained_grammar(config, parser, self.tool_markers)
+                changes["structured"] = StructuredSpec("grammar", grammar)
+            if _PARSER_MARKERS[parser] & self.tool_markers.keys():
+                changes["skip_special_tokens"] = False  # the parser must see the markers
+            if changes:
+                req.params = dataclasses.replace(req.params, **changes)
+        return messages, tools
 
     async def prepare(self, req: GenRequest, chat: bool) -> Job:
         """Tokenize on the engine thread and check the length before anything is queued."""
@@ -130,7 +193,11 @@ class ServerState:
                     if e.tokenizer is not None else ""), ids
 
         try:
-            prompt = await self.render_chat(req.messages) if chat else req.prompt
+            if chat:
+                messages, tools = self.prepare_tools(req)
+                prompt = await self.render_chat(messages, tools)
+            else:
+                prompt = req.prompt
             text, ids = await self.ae.run_sync(encode)
         except ValueError as e:  # bad ids, empty prompt, template errors, no tokenizer
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
@@ -165,13 +232,15 @@ class ServerState:
         except TimeoutError:
             raise self.timed_out() from None
 
-    async def stream(self, job: Job, route: str, start: float) -> AsyncIterator[str]:
-        """The job's SSE chunks under --request-timeout; the request's slot is given back, and
-        it is logged, when the stream ends."""
-        chunks = run_stream(self.ae, job)
+    async def stream(self, job: Job, route: str, start: float,
+                     chunks: AsyncIterator[str], first: str | None) -> AsyncIterator[str]:
+        """The job's SSE chunks (`first` already taken from `chunks`) under --request-timeout;
+        the request's slot is given back, and it is logged, when the stream ends."""
         timeout = self.config.request_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            if first is not None:
+                yield first
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
@@ -210,15 +279,22 @@ router = APIRouter()
 async def _generate(request: Request, chat: bool) -> Any:
     state, start, route = _state(request), time.monotonic(), request.url.path
     job: Job | None = None
-    status, admitted = 200, False
+    status, admitted, streaming = 200, False, False
     try:
         state.admit()  # before the first await; reading the body has a deadline
         admitted = True
         job = await state.prepare(await state.read_request(request, chat), chat)
         job.cache_salt = state.cache_salt(request, job.req)
         if job.req.stream:
+            chunks = run_stream(state.ae, job)
+            first = None
+            if job.req.params.structured is not None:
+                # run_stream waits for the engine's first output before its first chunk: a
+                # grammar that fails to compile is a 400 here, before the 200 is sent
+                first = await _first_chunk(request, state, chunks)
             admitted = False  # the stream gives its slot back when it ends
-            return StreamingResponse(state.stream(job, route, start),
+            streaming = True
+            return StreamingResponse(state.stream(job, route, start, chunks, first),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await _until_disconnect(request, state.deadline(run_whole(state.ae, job)))
@@ -236,8 +312,26 @@ async def _generate(request: Request, chat: bool) -> Any:
     finally:
         if admitted:
             state.inflight -= 1
-        if job is None or not job.req.stream:
+        if not streaming:
             state.finish(job, route, start, status)
+
+
+async def _first_chunk(request: Request, state: ServerState,
+                       chunks: AsyncIterator[str]) -> str | None:
+    """The stream's first chunk, under the request's deadline and watching for a client that
+    hangs up; a request the engine refused raises its ApiError."""
+    async def first() -> str | None:
+        return await anext(chunks, None)
+
+    try:
+        got = await _until_disconnect(request, state.deadline(first()))
+    except BaseException:
+        await chunks.aclose()
+        raise
+    if isinstance(got, JSONResponse):  # the client hung up (499)
+        await chunks.aclose()
+        raise ApiError(499, "client closed the request")
+    return got
 
 
 @router.post("/v1/completions")

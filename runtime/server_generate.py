@@ -21,6 +21,12 @@ from llm_engine.runtime.server_protocol import (
     choice_params,
     completion_logprobs,
 )
+from llm_engine.runtime.tool_calls import (
+    StreamDelta,
+    StreamingToolParser,
+    parse_tool_calls,
+    streaming_parser,
+)
 
 # OpenAI knows stop / length; the engine's abort and error are passed through as they are.
 
@@ -58,14 +64,18 @@ class Job:
 
 def _raise_if_error(out: Output) -> None:
     if out.finish_reason == "error":
-        # The engine could not run it at all (e.g. the prompt needs more KV cache than exists).
+        # The engine could not run it at all (e.g. the prompt needs more KV cache than exists,
+        # or its structured-output grammar failed to compile: "structured output: ...").
         raise ApiError(400, out.error or "the request failed in the engine")
 
 
 async def _complete(ae: AsyncEngine, job: Job, index: int) -> Output:
     params = choice_params(job.req.params, index)
-    return await ae.complete(job.prompt_ids, params, request_id=f"{job.id}-{index}",
-                             cache_salt=job.cache_salt)
+    try:
+        return await ae.complete(job.prompt_ids, params, request_id=f"{job.id}-{index}",
+                                 cache_salt=job.cache_salt)
+    except ValueError as e:  # refused on submission (e.g. structured outputs, no tokenizer)
+        raise ApiError(400, str(e)) from None
 
 
 async def run_whole(ae: AsyncEngine, job: Job) -> dict[str, Any]:
@@ -88,8 +98,15 @@ def _whole_choice(job: Job, i: int, out: Output) -> dict[str, Any]:
         lp = None
         if req.logprobs is not None:
             lp = chat_logprobs(job.decode, out.token_ids, out.logprobs or [], req.logprobs)
-        return {"index": i, "message": {"role": "assistant", "content": out.text},
-                "logprobs": lp, "finish_reason": out.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": out.text}
+        finish = out.finish_reason
+        if req.tool_parser is not None:
+            content, calls = parse_tool_calls(out.text, req.tool_parser)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [c.to_openai() for c in calls]}
+                finish = _tool_finish(finish)
+        return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
     text = (job.prompt_text + out.text) if req.echo else out.text
     lp = None
     if req.logprobs is not None:
@@ -99,6 +116,11 @@ def _whole_choice(job: Job, i: int, out: Output) -> dict[str, Any]:
             entries = list(out.prompt_logprobs or [None] * len(job.prompt_ids)) + entries
         lp = completion_logprobs(job.decode, ids, entries, 0)
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+
+def _tool_finish(finish: str | None) -> str | None:
+    """A reply that made tool calls ends with "tool_calls", unless it was cut short."""
+    return "tool_calls" if finish in ("stop", None) else finish
 
 
 def sse(obj: Any) -> str:
@@ -116,13 +138,23 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
             async for out in ae.generate(job.prompt_ids, params, request_id=f"{job.id}-{i}",
                                          cache_salt=job.cache_salt):
                 queue.put_nowait((i, out))
+        except ValueError as e:  # refused on submission: the client's error
+            queue.put_nowait((i, ApiError(400, str(e))))
         except Exception as e:  # handed to the consumer, which reports it in the stream
             queue.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(job.req.n)]
     offsets = [0] * job.req.n  # text offset per choice, for completions' text_offset
     counts = [0] * job.req.n  # output tokens per choice so far
+    head = None  # the engine's first item, when it is awaited before the opening chunk
+    parser = job.req.tool_parser if job.chat else None
+    parsers = [streaming_parser(parser) if parser else None for _ in range(job.req.n)]
     try:
+        if job.req.params.structured is not None:
+            # Nothing is sent before the engine's first output: a grammar that fails to
+            # compile (or a refused request) is then the route's 400, not an event in a 200.
+            head = await queue.get()
+            _raise_if_refused(job, head[1])
         for i in range(job.req.n):  # the opening chunk: chat's role, completions' echo
             first = _opening(job, i)
             if first is not None:
@@ -130,7 +162,8 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
                 offsets[i] = len(job.prompt_text) if job.req.echo else 0
         done = 0
         while done < job.req.n:
-            i, item = await queue.get()
+            i, item = head if head is not None else await queue.get()
+            head = None
             if isinstance(item, BaseException):
                 message = item.message if isinstance(item, ApiError) else str(item)
                 yield sse({"error": {"message": message, "type": "server_error",
@@ -143,7 +176,7 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
                 break
             counts[i] = len(item.token_ids)  # kept current, so an aborted stream logs them
             job.completion_tokens = sum(counts)
-            chunk = _delta_chunk(job, i, item, offsets)
+            chunk = _delta_chunk(job, i, item, offsets, parsers[i])
             if chunk is not None:
                 yield sse(chunk)
             if item.finished:
@@ -161,6 +194,16 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _raise_if_refused(job: Job, item: Output | BaseException) -> None:
+    """A choice's first item, if it ends the request before any token, as an ApiError."""
+    if isinstance(item, ApiError):
+        job.finish_reasons.append("error")
+        raise item
+    if isinstance(item, Output) and item.finish_reason == "error" and not item.token_ids:
+        job.finish_reasons.append("error")
+        _raise_if_error(item)
 
 
 def _chunk_object(job: Job) -> str:
@@ -185,7 +228,25 @@ def _opening(job: Job, i: int) -> dict[str, Any] | None:
     return None
 
 
-def _delta_chunk(job: Job, i: int, out: Output, offsets: list[int]) -> dict[str, Any] | None:
+def _tool_delta(parser: StreamingToolParser, out: Output) -> tuple[dict[str, Any], str | None]:
+    """A chat delta of content and tool-call deltas from the parser, and the finish reason."""
+    got = parser.feed(out.delta_text) if out.delta_text else StreamDelta()
+    finish = out.finish_reason
+    if out.finished:
+        end = parser.finish()
+        got = StreamDelta(got.content + end.content, got.tool_calls + end.tool_calls)
+        if parser.result()[1]:
+            finish = _tool_finish(finish)
+    delta: dict[str, Any] = {}
+    if got.content:
+        delta["content"] = got.content
+    if got.tool_calls:
+        delta["tool_calls"] = [d.to_openai() for d in got.tool_calls]
+    return delta, finish
+
+
+def _delta_chunk(job: Job, i: int, out: Output, offsets: list[int],
+                 parser: StreamingToolParser | None = None) -> dict[str, Any] | None:
     ids = out.delta_token_ids
     if not out.delta_text and not ids and not out.finished:
         return None
@@ -195,9 +256,14 @@ def _delta_chunk(job: Job, i: int, out: Output, offsets: list[int]) -> dict[str,
         lp = None
         if req.logprobs is not None:
             lp = chat_logprobs(job.decode, ids, entries, req.logprobs)
-        delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
-        choice = {"index": i, "delta": delta, "logprobs": lp,
-                  "finish_reason": out.finish_reason}
+        if parser is not None:
+            delta, finish = _tool_delta(parser, out)
+            if not delta and not out.finished and lp is None:
+                return None  # text held back: it may begin a call
+        else:
+            delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
+            finish = out.finish_reason
+        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
     else:
         lp = None
         if req.logprobs is not None:

@@ -6,6 +6,7 @@ the logprobs objects of the responses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,8 @@ class GenRequest:
     echo: bool
     logprobs: int | None  # top-N per output token (None: no logprobs)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only within a salt
+    tools: Any = None  # chat: the validated tool_calls.ToolConfig (None: no tool fields sent)
+    tool_parser: str | None = None  # set by the server when the reply is parsed for calls
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -56,9 +59,8 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     the whole response is still reproducible."""
     if index == 0 or params.seed is None:
         return params
-    d = params.to_dict()
-    d["seed"] = params.seed + index
-    return SamplingParams(**d)
+    # replace, not to_dict: asdict would turn a StructuredSpec into a plain dict
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 # ---- logprobs formatting ----------------------------------------------------------------------

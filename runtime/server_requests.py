@@ -11,6 +11,8 @@ disagree.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -32,6 +34,12 @@ from pydantic_core import PydanticCustomError
 from llm_engine.runtime.request import MAX_CACHE_SALT_CHARS
 from llm_engine.runtime.sampling_params import SamplingParams
 from llm_engine.runtime.server_protocol import ApiError, GenRequest, Limits
+from llm_engine.runtime.structured.spec import (
+    StructuredSpec,
+    from_response_format,
+    from_structured_outputs,
+)
+from llm_engine.runtime.tool_calls import validate_tools
 
 # ---- field types ------------------------------------------------------------------------------
 
@@ -57,6 +65,11 @@ Bool = Annotated[bool | None, _must_be("a boolean")]
 Str = Annotated[str | None, _must_be("a string")]
 Stop = Annotated[str | list[str] | None, _must_be("a string or a list of strings")]
 IntList = Annotated[list[int] | None, _must_be("a list of integers")]
+Object = Annotated[dict[str, Any] | None, _must_be("an object")]
+
+# A structured-output spec (schema, regex, grammar, choices) is compiled on a worker thread and
+# cached: its size bounds that work and the cache's memory, below the body limit.
+MAX_STRUCTURED_BYTES = 64 << 10
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -150,6 +163,8 @@ class _GenBody(_Strict):
     stream: Bool = False
     stream_options: StreamOptions | None = None  # after stream: its check reads stream
     cache_salt: Str = None  # vLLM's: prefix-cache blocks shared only within a salt
+    response_format: Object = None  # OpenAI's: text, json_object or json_schema
+    structured_outputs: Object = None  # vLLM's: json, regex, choice, grammar or json_object
 
     @model_validator(mode="before")
     @classmethod
@@ -185,11 +200,37 @@ class _GenBody(_Strict):
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   prompt_logprobs: int | None) -> SamplingParams:
         fields = self.model_dump(include=_SAMPLING, exclude_unset=True)
+        structured = self._structured()
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                                  prompt_logprobs=prompt_logprobs, **fields)
+                                  prompt_logprobs=prompt_logprobs, structured=structured,
+                                  **fields)
         except ValueError as e:  # SamplingParams names the field first: reuse it as param
             raise ApiError(400, str(e), param=str(e).split()[0]) from None
+
+    def _structured(self) -> StructuredSpec | None:
+        """response_format or structured_outputs (not both) as a spec; a 400 naming the
+        problem for one that is too large or malformed."""
+        sent = [(name, value) for name, value in (("response_format", self.response_format),
+                                                  ("structured_outputs",
+                                                   self.structured_outputs))
+                if value is not None]
+        if not sent:
+            return None
+        if len(sent) > 1:
+            raise ApiError(400, "send response_format or structured_outputs, not both",
+                           param="structured_outputs")
+        (name, value), = sent
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"))
+        if size > MAX_STRUCTURED_BYTES:
+            raise ApiError(400, f"{name} is {size} bytes of JSON, over the server's limit of "
+                                f"{MAX_STRUCTURED_BYTES}", param=name)
+        parse = from_response_format if name == "response_format" else from_structured_outputs
+        try:
+            return parse(value)
+        except ValueError as e:  # the parsers name the field and the problem
+            raise ApiError(400, str(e)[:500], param=name) from None
 
     def _request(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None,
                  params: SamplingParams, echo: bool, logprobs: int | None) -> GenRequest:
@@ -263,6 +304,9 @@ class ChatRequest(_GenBody):
     logprobs: Bool = False
     top_logprobs: Int = None  # after logprobs: its check reads it
     max_completion_tokens: Int = None  # OpenAI's newer name for max_tokens; wins if both
+    tools: Any = None  # checked by tool_calls.validate_tools
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -275,9 +319,27 @@ class ChatRequest(_GenBody):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
+        tools = self._tools()
         params = self._sampling(max_tokens, logprobs, None)
+        if tools is not None and tools.constrained and params.structured is not None:
+            raise ApiError(400, "tool_choice \"required\" or a named function forces a tool "
+                                "call, which cannot be combined with response_format or "
+                                "structured_outputs", param="tool_choice")
         messages = [m.for_template() for m in self.messages or []]
-        return self._request(None, messages, params, False, logprobs)
+        req = self._request(None, messages, params, False, logprobs)
+        req.tools = tools
+        return req
+
+    def _tools(self) -> Any:
+        """tools / tool_choice / parallel_tool_calls as a ToolConfig (None when none was sent);
+        a 400 naming the field at fault."""
+        if self.tools is None and self.tool_choice is None and self.parallel_tool_calls is None:
+            return None
+        try:
+            return validate_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ValueError as e:  # the message starts with the field: tools[0]..., tool_choice
+            field = re.match(r"\w*", str(e)).group() or "tools"
+            raise ApiError(400, str(e)[:500], param=field) from None
 
 
 # ---- the token routes -------------------------------------------------------------------------

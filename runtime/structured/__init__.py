@@ -3,7 +3,7 @@
 spec.py parses what a request asks for, compiler.py turns it into a grammar for the engine's
 tokenizer off the engine thread (cached), matcher.py masks each step's logits and follows the
 sampled tokens. The grammar engine is llguidance (docs/structured.md has the measurements).
-Not wired into the engine or the server yet.
+runtime.engine compiles a request's grammar off-thread, admits it when ready and masks its rows.
 """
 
 from llm_engine.runtime.structured.compiler import (

@@ -1,0 +1,374 @@
+"""runtime/tool_calls.py: validation, template inputs, parsers (whole and streaming), format
+detection and the constrained grammar (decoded with random logits on SmolLM2's tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from llm_engine.runtime.tool_calls import (
+    MAX_TOOLS,
+    ToolCall,
+    chat_template_inputs,
+    constrained_grammar,
+    detect_parser,
+    parse_tool_calls,
+    streaming_parser,
+    validate_tools,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "unit", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"type": "string", "maxLength": 8}},
+    "required": ["tz"], "additionalProperties": False}}}
+
+
+def calls(result):
+    content, cs = result
+    return content, [(c.name, json.loads(c.arguments)) for c in cs]
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def test_validate_defaults_and_choices():
+    cfg = validate_tools([WEATHER])
+    assert cfg.tool_choice == "auto" and cfg.parallel_tool_calls and cfg.parse_calls
+    assert not cfg.constrained and cfg.names == ("get_weather",)
+    assert validate_tools(None).tool_choice == "none"
+    named = validate_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}},
+                           False)
+    assert named.tool_choice == "function" and named.function_name == "get_time"
+    assert [t["function"]["name"] for t in named.forced_tools()] == ["get_time"]
+    assert not named.parallel_tool_calls and named.constrained
+    bare = validate_tools([{"type": "function", "function": {"name": "noop"}}])
+    assert bare.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert bare.template_tools() == [dict(bare.tools[0])]
+
+
+def _many(n):
+    return [{"type": "function", "function": {"name": f"f{i}"}} for i in range(n)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (({"type": "function"},), "tools must be a list"),
+    ((_many(MAX_TOOLS + 1),), f"at most {MAX_TOOLS}"),
+    (([{"type": "retrieval"}],), "tools[0].type must be \"function\""),
+    (([{"type": "function", "function": {"name": "bad name"}}],), "tools[0].function.name"),
+    (([{"type": "function", "function": {"name": "x" * 65}}],), "tools[0].function.name"),
+    ((_many(1) + _many(1),), "used by more than one tool"),
+    (([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "description": "x" * (64 << 10)}}}],), "bytes serialized"),
+    (([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],),
+     "tools[0].function.parameters: json schema at #/type"),
+    (([{"type": "function", "function": {"name": "f", "parameters": []}}],),
+     "parameters must be a JSON schema object"),
+    ((_many(1), "sometimes"), "tool_choice must be"),
+    ((_many(1), {"type": "function", "function": {"name": "g"}}), "'g', which is not in tools"),
+    ((_many(1), {"type": "function"}), "tool_choice object must be"),
+    (([], "required"), "needs a non-empty tools list"),
+    ((_many(1), "auto", "yes"), "parallel_tool_calls must be a boolean"),
+])
+def test_validation_errors_name_the_problem(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_tools(*args)
+
+
+# ------------------------------------------------------------------------------ template inputs
+
+
+def test_chat_template_inputs_decode_arguments_and_name_tool_results():
+    cfg = validate_tools([WEATHER])
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abcdefghijklmnopqrstuvwx", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abcdefghijklmnopqrstuvwx",
+         "content": [{"type": "text", "text": "-3 C"}]},
+    ]
+    out, tools = chat_template_inputs(messages, cfg)
+    assert tools == [WEATHER] or tools[0]["function"]["name"] == "get_weather"
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert out[2] == {"role": "tool", "tool_call_id": "call_abcdefghijklmnopqrstuvwx",
+                      "content": "-3 C", "name": "get_weather"}
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+    mistral, _ = chat_template_inputs(messages, cfg, parser="mistral")
+    assert mistral[1]["tool_calls"][0]["id"] == mistral[2]["tool_call_id"] == "pqrstuvwx"
+    with pytest.raises(ValueError, match=r"messages\[0\].tool_calls\[0\].function.arguments"):
+        chat_template_inputs([{"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{oops"}}]}])
+
+
+def test_tools_render_through_a_qwen_style_template():
+    from llm_engine.runtime.chat_template import _compile, _normalize_messages, _plain, _render
+
+    template = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>{% endif %}"
+        "{% for m in messages %}{% if m.tool_calls %}{% for tc in m.tool_calls %}"
+        "{% set tc = tc.function %}<tool_call>{\"name\": \"{{ tc.name }}\", \"arguments\": "
+        "{{ tc.arguments | tojson }}}</tool_call>{% endfor %}"
+        "{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>"
+        "{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    cfg = validate_tools([TIME])
+    msgs, tools = chat_template_inputs([
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "function": {
+            "name": "get_time", "arguments": '{"tz": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}], cfg)
+    text = _render(_compile(template), None, messages=_normalize_messages(msgs),
+                   tools=_plain(tools))
+    assert '"name": "get_time"' in text.split("</tools>")[0]
+    assert '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>' in text
+    assert "<tool_response>12:00</tool_response>" in text
+    assert detect_parser(template) == "hermes"
+
+
+# ------------------------------------------------------------------------------ parsers
+
+
+HERMES_PARALLEL = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": '
+                   '{"city": "Oslo", "unit": "c", "days": 2}}\n</tool_call>\n<tool_call>\n'
+                   '{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>')
+
+CASES = [
+    ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>',
+     None, [("get_time", {"tz": "UTC"})]),
+    ("hermes", HERMES_PARALLEL, "Checking both.\n",
+     [("get_weather", {"city": "Oslo", "unit": "c", "days": 2}), ("get_time", {"tz": "CET"})]),
+    ("hermes", 'x <tool_call>{"arguments": {"s": "a}\\"{"}, "name": "f"}', "x ",
+     [("f", {"s": 'a}"{'})]),  # unclosed last block, keys in either order, braces in strings
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>',
+     '<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>', []),  # malformed
+    ("hermes", "<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
+    ("hermes", "a < b and <tool_ca", "a < b and <tool_ca", []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"k\\": 1}"}</tool_call>', None,
+     [("f", {"k": 1})]),  # arguments as JSON text
+    ("hermes", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+     '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', []),
+    ("llama3", '{"name": "get_time", "parameters": {"tz": "UTC"}}', None,
+     [("get_time", {"tz": "UTC"})]),
+    ("llama3", '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": '
+     '{"x": [1, {"y": null}]}}', None, [("a", {}), ("b", {"x": [1, {"y": None}]})]),
+    ("llama3", 'Sure: <|python_tag|>{"name": "a", "arguments": {"q": 1}}', "Sure: ",
+     [("a", {"q": 1})]),
+    ("llama3", '{"answer": 42}', '{"answer": 42}', []),  # plain JSON content
+    ("llama3", '{"name": "a", "parameters": {"q": 1}', '{"name": "a", "parameters": {"q": 1}',
+     []),
+    ("llama3", "The answer is {x}.", "The answer is {x}.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "UTC"}}, '
+     '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "f", "days": 1}}]', None,
+     [("get_time", {"tz": "UTC"}), ("get_weather", {"city": "Rome", "unit": "f", "days": 1})]),
+    ("mistral", 'Let me look.[TOOL_CALLS] {"name": "f", "arguments": {}}', "Let me look.",
+     [("f", {})]),
+    ("mistral", "[TOOL_CALLS]oops", "[TOOL_CALLS]oops", []),
+    ("mistral", "no calls [TOOL", "no calls [TOOL", []),
+]
+
+
+@pytest.mark.parametrize("fmt, text, content, expected", CASES)
+def test_parse(fmt, text, content, expected):
+    got_content, got = calls(parse_tool_calls(text, fmt))
+    assert got_content == content
+    assert got == expected
+
+
+def test_call_ids_are_openai_shaped_and_unique():
+    _, cs = parse_tool_calls(HERMES_PARALLEL, "hermes")
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", c.id) for c in cs)
+    assert len({c.id for c in cs}) == 2
+    assert cs[0].to_openai()["function"]["name"] == "get_weather"
+
+
+def stream(fmt, text, cuts):
+    p = streaming_parser(fmt)
+    deltas, prev = [], 0
+    for cut in [*cuts, len(text)]:
+        deltas.append(p.feed(text[prev:cut]))
+        prev = cut
+    deltas.append(p.finish())
+    content = "".join(d.content for d in deltas)
+    by_index: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.tool_calls:
+            o = tc.to_openai()
+            if tc.index not in by_index:  # first delta of a call: id and name
+                assert tc.id is not None and tc.name is not None and o["type"] == "function"
+                by_index[tc.index] = {"id": tc.id, "name": tc.name, "arguments": ""}
+            else:
+                assert tc.id is None and tc.name is None
+            by_index[tc.index]["arguments"] += tc.arguments
+    assert sorted(by_index) == list(range(len(by_index)))
+    return content, [by_index[i] for i in sorted(by_index)], p.result()
+
+
+BREAKS_AFTER_NAME = (3, 7)  # streamed, these send a name before the JSON turns out bad
+
+
+@pytest.mark.parametrize("fmt, text, content, expected",
+                         [c for i, c in enumerate(CASES) if i not in BREAKS_AFTER_NAME])
+def test_streaming_matches_whole_parse_for_random_chunkings(fmt, text, content, expected):
+    rng = random.Random(hash(text) & 0xFFFF)
+    for trial in range(40):
+        if trial == 0:
+            cuts = list(range(1, len(text)))  # one character at a time
+        else:
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(12, len(text) - 1))))
+        got_content, got_calls, (res_content, res_calls) = stream(fmt, text, cuts)
+        if expected:  # the streamed calls are the parsed calls, same ids
+            assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == expected
+            assert [c["id"] for c in got_calls] == [c.id for c in res_calls]
+            assert [c["arguments"] for c in got_calls] == [c.arguments for c in res_calls]
+        assert got_content.strip() == (content or "").strip()
+        assert (res_content, [(c.name, json.loads(c.arguments)) for c in res_calls]) == \
+            (content, expected)
+
+
+def test_streaming_call_that_breaks_after_its_name_stays_a_call():
+    text = CASES[3][1]
+    content, streamed, (res_content, res_calls) = stream("hermes", text, [text.index("\"ar")])
+    assert [c["name"] for c in streamed] == ["f"] and content == ""
+    assert res_calls == [] and res_content is None  # left out of the result: not well-formed
+    for chunks in ([8], [30]):  # the bad block is content or a sent call; the next one parses
+        p = streaming_parser("hermes")
+        bad = '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>'
+        p.feed(bad[:chunks[0]])
+        p.feed(bad[chunks[0]:])
+        p.feed('<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+        content, cs = p.result()
+        assert [c.name for c in cs] == ["g"]
+        assert content == (bad if chunks[0] == 8 else None)
+
+
+def test_streaming_holds_back_a_possible_marker_and_sends_name_first():
+    p = streaming_parser("hermes")
+    assert p.feed("Hello <tool").content == "Hello "
+    d = p.feed('_call>\n{"name": "get_time", "argu')
+    assert d.content == "" and d.tool_calls[0].name == "get_time"
+    assert p.feed('ments": {"tz": "U').tool_calls[0].arguments == '{"tz": "U'
+    assert p.feed('TC"}}\n</tool_call>').tool_calls[0].arguments == 'TC"}'
+    assert not p.finish()
+    p = streaming_parser("hermes")
+    assert p.feed("a <tool").content == "a "
+    assert p.feed("box>").content == "<toolbox>"
+
+
+# ------------------------------------------------------------------------------ detection
+
+
+def test_detect_parser():
+    assert detect_parser("{% for t in tools %}<tool_call>{% endfor %}") == "hermes"
+    assert detect_parser("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert detect_parser("<|start_header_id|>ipython<|end_header_id|>") == "llama3"
+    assert detect_parser("{{ '<|python_tag|>' }}") == "llama3"
+    assert detect_parser("{{ messages }}") is None and detect_parser(None) is None
+    assert detect_parser({"default": "x", "tool_use": "<tool_call>"}) == "hermes"
+    assert detect_parser("<tool_call>", override="mistral") == "mistral"
+    with pytest.raises(ValueError, match="unknown tool-call parser 'x'"):
+        detect_parser("", override="x")
+    smol = ROOT / "engines" / "smollm2" / "tokenizer" / "chat_template.jinja"
+    if smol.is_file():
+        assert detect_parser(smol.read_text()) is None  # SmolLM2-135M has no tool format
+
+
+# ------------------------------------------------------------------------------ grammar
+
+
+def test_grammar_is_none_unless_forced():
+    assert constrained_grammar(validate_tools([WEATHER]), "hermes") is None
+    assert constrained_grammar(validate_tools([WEATHER], "none"), "hermes") is None
+    g = constrained_grammar(validate_tools([WEATHER], "required"), "mistral",
+                            special_tokens={"[TOOL_CALLS]": 5})
+    assert g.startswith('start: <[5]> "["')
+    with pytest.raises(ValueError, match="unknown tool-call parser"):
+        constrained_grammar(validate_tools([WEATHER], "required"), "qwen")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import torch
+
+    path = ROOT / "engines" / "smollm2" / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip("needs engines/smollm2 (SmolLM2's tokenizer.json)")
+    from tokenizers import Tokenizer
+
+    from llm_engine.runtime.structured import grammar_tokenizer
+
+    text = path.read_text(encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield grammar_tokenizer(text, [2, 0]), Tokenizer.from_str(text)
+    torch.set_num_threads(threads)
+
+
+def decode(compiled, backend, seed, max_steps=600):
+    import torch
+
+    from llm_engine.runtime.structured import apply_masks
+
+    vocab = backend.get_vocab_size()
+    bias = torch.zeros(vocab + 64)
+    for ch in '"{}[],:0123456789-.<>\n':
+        i = backend.token_to_id(ch)
+        if i is not None:
+            bias[i] = 6.0
+    bias[2] = 6.0
+    g = torch.Generator().manual_seed(seed)
+    m = compiled.matcher()
+    out = []
+    for _ in range(max_steps):
+        logits = torch.randn((1, bias.numel()), generator=g) * 2 + bias
+        apply_masks(logits, [m])
+        token = int(logits[0].argmax())
+        m.advance(token)
+        if token in compiled.tokenizer.eos_token_ids:
+            assert m.is_finished()
+            return backend.decode(out)
+        out.append(token)
+    raise AssertionError(f"no end in {max_steps} steps: {backend.decode(out)!r}")
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
+@pytest.mark.parametrize("choice, parallel", [
+    ("required", True), ({"type": "function", "function": {"name": "get_weather"}}, False)])
+def test_constrained_grammar_output_parses_and_validates(tok, fmt, choice, parallel):
+    import jsonschema
+
+    from llm_engine.runtime.structured import StructuredSpec
+    from llm_engine.runtime.structured.compiler import compile_spec
+
+    gtok, backend = tok
+    cfg = validate_tools([WEATHER, TIME], choice, parallel)
+    compiled = compile_spec(StructuredSpec("grammar", constrained_grammar(cfg, fmt)), gtok)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in cfg.tools}
+    allowed = {t["function"]["name"] for t in cfg.forced_tools()}
+    for seed in range(3):
+        text = decode(compiled, backend, seed)
+        content, cs = parse_tool_calls(text, fmt)
+        assert content is None and cs, text
+        assert parallel or len(cs) == 1
+        for c in cs:
+            assert c.name in allowed
+            jsonschema.validate(json.loads(c.arguments), schemas[c.name])
+        _, streamed, _ = stream(fmt, text, list(range(1, len(text), 3)))
+        assert [(s["name"], s["arguments"]) for s in streamed] == \
+            [(c.name, c.arguments) for c in cs]
+
+
+def test_tool_call_dataclass_shape():
+    c = ToolCall("call_x", "f", "{}")
+    assert c.to_openai() == {"id": "call_x", "type": "function",
+                             "function": {"name": "f", "arguments": "{}"}}
