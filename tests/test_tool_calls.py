@@ -20,6 +20,8 @@ from llm_engine.runtime.tool_calls import (
     streaming_parser,
     validate_tools,
 )
+from tests.test_structured import decode as decode_masked
+from tests.test_structured import tokenizer_json  # noqa: F401  (a fixture tok uses)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,27 +299,24 @@ def test_grammar_is_none_unless_forced():
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(tokenizer_json):  # noqa: F811  (the fixture imported above)
+    """SmolLM2's tokenizer as the grammar engine and as text (test_structured's fixture:
+    an engine built here, else converted from the GGUF)."""
     import torch
-
-    path = ROOT / "engines" / "smollm2" / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip("needs engines/smollm2 (SmolLM2's tokenizer.json)")
     from tokenizers import Tokenizer
 
     from llm_engine.runtime.structured import grammar_tokenizer
 
-    text = path.read_text(encoding="utf-8")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield grammar_tokenizer(text, [2, 0]), Tokenizer.from_str(text)
+    yield grammar_tokenizer(tokenizer_json, [2, 0]), Tokenizer.from_str(tokenizer_json)
     torch.set_num_threads(threads)
 
 
 def decode(compiled, backend, seed, max_steps=600):
+    """Random logits leaning to JSON punctuation, digits and EOS, through the grammar's
+    mask (tests.test_structured.decode)."""
     import torch
-
-    from llm_engine.runtime.structured import apply_masks
 
     vocab = backend.get_vocab_size()
     bias = torch.zeros(vocab + 64)
@@ -326,19 +325,7 @@ def decode(compiled, backend, seed, max_steps=600):
         if i is not None:
             bias[i] = 6.0
     bias[2] = 6.0
-    g = torch.Generator().manual_seed(seed)
-    m = compiled.matcher()
-    out = []
-    for _ in range(max_steps):
-        logits = torch.randn((1, bias.numel()), generator=g) * 2 + bias
-        apply_masks(logits, [m])
-        token = int(logits[0].argmax())
-        m.advance(token)
-        if token in compiled.tokenizer.eos_token_ids:
-            assert m.is_finished()
-            return backend.decode(out)
-        out.append(token)
-    raise AssertionError(f"no end in {max_steps} steps: {backend.decode(out)!r}")
+    return decode_masked(compiled, backend, bias, seed, max_steps)
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
