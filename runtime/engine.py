@@ -15,6 +15,7 @@ import itertools
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,19 +414,26 @@ class Engine:
         for c in sched.chunks:
             if c.req.first_scheduled_time is None:
                 c.req.first_scheduled_time = scheduled
+        # grammar masks fill on a worker thread while the model runs (none before a grammar)
+        masks = self._start_masks(sched.chunks) if self._grammars is not None else None
         try:
             result = self.executor.run(sched.chunks, tables, sched.copies)
         except BaseException as e:
+            if masks is not None:
+                futures.wait([masks.fill])  # it reads the matchers: let it finish first
             if self.cluster is None:
                 raise
             failure = self.cluster.fail(e)  # the ranks are out of step now: stop them all
             if isinstance(e, Exception):
                 raise failure from e
             raise  # KeyboardInterrupt and the like stay what they are
+        if masks is not None:
+            masks.wait()  # before any matcher advances
         self.scheduler.update(sched)
         for i, c in enumerate(sched.chunks):
             if c.draft:
-                self._verify(c, result.logits[result.rows[i]], changed)
+                rows = result.logits[result.rows[i]]
+                self._verify(c, masks.chunk(i, rows) if masks is not None else rows, changed)
         sampling = [(c, result.rows[i]) for i, c in enumerate(sched.chunks)
                     if c.sample and not c.draft]
         for chunk, rows in ((c, result.rows[i]) for i, c in enumerate(sched.chunks)):
@@ -438,13 +446,10 @@ class Engine:
         logits = result.logits
         if last_rows != list(range(logits.shape[0])):  # a decode step's rows are all sampled
             logits = logits[torch.tensor(last_rows)]
-        matchers = [c.req.matcher for c, _ in sampling]
-        if any(m is not None for m in matchers):
-            from llm_engine.runtime.structured.matcher import apply_masks
-
-            # one mask tensor for the step's constrained rows; the others are untouched
-            logits = apply_masks(logits.clone() if logits is result.logits else logits,
-                                 matchers)
+        if masks is not None:
+            # one mask tensor for the step's sampled rows; unconstrained rows are all-ones
+            index = {id(c): i for i, c in enumerate(sched.chunks)}
+            logits = masks.sampled([index[id(c)] for c, _ in sampling], logits)
         samples = sample(logits, [c.req.sampler for c, _ in sampling])
         now = time.monotonic()
         for (chunk, _), s in zip(sampling, samples):
@@ -474,8 +479,10 @@ class Engine:
                 req.first_token_time = time.monotonic()
             self.stats["generated_tokens"] += 1
             reason = append_token(req, s, self.eos_token_ids)
+            if reason is None and req.matcher is not None:
+                reason = self._follow_grammar(req, s.token_id)
             if reason is not None:
-                self.scheduler.finish(req, reason)
+                self.scheduler.finish(req, reason, error=req.error)
                 return False
             return True
 
@@ -483,6 +490,12 @@ class Engine:
         self.scheduler.accept(req, kept)
         self.speculator.verified(req, len(chunk.draft), kept, emitted)
         changed[req.id] = req
+
+    @staticmethod
+    def _start_masks(chunks: list) -> Any:
+        from llm_engine.runtime.structured.step_masks import start_step_masks
+
+        return start_step_masks(chunks)
 
     @staticmethod
     def _follow_grammar(req: Request, token: int) -> str | None:

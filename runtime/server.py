@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_engine.runtime.async_engine import AsyncEngine, EngineDeadError
 from llm_engine.runtime.chat_template import RenderBudget
+from llm_engine.runtime.sampling_params import MAX_STOP_STRINGS
 from llm_engine.runtime.server_generate import Job, run_stream, run_whole, sse
 from llm_engine.runtime.server_guard import Guard, bearer, error_response, json_body
 from llm_engine.runtime.server_metrics import ServerMetrics
@@ -48,7 +49,9 @@ from llm_engine.runtime.tool_calls import (
     PARSERS,
     chat_template_inputs,
     constrained_grammar,
+    detect_mistral_style,
     detect_parser,
+    single_call_stop,
 )
 
 log = logging.getLogger("engine.server")
@@ -74,19 +77,37 @@ class ServerConfig:
         self.limits = Limits(self.max_n, self.max_logprobs)
 
 
-# The markers of each tool-call format; those that are special tokens in the engine's tokenizer
-# are kept when decoding (the parser must see them) and matched as tokens by the grammar.
+# The markers of each tool-call format. Those that are special tokens in the engine's tokenizer
+# are kept when decoding (the parser must see them); those that are added tokens at all (Qwen's
+# <tool_call> is one, not special) are matched as tokens by the grammar.
 _PARSER_MARKERS = {"hermes": {"<tool_call>", "</tool_call>"}, "llama3": {"<|python_tag|>"},
-                   "mistral": {"[TOOL_CALLS]"}}
+                   "mistral": {"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"}}
+_ALL_MARKERS = sorted(set().union(*_PARSER_MARKERS.values()))
 
 
 def _special_markers(tok: Any) -> dict[str, int]:
+    """Markers that decoding with skip_special_tokens would drop."""
     if tok is None:
         return {}
     found = {}
-    for marker in set().union(*_PARSER_MARKERS.values()):
+    for marker in _ALL_MARKERS:
         i = tok.backend.token_to_id(marker)
         if i is not None and i in tok.skipped_ids:
+            found[marker] = i
+    return found
+
+
+def _marker_tokens(tok: Any) -> dict[str, int]:
+    """Markers that are one added token. llguidance takes every added token for a special one,
+    so a grammar that wrote such a marker as text would force that token and then reject it:
+    the grammar must name the token instead."""
+    if tok is None:
+        return {}
+    added = tok.backend.get_added_tokens_decoder()
+    found = {}
+    for marker in _ALL_MARKERS:
+        i = tok.backend.token_to_id(marker)
+        if i is not None and i in added:
             found[marker] = i
     return found
 
@@ -109,6 +130,8 @@ class ServerState:
     decode: Callable[[int], str] = field(init=False)
     tool_parser: str | None = field(init=False)  # the tool-call format; None: not known
     tool_markers: dict[str, int] = field(init=False)  # markers that are special tokens
+    tool_tokens: dict[str, int] = field(init=False)  # markers that are added tokens (grammar)
+    mistral_style: str = field(init=False)  # Mistral's call format: "list" or "args" (v11)
     inflight: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +141,9 @@ class ServerState:
         self.tool_parser = detect_parser(tok.chat_template if tok is not None else None,
                                          self.config.tool_call_parser)
         self.tool_markers = _special_markers(tok)
+        self.tool_tokens = _marker_tokens(tok)
+        self.mistral_style = detect_mistral_style(
+            tok.chat_template if tok is not None else None, self.tool_tokens)
 
     @property
     def engine(self) -> Any:
@@ -177,10 +203,16 @@ class ServerState:
             req.tool_parser = parser
             changes: dict[str, Any] = {}
             if config.constrained:
-                grammar = constrained_grammar(config, parser, self.tool_markers)
+                grammar = constrained_grammar(config, parser, self.tool_tokens,
+                                              self.mistral_style)
                 changes["structured"] = StructuredSpec("grammar", grammar)
             if _PARSER_MARKERS[parser] & self.tool_markers.keys():
                 changes["skip_special_tokens"] = False  # the parser must see the markers
+            stop = single_call_stop(config, parser)
+            if stop is not None and len(req.params.stop) < MAX_STOP_STRINGS:
+                # parallel_tool_calls false: end at the first call's end, not past it (the
+                # parser's max_calls is the guarantee; a full stop list just costs tokens)
+                changes["stop"] = [*req.params.stop, stop]
             if changes:
                 req.params = dataclasses.replace(req.params, **changes)
         return messages, tools

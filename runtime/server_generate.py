@@ -101,7 +101,7 @@ def _whole_choice(job: Job, i: int, out: Output) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": out.text}
         finish = out.finish_reason
         if req.tool_parser is not None:
-            content, calls = parse_tool_calls(out.text, req.tool_parser)
+            content, calls = parse_tool_calls(out.text, req.tool_parser, tool_max_calls(req))
             if calls:
                 message = {"role": "assistant", "content": content,
                            "tool_calls": [c.to_openai() for c in calls]}
@@ -116,6 +116,11 @@ def _whole_choice(job: Job, i: int, out: Output) -> dict[str, Any]:
             entries = list(out.prompt_logprobs or [None] * len(job.prompt_ids)) + entries
         lp = completion_logprobs(job.decode, ids, entries, 0)
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+
+
+def tool_max_calls(req: GenRequest) -> int | None:
+    """At most one call per choice for parallel_tool_calls false (OpenAI's guarantee)."""
+    return 1 if req.tools is not None and not req.tools.parallel_tool_calls else None
 
 
 def _tool_finish(finish: str | None) -> str | None:
@@ -148,7 +153,9 @@ async def run_stream(ae: AsyncEngine, job: Job) -> AsyncIterator[str]:
     counts = [0] * job.req.n  # output tokens per choice so far
     head = None  # the engine's first item, when it is awaited before the opening chunk
     parser = job.req.tool_parser if job.chat else None
-    parsers = [streaming_parser(parser) if parser else None for _ in range(job.req.n)]
+    max_calls = tool_max_calls(job.req)
+    parsers = [streaming_parser(parser, max_calls) if parser else None
+               for _ in range(job.req.n)]
     try:
         if job.req.params.structured is not None:
             # Nothing is sent before the engine's first output: a grammar that fails to

@@ -9,10 +9,14 @@ completions (docs/tool-calling.md), used by `engine serve` (runtime/server.py).
   templates expect it, and messages with `tool_calls` / `tool` roles normalised for templates.
 * Parsers for the model's reply, one per format (`hermes`, `llama3`, `mistral`): whole-text
   (`parse_tool_calls`) and streaming (`StreamingToolParser`), sharing one code path so both
-  agree on every well-formed output.
-* `detect_parser(chat_template)`: the format from markers in the model's template.
+  agree on every well-formed output. `max_calls=1` (parallel_tool_calls false) keeps the first
+  call and drops the rest of the reply.
+* `detect_parser(chat_template)`: the format from markers in the model's template;
+  `detect_mistral_style` tells Mistral's two call formats apart.
 * `constrained_grammar(config, parser)`: a llguidance Lark grammar that forces a call (for
   tool_choice "required" or a named function) with arguments held to each function's schema.
+* `single_call_stop(config, parser)`: a stop string that ends generation after the first call
+  where the format has one.
 """
 
 from __future__ import annotations
@@ -188,9 +192,10 @@ def chat_template_inputs(messages: Sequence[Mapping[str, Any]], config: ToolConf
 
     Assistant `tool_calls` arguments arrive as JSON text (OpenAI) while HF templates (Qwen2.5,
     Hermes, Llama 3.1, Mistral) write them with `| tojson` and so need a dict: they are decoded.
-    Each call gets `"type": "function"`. `tool` messages get their content as one string and a
-    `name` looked up from the call they answer (some templates print it). With parser
-    "mistral", call ids become the 9 alphanumerics Mistral templates demand."""
+    Each call gets `"type": "function"`, and a message of calls without content gets `""`
+    (OpenAI clients send null; templates concatenate it). `tool` messages get their content as
+    one string and a `name` looked up from the call they answer (some templates print it). With
+    parser "mistral", call ids become the 9 alphanumerics Mistral templates demand."""
     names: dict[str, str] = {}
     out: list[dict] = []
     for i, message in enumerate(messages):
@@ -222,6 +227,8 @@ def chat_template_inputs(messages: Sequence[Mapping[str, Any]], config: ToolConf
                         c["id"] = _mistral_id(call["id"])
                 norm.append(c)
             m["tool_calls"] = norm
+            if m.get("content") is None:  # templates concatenate it (Qwen3, Devstral)
+                m["content"] = ""
         if m.get("role") == "tool":
             content = m.get("content")
             if isinstance(content, list):  # text parts
@@ -263,6 +270,23 @@ def detect_parser(chat_template: str | Mapping[str, str] | None,
         if any(m in chat_template for m in markers):
             return name
     return None
+
+
+MISTRAL_STYLES = ("list", "args")
+
+
+def detect_mistral_style(chat_template: str | Mapping[str, str] | None = None,
+                         tokens: Mapping[str, int] | None = None) -> str:
+    """Which of Mistral's call formats the model writes: "args" (tokenizer v11 and later:
+    Mistral Small 3.2, Magistral, Devstral; `[TOOL_CALLS]name[ARGS]{...}` per call) when its
+    tokenizer has an `[ARGS]` token (`tokens`: marker -> id; vLLM's test) or its template
+    writes `[ARGS]`, else "list" (`[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`). The
+    parser reads both; the forcing grammar must pick one."""
+    if tokens and "[ARGS]" in tokens:
+        return "args"
+    if isinstance(chat_template, Mapping):
+        chat_template = chat_template.get("tool_use") or chat_template.get("default")
+    return "args" if chat_template and "[ARGS]" in chat_template else "list"
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -516,13 +540,20 @@ class StreamingToolParser:
     A call whose JSON turns out malformed becomes content (its raw text, markers included) if
     nothing of it was sent yet; one that breaks after its name was sent stays a call (streaming
     cannot take text back) but is left out of result().
+
+    `max_calls`: once that many calls were sent (1 for parallel_tool_calls false), the rest of
+    the reply is dropped, so no delta of a further call can go out and result() holds at most
+    that many calls.
     """
 
     format: str = ""
     start_markers: tuple[str, ...] = ()
     args_keys: tuple[str, ...] = ("arguments", "parameters")
 
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int | None = None) -> None:
+        if max_calls is not None and max_calls < 1:
+            raise ValueError(f"max_calls must be at least 1, got {max_calls}")
+        self.max_calls = max_calls
         self.text = ""  # everything fed
         self.pos = 0  # next unprocessed character of self.text
         self.mode = "content"
@@ -618,8 +649,15 @@ class StreamingToolParser:
     def _mode_section(self, out: StreamDelta, final: bool) -> None:
         self._section_step(out, final)
 
-    def _start_call(self, hold: bool = False) -> None:
-        self.cur = _Call(_ObjectScanner(self.args_keys), self.pos, hold_until_complete=hold)
+    def _limit_reached(self) -> bool:
+        return self.max_calls is not None and self.sent_calls >= self.max_calls
+
+    def _start_call(self, hold: bool = False, scanner: _ObjectScanner | None = None) -> None:
+        if self._limit_reached():  # a backstop: the modes already drop the rest at the limit
+            self.mode = "drop"
+            return
+        scanner = scanner if scanner is not None else _ObjectScanner(self.args_keys)
+        self.cur = _Call(scanner, self.pos, hold_until_complete=hold)
         self.calls.append(self.cur)
         self.mode = "call"
 
@@ -642,7 +680,7 @@ class StreamingToolParser:
             self._result_calls.append(ToolCall(call.id, *valid))
             self.cur = None
             self._after_call = True
-            self.mode = self.after_call_mode
+            self.mode = "drop" if self._limit_reached() else self.after_call_mode
 
     def _call_limit(self, rest: str, final: bool) -> tuple[int, bool]:
         """How much of `rest` the call object may take; True when that is up to a marker
@@ -661,7 +699,7 @@ class StreamingToolParser:
             self.sent_calls += 1
             out.tool_calls.append(ToolCallDelta(call.index, call.id, name, ""))
         raw, _ = sc.args_prefix()
-        if sc.done and sc.args_key is None:
+        if sc.done and not raw:  # a call without arguments
             raw = "{}"
         if len(raw) > call.sent_args:
             out.tool_calls.append(ToolCallDelta(call.index, arguments=raw[call.sent_args:]))
@@ -680,7 +718,7 @@ class StreamingToolParser:
                 start = call.raw_start
             self.pos, self.mode = start, self.malformed_mode
         else:
-            self.mode = self.broken_call_mode
+            self.mode = "drop" if self._limit_reached() else self.broken_call_mode
 
     after_call_mode = "section"
     broken_call_mode = "drop"
@@ -738,19 +776,55 @@ class HermesParser(StreamingToolParser):
             self.pos = len(self.text)
 
 
+class _ArgsScanner(_ObjectScanner):
+    """A call whose name came before its JSON (Mistral v11: `name[ARGS]{...}`): the object
+    scanned is the arguments themselves. The name is only known once the object has opened,
+    so a call whose arguments are not an object is never sent."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(())
+        self.fixed_name = name
+
+    def name(self) -> str | None:
+        return self.fixed_name if self.expect != "open" else None
+
+    def args_prefix(self) -> tuple[str, bool]:
+        return (self.text.lstrip() if self.expect != "open" else ""), self.done
+
+    def valid_call(self) -> tuple[str, str] | None:
+        if not self.done:
+            return None
+        try:
+            obj = json.loads(self.text)
+        except json.JSONDecodeError:
+            return None
+        return (self.fixed_name, self.text.strip()) if isinstance(obj, dict) else None
+
+
+# What may stand between Mistral v11's `[TOOL_CALLS]` and a call's arguments: the name, and the
+# `[CALL_ID]id` its templates write in history (a model may echo it; it is read and dropped).
+_MISTRAL_HEAD = re.compile(r"([A-Za-z0-9_.-]{1,64})(?:\[CALL_ID\][A-Za-z0-9]{1,64})?")
+_MISTRAL_HEAD_CHARS = frozenset(string.ascii_letters + string.digits + "_.-[]")
+_MISTRAL_HEAD_MAX = 160
+
+
 class MistralParser(StreamingToolParser):
-    """Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (one object without
-    the brackets is taken too). Text after the list is content."""
+    """Mistral, both formats (the first call decides which). Before tokenizer v11:
+    `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (one object without the brackets is
+    taken too; text after the list is content). From v11 (Mistral Small 3.2, Magistral,
+    Devstral): `[TOOL_CALLS]name[ARGS]{...}` per call, the marker repeated before each; text
+    between or after calls is content. `[ARGS]` missing (decoded with special tokens skipped)
+    or an echoed `[CALL_ID]id` before it are accepted."""
 
     format = "mistral"
     start_markers = ("[TOOL_CALLS]",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.state = "open"  # open (before '['), items, single, closed
+    def __init__(self, max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
+        self.state = "open"  # open (no call yet); list: items, single, closed; v11: args
 
     def _find_start(self, text: str, at_start: bool):
-        if self.state != "open":
+        if self.state not in ("open", "args"):  # the list format has one section
             return None
         return super()._find_start(text, at_start)
 
@@ -759,34 +833,101 @@ class MistralParser(StreamingToolParser):
         stripped = rest.lstrip()
         if not stripped:
             if final:
-                if self.state == "open":
-                    self.pos, self.mode = self.section_start, "text"
+                if self.state in ("open", "args"):  # a bare marker at the end
+                    self.pos, self.mode = self.section_start, self.malformed_mode
                 else:
                     self.pos = len(self.text)
             return
         self.pos += len(rest) - len(stripped)
         c = stripped[0]
-        if self.state == "open":
-            if c == "[":
-                self.pos += 1
-                self.state = "items"
-            elif c == "{":
-                self.state = "single"
-                self._start_call()
-            else:
-                self.pos, self.mode = self.section_start, "text"
+        if self.state == "open" and c in "[{":
+            self._list_start(c)
+        elif self.state in ("open", "args"):
+            self._args_start(c)
         elif self.state == "items":
-            if c == "{":
-                self._start_call()
-            elif c == ",":
-                self.pos += 1
-            elif c == "]":
-                self.pos += 1
-                self.state, self.mode = "closed", "content"
-            else:
-                self.mode = "text"
+            self._list_item(c)
         else:
             self.state, self.mode = "closed", "content"
+
+    # ------------------------------------------------------------- before v11: one list
+
+    def _list_start(self, c: str) -> None:
+        if c == "[":
+            self.pos += 1
+            self.state = "items"
+        else:
+            self.state = "single"
+            self._start_call()
+
+    def _list_item(self, c: str) -> None:
+        if c == "{":
+            self._start_call()
+        elif c == ",":
+            self.pos += 1
+        elif c == "]":
+            self.pos += 1
+            self.state, self.mode = "closed", "content"
+        else:
+            self.mode = "text"
+
+    # ------------------------------------------------------------- v11: name[ARGS]{...}
+
+    def _args_start(self, c: str) -> None:
+        if c in _MISTRAL_HEAD_CHARS:
+            self.mode = "head"
+        else:
+            self.pos, self.mode = self.section_start, self.malformed_mode
+
+    def _commit_args_format(self) -> None:
+        """From the first v11 call on, each marker starts one call of its own."""
+        self.state = "args"
+        self.after_call_mode, self.malformed_mode = "content", "badsection"
+        self.broken_call_mode, self.block_per_call = "skipsection", True
+
+    def _mode_head(self, out: StreamDelta, final: bool) -> None:
+        """The call's name up to `[ARGS]` (or the arguments' `{`)."""
+        rest = self.text[self.pos:]
+        stop = next((k for k, ch in enumerate(rest) if ch not in _MISTRAL_HEAD_CHARS), len(rest))
+        j = rest.find("[ARGS]", 0, stop)
+        if j >= 0:
+            head, args_at = rest[:j], j + len("[ARGS]")
+        elif stop < len(rest) and rest[stop] == "{":
+            head, args_at = rest[:stop], stop
+        elif stop == len(rest) and not final and len(rest) <= _MISTRAL_HEAD_MAX:
+            return  # the name may go on
+        else:
+            head, args_at = "", 0
+        m = _MISTRAL_HEAD.fullmatch(head)
+        if m is None:
+            self.pos, self.mode = self.section_start, self.malformed_mode
+            return
+        self._commit_args_format()
+        self.pos += args_at
+        self._start_call(scanner=_ArgsScanner(m.group(1)))
+
+    def _call_limit(self, rest: str, final: bool) -> tuple[int, bool]:
+        if self.state != "args":
+            return len(rest), False
+        j = rest.find(self.start_markers[0])  # the next call's marker ends this one
+        if j >= 0:
+            return j, True
+        return len(rest) - (0 if final else _held_suffix(rest, self.start_markers)), False
+
+    def _mode_badsection(self, out: StreamDelta, final: bool) -> None:
+        """A v11 section that is no call (nothing of it sent): its marker is content, and so
+        is its text up to the next marker (content mode reads it)."""
+        end = self.section_start + len(self.start_markers[0])
+        self._emit_content(out, self.text[self.section_start:end])
+        self.pos, self.mode = end, "content"
+
+    def _mode_skipsection(self, out: StreamDelta, final: bool) -> None:
+        """The rest of a v11 call that broke once sent, up to the next marker."""
+        rest = self.text[self.pos:]
+        j = rest.find(self.start_markers[0])
+        if j >= 0:
+            self.pos, self.mode = self.pos + j, "content"
+        else:
+            self.pos = len(self.text) - (0 if final else _held_suffix(rest, self.start_markers))
 
 
 class Llama3Parser(StreamingToolParser):
@@ -797,8 +938,8 @@ class Llama3Parser(StreamingToolParser):
     format = "llama3"
     start_markers = ("<|python_tag|>",)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
         self.implicit = False
 
     def _find_start(self, text: str, at_start: bool):
@@ -839,19 +980,23 @@ _PARSER_CLASSES: dict[str, type[StreamingToolParser]] = {
     "hermes": HermesParser, "llama3": Llama3Parser, "mistral": MistralParser}
 
 
-def streaming_parser(parser: str) -> StreamingToolParser:
-    """A fresh streaming parser for a format name in PARSERS."""
+def streaming_parser(parser: str, max_calls: int | None = None) -> StreamingToolParser:
+    """A fresh streaming parser for a format name in PARSERS; `max_calls` as in
+    StreamingToolParser (1 for parallel_tool_calls false)."""
     try:
-        return _PARSER_CLASSES[parser]()
+        cls = _PARSER_CLASSES[parser]
     except KeyError:
         raise ValueError(f"unknown tool-call parser {parser!r}; choose one of "
                          f"{', '.join(PARSERS)}") from None
+    return cls(max_calls)
 
 
-def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, parser: str,
+                     max_calls: int | None = None) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a whole reply. Content is the text outside the calls (None when only
-    whitespace); malformed calls stay in the content as written."""
-    p = streaming_parser(parser)
+    whitespace); malformed calls stay in the content as written. With `max_calls`, the reply
+    ends where that many calls were made: the rest is dropped."""
+    p = streaming_parser(parser, max_calls)
     p.feed(text)
     p.finish()
     return p.result()
@@ -879,20 +1024,31 @@ def _lark_literal(text: str, special_tokens: Mapping[str, int] | None) -> str:
 
 
 def constrained_grammar(config: ToolConfig, parser: str,
-                        special_tokens: Mapping[str, int] | None = None) -> str | None:
+                        special_tokens: Mapping[str, int] | None = None,
+                        mistral_style: str | None = None) -> str | None:
     """A llguidance Lark grammar forcing `config`'s tool call(s) in `parser`'s format, for
     `StructuredSpec("grammar", ...)`; None unless tool_choice is "required" or a named function.
 
     Each call's arguments are held to its function's parameters schema (`%json`), its name to
-    the function's, so the reply always parses into calls that validate. Several calls are
-    allowed when parallel_tool_calls. `special_tokens`: marker text -> token id, for tokenizers
-    where a marker (`[TOOL_CALLS]`, `<|python_tag|>`) is one special token; without it the marker
-    is matched as text."""
+    the function's, so the reply always parses into calls that validate. Exactly one call
+    unless parallel_tool_calls, then one or more. `special_tokens`: marker text -> token id,
+    for tokenizers where a marker (`[TOOL_CALLS]`, `[ARGS]`, `<tool_call>`) is one added token,
+    special or not (llguidance treats every added token as special, so it cannot be matched as
+    text); without it the marker is matched as text. `mistral_style` ("list" or "args", see
+    detect_mistral_style) picks Mistral's format; by default "args" when `[ARGS]` is among
+    the tokens."""
     if parser not in PARSERS:
         raise ValueError(f"unknown tool-call parser {parser!r}; choose one of "
                          f"{', '.join(PARSERS)}")
+    if mistral_style is None:
+        mistral_style = detect_mistral_style(None, special_tokens)
+    if mistral_style not in MISTRAL_STYLES:
+        raise ValueError(f"unknown Mistral call style {mistral_style!r}; choose one of "
+                         f"{', '.join(MISTRAL_STYLES)}")
     if not config.constrained:
         return None
+    if parser == "mistral" and mistral_style == "args":
+        return _mistral_args_grammar(config, special_tokens)
     args_key = "parameters" if parser == "llama3" else "arguments"
     rules, alts = [], []
     for k, tool in enumerate(config.forced_tools()):
@@ -905,7 +1061,9 @@ def constrained_grammar(config: ToolConfig, parser: str,
     many = config.parallel_tool_calls
     if parser == "hermes":
         head = ('start: block ("\\n" block)*' if many else "start: block")
-        body = ['block: "<tool_call>\\n" call "\\n</tool_call>"']
+        markers = (*HermesParser.start_markers, HermesParser.end_marker)
+        open_, close = (_lark_literal(m, special_tokens) for m in markers)
+        body = [f'block: {open_} "\\n" call "\\n" {close}']
     elif parser == "mistral":
         marker = _lark_literal("[TOOL_CALLS]", special_tokens)
         head = f'start: {marker} "[" call (", " call)* "]"' if many \
@@ -917,10 +1075,37 @@ def constrained_grammar(config: ToolConfig, parser: str,
     return "\n".join([head, *body, "call: " + " | ".join(alts), *rules]) + "\n"
 
 
+def _mistral_args_grammar(config: ToolConfig, special_tokens: Mapping[str, int] | None) -> str:
+    """Mistral v11: `[TOOL_CALLS]name[ARGS]{arguments}`, once or (parallel) repeated."""
+    marker = _lark_literal("[TOOL_CALLS]", special_tokens)
+    args = _lark_literal("[ARGS]", special_tokens)
+    rules, alts = [], []
+    for k, tool in enumerate(config.forced_tools()):
+        fn = tool["function"]
+        rules.append(f"fn_{k}: {marker} {json.dumps(fn['name'])} {args} args_{k}")
+        rules.append(f"args_{k}: %json{json.dumps(fn['parameters'], ensure_ascii=False)}")
+        alts.append(f"fn_{k}")
+    head = "start: call+" if config.parallel_tool_calls else "start: call"
+    return "\n".join([head, "call: " + " | ".join(alts), *rules]) + "\n"
+
+
+def single_call_stop(config: ToolConfig | None, parser: str | None) -> str | None:
+    """A stop string that ends generation once the first call is complete, for
+    parallel_tool_calls false where the format has an end marker (Hermes' `</tool_call>`; the
+    parser takes a block cut there). None where none applies: the other formats have no
+    marker that ends a call, and a forced call's grammar ends generation itself. The parser's
+    `max_calls=1` is what guarantees one call; this only saves the tokens."""
+    if config is None or config.parallel_tool_calls or not config.parse_calls \
+            or config.constrained:
+        return None
+    return HermesParser.end_marker if parser == "hermes" else None
+
+
 __all__ = [
-    "MAX_PARAMETERS_BYTES", "MAX_TOOLS", "PARSERS", "HermesParser", "Llama3Parser",
-    "MistralParser", "StreamDelta", "StreamingToolParser", "ToolCall", "ToolCallDelta",
-    "ToolConfig", "chat_template_inputs", "constrained_grammar", "detect_parser",
-    "new_call_id", "parse_hermes", "parse_llama3", "parse_mistral", "parse_tool_calls",
-    "streaming_parser", "validate_tools",
+    "MAX_PARAMETERS_BYTES", "MAX_TOOLS", "MISTRAL_STYLES", "PARSERS", "HermesParser",
+    "Llama3Parser", "MistralParser", "StreamDelta", "StreamingToolParser", "ToolCall",
+    "ToolCallDelta", "ToolConfig", "chat_template_inputs", "constrained_grammar",
+    "detect_mistral_style", "detect_parser", "new_call_id", "parse_hermes", "parse_llama3",
+    "parse_mistral", "parse_tool_calls", "single_call_stop", "streaming_parser",
+    "validate_tools",
 ]

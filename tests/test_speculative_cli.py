@@ -179,7 +179,7 @@ def test_bench_reports_speculation_per_level(engine_dir, tmp_path):
         assert level["completed"] == 2 and level["errors"] == 0
         spec = level["speculative"]
         assert set(spec) == {"proposed", "accepted", "steps", "acceptance_rate",
-                             "mean_accepted_length", "skipped_steps"}
+                             "mean_accepted_length", "skipped_steps", "grammar_cut"}
         assert 0 <= spec["accepted"] <= spec["proposed"]
         total += spec["proposed"]
     assert total > 0  # a one-token match always finds something in 8 random common words

@@ -15,7 +15,9 @@ import torch
 from llm_engine.runtime.structured import (
     GrammarCompiler,
     StructuredSpec,
+    allocate_bitmask,
     apply_masks,
+    fill_bitmasks,
     from_response_format,
     from_structured_outputs,
     grammar_tokenizer,
@@ -88,8 +90,7 @@ def decode(compiled, backend, bias, seed: int, max_steps: int = 400) -> str:
     out: list[int] = []
     for _ in range(max_steps):
         logits = torch.randn((1, bias.numel()), generator=g) * 2 + bias
-        apply_masks(logits, [m])
-        token = int(logits[0].argmax())
+        token = int(apply_masks(logits, [m])[0].argmax())
         assert token < compiled.tokenizer.vocab_size  # padded columns are masked
         m.advance(token)
         if token in compiled.tokenizer.eos_token_ids:
@@ -286,7 +287,7 @@ def test_apply_masks_batched_rows(gtok):
     m1, m2 = compiled.matcher(), compiled.matcher()
     logits = torch.randn(4, vocab + PAD)
     before = logits.clone()
-    apply_masks(logits, [None, m1, None, m2])
+    logits = apply_masks(logits, [None, m1, None, m2])
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     for row in (1, 3):
         allowed = torch.isfinite(logits[row]).nonzero().flatten().tolist()
@@ -294,8 +295,8 @@ def test_apply_masks_batched_rows(gtok):
         assert torch.isinf(logits[row, vocab:]).all()  # padded vocabulary
     # Fewer columns than the vocabulary (a trimmed head) still works, and no matcher is a no-op.
     narrow = torch.randn(2, vocab - 7)
-    apply_masks(narrow, [m1, None])
-    assert torch.isfinite(narrow[0]).sum() >= 1
+    narrowed = apply_masks(narrow, [m1, None])
+    assert torch.isfinite(narrowed[0]).sum() >= 1 and torch.equal(narrowed[1], narrow[1])
     same = torch.randn(2, 10)
     assert torch.equal(apply_masks(same.clone(), [None, None]), same)
     with pytest.raises(ValueError, match="N = 1 matchers"):
@@ -315,3 +316,37 @@ def test_rollback_and_errors(gtok, backend):
     assert m.advance_many([d, a]) == 1 and m.is_accepting()
     with pytest.raises(ValueError, match="rejected by the grammar"):
         compiled.matcher().advance(d)
+
+
+def test_fill_bitmasks_draft_rows_match_stepwise_masks(gtok, backend):
+    """A speculative chunk's rows are the masks after each draft, filled in one batched call
+    that leaves the matcher where it was; drafts are cut at the first forbidden one."""
+    compiled = compile_spec(StructuredSpec("regex", "abc|abd"), gtok)
+    a, b, c = (backend.token_to_id(x) for x in "abc")
+    m, other = compiled.matcher(), compiled.matcher()
+    assert m.valid_prefix([a, b, c]) == 3 and m.valid_prefix([a, c, b]) == 1
+    assert m.valid_prefix([b]) == 0 and m.valid_prefix([]) == 0
+    assert m.valid_prefix([a, b, c, EOS]) == 3  # end-of-sequence is the mask's, not a draft
+    bitmask = allocate_bitmask(5, gtok.vocab_size)
+    fill_bitmasks([(other, 0, ()), (m, 1, [a, b])], bitmask)
+    expected = []
+    for prefix in ([], [a], [a, b]):
+        step = compiled.matcher()
+        for t in prefix:
+            step.advance(t)
+        row = allocate_bitmask(1, gtok.vocab_size)
+        step.fill_mask(row[0])
+        expected.append(row[0])
+    assert torch.equal(bitmask[0], expected[0])
+    for i in range(3):
+        assert torch.equal(bitmask[1 + i], expected[i])
+    assert (bitmask[4] == -1).all()  # a row no entry names stays all-ones
+    m.advance(a)  # still at the start: the fill rolled its drafts back
+    # llguidance writes through a raw pointer: rows out of range or shared are refused
+    for entries in ([(m, 4, [b])], [(m, -1, ())], [(m, 0, ()), (other, 0, ())]):
+        with pytest.raises(ValueError, match="out of range or shared"):
+            fill_bitmasks(entries, allocate_bitmask(5, gtok.vocab_size))
+    with pytest.raises(ValueError, match="words per row"):
+        fill_bitmasks([(m, 0, ())], allocate_bitmask(1, gtok.vocab_size + 64))
+    with pytest.raises(ValueError, match="contiguous CPU int32"):
+        fill_bitmasks([(m, 0, ())], allocate_bitmask(2, gtok.vocab_size)[:, :-1])

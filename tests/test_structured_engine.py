@@ -171,3 +171,28 @@ def test_smollm2_json_schema_outputs_always_validate(tmp_path_factory):
     assert len(finished) >= 20
     for out, case in finished:
         jsonschema.validate(json.loads(out.text), case.schema)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculation_checks_drafts_against_the_grammar(tiny, method):
+    """Constrained requests speculate: drafts are cut where the grammar forbids them and the
+    rest are verified against the mask after each draft, so greedy output is token-exact with
+    plain constrained decoding, drafts are kept, and sampled outputs still validate. The
+    draft engine is the target itself, unconstrained, so its guesses often leave the
+    grammar (cut) and are otherwise always right (kept)."""
+    prompt = 'Fill {"name": "abc", "n": 1, "tags": ["a", "b"], "ok": true} again: '
+    greedy = SamplingParams(temperature=0, max_tokens=80, structured={"json": BOUNDED})
+    plain = Engine.load(tiny, **SMALL).generate([prompt], greedy)[0]
+    extra = {"draft_engine": tiny} if method == "draft" else {}
+    eng = Engine.load(tiny, **SMALL, speculative=method, num_speculative_tokens=3,
+                      speculative_adaptive=False, **extra)
+    sampled = [SamplingParams(temperature=0.9, seed=s, max_tokens=120,
+                              structured={"json": BOUNDED}) for s in range(3)]
+    outs = eng.generate([prompt] * 4, [greedy, *sampled])
+    assert outs[0].token_ids == plain.token_ids and outs[0].finish_reason == plain.finish_reason
+    for out in outs:
+        _check(out, BOUNDED)
+    stats = eng.speculator.stats
+    assert stats.proposed > 0 and stats.accepted > 0, stats
+    if method == "draft":
+        assert stats.grammar_cut > 0, stats

@@ -1,5 +1,7 @@
-"""runtime/tool_calls.py: validation, template inputs, parsers (whole and streaming), format
-detection and the constrained grammar (decoded with random logits on SmolLM2's tokenizer)."""
+"""runtime/tool_calls.py: validation, template inputs, parsers (whole and streaming; both
+Mistral formats; at most one call for parallel_tool_calls false), format detection and the
+constrained grammar (decoded with random logits on SmolLM2's tokenizer). The real models'
+templates and special tokens are in test_tool_calls_templates.py."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from llm_engine.runtime.tool_calls import (
     ToolCall,
     chat_template_inputs,
     constrained_grammar,
+    detect_mistral_style,
     detect_parser,
     parse_tool_calls,
+    single_call_stop,
     streaming_parser,
     validate_tools,
 )
@@ -177,6 +181,19 @@ CASES = [
      [("f", {})]),
     ("mistral", "[TOOL_CALLS]oops", "[TOOL_CALLS]oops", []),
     ("mistral", "no calls [TOOL", "no calls [TOOL", []),
+    # Mistral v11+: the marker before each call, the name, [ARGS], the arguments object
+    ("mistral", '[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}[TOOL_CALLS]get_weather[ARGS]'
+     '{"city": "Rome", "unit": "f", "days": 1}', None,
+     [("get_time", {"tz": "UTC"}), ("get_weather", {"city": "Rome", "unit": "f", "days": 1})]),
+    ("mistral", 'Checking.[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS] {"k": [1, {"x": "}["}]}',
+     "Checking.", [("f", {"k": [1, {"x": "}["}]})]),  # an echoed call id is dropped
+    ("mistral", '[TOOL_CALLS]f{"a": 1}', None, [("f", {"a": 1})]),  # [ARGS] skipped as special
+    ("mistral", '[TOOL_CALLS]f[ARGS]{}\n\nDone.', "Done.", [("f", {})]),
+    ("mistral", "[TOOL_CALLS]f[ARGS]not json", "[TOOL_CALLS]f[ARGS]not json", []),
+    ("mistral", "[TOOL_CALLS]bad name[ARGS]{}", "[TOOL_CALLS]bad name[ARGS]{}", []),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1[TOOL_CALLS]g[ARGS]{}', '[TOOL_CALLS]f[ARGS]{"a": 1',
+     [("g", {})]),  # a call cut short by the next marker is content; the next one parses
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": []}[TOOL_CALLS]', "[TOOL_CALLS]", [("f", {"a": []})]),
 ]
 
 
@@ -194,8 +211,8 @@ def test_call_ids_are_openai_shaped_and_unique():
     assert cs[0].to_openai()["function"]["name"] == "get_weather"
 
 
-def stream(fmt, text, cuts):
-    p = streaming_parser(fmt)
+def stream(fmt, text, cuts, max_calls=None):
+    p = streaming_parser(fmt, max_calls)
     deltas, prev = [], 0
     for cut in [*cuts, len(text)]:
         deltas.append(p.feed(text[prev:cut]))
@@ -216,11 +233,12 @@ def stream(fmt, text, cuts):
     return content, [by_index[i] for i in sorted(by_index)], p.result()
 
 
-BREAKS_AFTER_NAME = (3, 7)  # streamed, these send a name before the JSON turns out bad
+# streamed, these send a name before the JSON turns out bad
+BREAKS_AFTER_NAME = {CASES[3][1], CASES[7][1], '[TOOL_CALLS]f[ARGS]{"a": 1[TOOL_CALLS]g[ARGS]{}'}
 
 
 @pytest.mark.parametrize("fmt, text, content, expected",
-                         [c for i, c in enumerate(CASES) if i not in BREAKS_AFTER_NAME])
+                         [c for c in CASES if c[1] not in BREAKS_AFTER_NAME])
 def test_streaming_matches_whole_parse_for_random_chunkings(fmt, text, content, expected):
     rng = random.Random(hash(text) & 0xFFFF)
     for trial in range(40):
@@ -254,6 +272,57 @@ def test_streaming_call_that_breaks_after_its_name_stays_a_call():
         assert content == (bad if chunks[0] == 8 else None)
 
 
+PARALLEL_REPLIES = [
+    ("hermes", HERMES_PARALLEL + "\nBoth asked.", "Checking both.\n"),
+    ("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c", '
+     '"days": 2}}; {"name": "get_time", "parameters": {"tz": "CET"}}', None),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c", '
+     '"days": 2}}, {"name": "get_time", "arguments": {"tz": "CET"}}]', None),
+    ("mistral", 'On it.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo", "unit": "c", "days": 2}'
+     '[TOOL_CALLS]get_time[ARGS]{"tz": "CET"}', "On it."),
+]
+
+
+@pytest.mark.parametrize("fmt, text, content", PARALLEL_REPLIES)
+def test_max_calls_one_keeps_the_first_call_and_drops_the_rest(fmt, text, content):
+    first = ("get_weather", {"city": "Oslo", "unit": "c", "days": 2})
+    assert len(parse_tool_calls(text, fmt)[1]) == 2
+    assert calls(parse_tool_calls(text, fmt, max_calls=1)) == (content, [first])
+    rng = random.Random(len(text))
+    for trial in range(20):
+        cuts = list(range(1, len(text))) if trial == 0 else \
+            sorted(rng.sample(range(1, len(text)), rng.randint(0, 10)))
+        got_content, got_calls, (_, res_calls) = stream(fmt, text, cuts, max_calls=1)
+        assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == [first]
+        assert [c.id for c in res_calls] == [got_calls[0]["id"]]  # never a delta of index 1
+        assert got_content.strip() == (content or "").strip()
+
+
+def test_max_calls_counts_calls_made_not_calls_attempted():
+    bad = '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>'
+    good = '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    content, cs = parse_tool_calls(bad + good + good, "hermes", max_calls=1)
+    assert content == bad and [c.name for c in cs] == ["g"]
+    # streamed, the bad call's name went out before it broke: it is the one call
+    _, streamed, (_, res) = stream("hermes", bad + good + good, [bad.index('"ar')], max_calls=1)
+    assert [c["name"] for c in streamed] == ["f"] and res == []
+    with pytest.raises(ValueError, match="max_calls must be at least 1"):
+        streaming_parser("hermes", 0)
+
+
+def test_single_call_stop_ends_hermes_at_the_first_call():
+    one = validate_tools([WEATHER, TIME], "auto", False)
+    assert single_call_stop(one, "hermes") == "</tool_call>"
+    assert single_call_stop(validate_tools([WEATHER], "auto", True), "hermes") is None
+    assert single_call_stop(validate_tools([WEATHER], "required", False), "hermes") is None
+    assert single_call_stop(validate_tools([WEATHER], "none", False), "hermes") is None
+    assert single_call_stop(one, "llama3") is None and single_call_stop(one, "mistral") is None
+    assert single_call_stop(None, "hermes") is None
+    cut = HERMES_PARALLEL[:HERMES_PARALLEL.index("</tool_call>")]  # what generation returns
+    assert calls(parse_tool_calls(cut, "hermes", max_calls=1)) == \
+        ("Checking both.\n", [("get_weather", {"city": "Oslo", "unit": "c", "days": 2})])
+
+
 def test_streaming_holds_back_a_possible_marker_and_sends_name_first():
     p = streaming_parser("hermes")
     assert p.feed("Hello <tool").content == "Hello "
@@ -280,9 +349,19 @@ def test_detect_parser():
     assert detect_parser("<tool_call>", override="mistral") == "mistral"
     with pytest.raises(ValueError, match="unknown tool-call parser 'x'"):
         detect_parser("", override="x")
+    assert detect_parser("[TOOL_CALLS]{{ name }}[ARGS]{{ args }}") == "mistral"
     smol = ROOT / "engines" / "smollm2" / "tokenizer" / "chat_template.jinja"
     if smol.is_file():
         assert detect_parser(smol.read_text()) is None  # SmolLM2-135M has no tool format
+
+
+def test_detect_mistral_style():
+    assert detect_mistral_style("[TOOL_CALLS][{{ calls | tojson }}]") == "list"
+    assert detect_mistral_style("[TOOL_CALLS]{{ name }}[ARGS]{{ args }}") == "args"
+    assert detect_mistral_style({"default": "x", "tool_use": "[ARGS]"}) == "args"
+    assert detect_mistral_style(None, {"[TOOL_CALLS]": 5, "[ARGS]": 32}) == "args"  # vLLM's test
+    assert detect_mistral_style(None, {"[TOOL_CALLS]": 5}) == "list"
+    assert detect_mistral_style(None) == "list"
 
 
 # ------------------------------------------------------------------------------ grammar
@@ -296,6 +375,23 @@ def test_grammar_is_none_unless_forced():
     assert g.startswith('start: <[5]> "["')
     with pytest.raises(ValueError, match="unknown tool-call parser"):
         constrained_grammar(validate_tools([WEATHER], "required"), "qwen")
+    with pytest.raises(ValueError, match="unknown Mistral call style"):
+        constrained_grammar(validate_tools([WEATHER], "required"), "mistral", mistral_style="x")
+
+
+def test_grammar_names_markers_that_are_tokens():
+    """Markers that are added tokens are matched as those tokens (<[id]>), the v11 Mistral
+    format when [ARGS] is one, and exactly one call without parallel_tool_calls."""
+    one = validate_tools([WEATHER, TIME], "required", False)
+    hermes = constrained_grammar(one, "hermes", {"<tool_call>": 7, "</tool_call>": 8})
+    assert hermes.startswith('start: block\nblock: <[7]> "\\n" call "\\n" <[8]>\n')
+    args = constrained_grammar(one, "mistral", {"[TOOL_CALLS]": 5, "[ARGS]": 6})
+    assert args.startswith("start: call\ncall: fn_0 | fn_1\n")
+    assert 'fn_1: <[5]> "get_time" <[6]> args_1\n' in args
+    assert constrained_grammar(one, "mistral", {"[TOOL_CALLS]": 5}).startswith(
+        'start: <[5]> "[" call "]"')
+    many = validate_tools([WEATHER, TIME], "required", True)
+    assert constrained_grammar(many, "mistral", mistral_style="args").startswith("start: call+")
 
 
 @pytest.fixture(scope="module")
@@ -328,10 +424,12 @@ def decode(compiled, backend, seed, max_steps=600):
     return decode_masked(compiled, backend, bias, seed, max_steps)
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
+@pytest.mark.parametrize("fmt, style", [("hermes", None), ("llama3", None), ("mistral", "list"),
+                                        ("mistral", "args")])
 @pytest.mark.parametrize("choice, parallel", [
-    ("required", True), ({"type": "function", "function": {"name": "get_weather"}}, False)])
-def test_constrained_grammar_output_parses_and_validates(tok, fmt, choice, parallel):
+    ("required", True), ("required", False),
+    ({"type": "function", "function": {"name": "get_weather"}}, False)])
+def test_constrained_grammar_output_parses_and_validates(tok, fmt, style, choice, parallel):
     import jsonschema
 
     from llm_engine.runtime.structured import StructuredSpec
@@ -339,7 +437,8 @@ def test_constrained_grammar_output_parses_and_validates(tok, fmt, choice, paral
 
     gtok, backend = tok
     cfg = validate_tools([WEATHER, TIME], choice, parallel)
-    compiled = compile_spec(StructuredSpec("grammar", constrained_grammar(cfg, fmt)), gtok)
+    grammar = constrained_grammar(cfg, fmt, mistral_style=style)
+    compiled = compile_spec(StructuredSpec("grammar", grammar), gtok)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in cfg.tools}
     allowed = {t["function"]["name"] for t in cfg.forced_tools()}
     for seed in range(3):

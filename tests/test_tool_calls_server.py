@@ -1,9 +1,11 @@
 """Tool calling through `engine serve`'s /v1/chat/completions on the tiny llama engine (random
-weights, a ChatML template without tool markers, so the server runs with the hermes parser):
-tool_choice "required" and a named function force a call that parses and validates against the
-function's schema even from a random model, whole and streamed; "none" is plain content; bad
-tool fields are 400s naming the field; a conversation with assistant tool_calls and a tool
-message renders and answers; and the official openai client does the whole round trip."""
+weights, a ChatML template without tool markers, so the server runs with the hermes parser, or
+mistral's): tool_choice "required" and a named function force a call that parses and validates
+against the function's schema even from a random model, whole and streamed; "none" is plain
+content; bad tool fields are 400s naming the field; a conversation with assistant tool_calls
+and a tool message renders and answers; parallel_tool_calls false gives at most one call, whole
+and streamed, also when the model writes two (forced here with structured_outputs); and the
+official openai client does the whole round trip."""
 
 from __future__ import annotations
 
@@ -45,6 +47,16 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 def live(engines):
     ae = AsyncEngine(_engine(engines))
     srv = LiveServer(ae, ServerConfig(model_name="tiny", max_n=4, tool_call_parser="hermes"))
+    yield srv
+    srv.stop()
+    ae.shutdown()
+
+
+@pytest.fixture(scope="module")
+def live_mistral(engines):
+    """--tool-call-parser mistral; its markers are text in the tiny tokenizer."""
+    ae = AsyncEngine(_engine(engines))
+    srv = LiveServer(ae, ServerConfig(model_name="tiny", tool_call_parser="mistral"))
     yield srv
     srv.stop()
     ae.shutdown()
@@ -223,6 +235,79 @@ def test_round_trip_conversation(live):
     assert out["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + 5
 
 
+HERMES_TWO = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "utc"}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+              '\n</tool_call>')
+MISTRAL_TWO = ('[TOOL_CALLS]get_time[ARGS]{"zone": "utc"}'
+               '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}')
+
+
+def _two_calls(text: str, parallel: bool, **extra) -> dict:
+    """A request whose reply is `text` (two calls), forced with structured_outputs: a random
+    model would not write calls under tool_choice "auto"."""
+    return {"tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": parallel,
+            "structured_outputs": {"choice": [text]}, "temperature": 1.0, "seed": 1, **extra}
+
+
+def _streamed_calls(client: openai.OpenAI, body: dict) -> tuple[list[dict], str | None]:
+    calls: dict[int, dict] = {}
+    finish = None
+    extra = {k: body.pop(k) for k in ("structured_outputs",) if k in body}
+    for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True,
+                                                max_tokens=MAX_TOKENS, extra_body=extra,
+                                                **body):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": d.function.name, "arguments": ""})
+            call["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("fixture, text", [("live", HERMES_TWO), ("live_mistral", MISTRAL_TWO)])
+def test_parallel_tool_calls_false_gives_one_call(request, fixture, text):
+    """The model writes two calls; without parallel_tool_calls the response holds the first
+    only, and no delta of a second call is streamed."""
+    srv = request.getfixturevalue(fixture)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    both = _ok(_post(srv, _two_calls(text, True)))["choices"][0]
+    assert [c["function"]["name"] for c in both["message"]["tool_calls"]] == \
+        ["get_time", "get_weather"]
+    body = _two_calls(text, False)
+    extra = {"structured_outputs": body.pop("structured_outputs")}
+    one = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                         extra_body=extra, **body).choices[0]
+    assert one.finish_reason == "tool_calls"
+    (call,) = one.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time",
+                                                                         {"zone": "utc"})
+    streamed, finish = _streamed_calls(client, _two_calls(text, False))
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == \
+        [("get_time", {"zone": "utc"})]
+
+
+def test_parallel_tool_calls_false_stops_hermes_at_the_first_call(live):
+    """Hermes has an end marker: generation stops there instead of writing the second call."""
+    both = _ok(_post(live, _two_calls(HERMES_TWO, True)))
+    one = _ok(_post(live, _two_calls(HERMES_TWO, False)))
+    assert one["choices"][0]["finish_reason"] == "tool_calls"
+    assert one["usage"]["completion_tokens"] < both["usage"]["completion_tokens"] / 2 + 5
+
+
+def test_mistral_forced_call_one_and_parallel(live_mistral):
+    for parallel in (False, True):
+        out = _ok(_post(live_mistral, {"tools": TOOLS, "tool_choice": "required",
+                                       "parallel_tool_calls": parallel, "temperature": 1.0,
+                                       "seed": 4}))
+        choice = out["choices"][0]
+        assert choice["finish_reason"] in ("tool_calls", "length"), choice
+        calls = choice["message"].get("tool_calls") or []
+        assert len(calls) == 1 if not parallel else len(calls) >= (
+            choice["finish_reason"] == "tool_calls")
+        for call in calls:
+            _check_call(call)
+
+
 def test_special_markers_are_kept():
     """Markers that are special tokens are found (decoded with special tokens kept, matched
     as tokens by the grammar); plain-text ones are not."""
@@ -238,6 +323,26 @@ def test_special_markers_are_kept():
 
     assert _special_markers(Tok()) == {"[TOOL_CALLS]": 5}
     assert _special_markers(None) == {}
+
+
+def test_marker_tokens_include_added_tokens_that_are_not_special():
+    """The grammar names every marker that is an added token (Qwen's <tool_call> is not
+    special), since llguidance treats all added tokens as special."""
+    from llm_engine.runtime.server import _marker_tokens
+
+    class Backend:
+        def token_to_id(self, text):
+            return {"[TOOL_CALLS]": 5, "<tool_call>": 6, "[ARGS]": 7}.get(text)
+
+        def get_added_tokens_decoder(self):
+            return {5: "[TOOL_CALLS]", 6: "<tool_call>"}  # [ARGS]: an ordinary vocab entry
+
+    class Tok:
+        backend = Backend()
+        skipped_ids = frozenset({5})
+
+    assert _marker_tokens(Tok()) == {"[TOOL_CALLS]": 5, "<tool_call>": 6}
+    assert _marker_tokens(None) == {}
 
 
 def test_serve_has_the_option():

@@ -105,6 +105,7 @@ class SpecStats:
     steps: int = 0  # request-steps verified with drafts
     emitted: int = 0  # tokens those steps produced (accepted + one each)
     skipped_steps: int = 0  # steps with decodes where the policy proposed nothing
+    grammar_cut: int = 0  # drafts dropped before verification: their grammar forbids them
 
     @property
     def acceptance_rate(self) -> float:
@@ -119,7 +120,7 @@ class SpecStats:
         return {"proposed": self.proposed, "accepted": self.accepted, "steps": self.steps,
                 "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "grammar_cut": self.grammar_cut}
 
 
 class Speculator:
@@ -148,9 +149,7 @@ class Speculator:
         if self.draft is not None:
             for rid in [rid for rid in self.draft.seqs if rid not in live]:
                 self.draft.release(rid)
-        # constrained requests decode plainly: their guesses are not checked against the mask
-        decoding = [r for r in running if len(r.all_ids) - r.num_computed == 1
-                    and r.matcher is None]
+        decoding = [r for r in running if len(r.all_ids) - r.num_computed == 1]
         for r in running:
             r.draft_ids = []
         if not decoding:
@@ -167,6 +166,7 @@ class Speculator:
                 index.extend(req.all_ids)
                 req.draft_ids = index.propose(k)
                 req.spec.q = None
+                self._fit_grammar(req)
             return
         round_ = self.draft.propose(reqs, ks)
         self.draft_seconds = round_.seconds
@@ -175,6 +175,20 @@ class Speculator:
         for req, drafts, q in zip(reqs, round_.drafts, round_.q, strict=True):
             req.draft_ids = drafts
             req.spec.q = q
+            self._fit_grammar(req)
+
+    def _fit_grammar(self, req: Request) -> None:
+        """Cuts a constrained request's drafts at the first one its grammar forbids: the
+        target could never keep it (its row is masked) nor anything after it. The rows that
+        remain are verified against the masks after each draft (runtime.structured)."""
+        if req.matcher is None or not req.draft_ids:
+            return
+        n = req.matcher.valid_prefix(req.draft_ids)
+        if n < len(req.draft_ids):
+            self.stats.grammar_cut += len(req.draft_ids) - n
+            req.draft_ids = req.draft_ids[:n]
+            if req.spec.q is not None:
+                req.spec.q = req.spec.q[:n]
 
     def _plan(self, states: list[SpecState], reqs: list[Request]) -> list[int]:
         """K for each decoding request (0: none), from acceptance and the measured cost."""

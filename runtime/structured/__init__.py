@@ -12,7 +12,13 @@ from llm_engine.runtime.structured.compiler import (
     GrammarTokenizer,
     grammar_tokenizer,
 )
-from llm_engine.runtime.structured.matcher import Matcher, allocate_bitmask, apply_masks
+from llm_engine.runtime.structured.matcher import (
+    Matcher,
+    allocate_bitmask,
+    apply_bitmask,
+    apply_masks,
+    fill_bitmasks,
+)
 from llm_engine.runtime.structured.spec import (
     StructuredSpec,
     from_response_format,
@@ -21,6 +27,6 @@ from llm_engine.runtime.structured.spec import (
 
 __all__ = [
     "CompiledGrammar", "GrammarCompiler", "GrammarTokenizer", "Matcher", "StructuredSpec",
-    "allocate_bitmask", "apply_masks", "from_response_format", "from_structured_outputs",
-    "grammar_tokenizer",
+    "allocate_bitmask", "apply_bitmask", "apply_masks", "fill_bitmasks", "from_response_format",
+    "from_structured_outputs", "grammar_tokenizer",
 ]
