@@ -350,3 +350,32 @@ def test_fill_bitmasks_draft_rows_match_stepwise_masks(gtok, backend):
         fill_bitmasks([(m, 0, ())], allocate_bitmask(1, gtok.vocab_size + 64))
     with pytest.raises(ValueError, match="contiguous CPU int32"):
         fill_bitmasks([(m, 0, ())], allocate_bitmask(2, gtok.vocab_size)[:, :-1])
+
+
+def test_non_special_added_tokens_reach_llguidance_as_text():
+    """Only non-special added tokens move into the vocabulary, spelled the way the model's
+    decoder reads them (GPT-2 byte characters for ByteLevel; as is for Metaspace, unless
+    they hold spaces); special tokens, Unigram vocabularies and bad JSON are left alone."""
+    import json as _json
+
+    from llm_engine.runtime.structured.compiler import _added_tokens_as_text
+
+    def tok(decoder, vocab, added):
+        return _json.dumps({"model": {"type": "BPE", "vocab": vocab}, "decoder": decoder,
+                            "added_tokens": [{"id": i, "content": c, "special": s}
+                                             for i, c, s in added]})
+
+    byte_level = {"type": "Sequence", "decoders": [{"type": "ByteLevel"}]}
+    out = _json.loads(_added_tokens_as_text(tok(byte_level, {"a": 0}, [
+        (1, "<eos>", True), (2, "<tool call>", False)])))
+    assert out["model"]["vocab"] == {"a": 0, "<toolĠcall>": 2}
+    assert [a["id"] for a in out["added_tokens"]] == [1]
+    meta = {"type": "Metaspace", "replacement": "▁"}
+    out = _json.loads(_added_tokens_as_text(tok(meta, {"a": 0}, [
+        (1, "[ARGS]", False), (2, "two words", False)])))
+    assert out["model"]["vocab"] == {"a": 0, "[ARGS]": 1}
+    assert [a["id"] for a in out["added_tokens"]] == [2]
+    unigram = _json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]},
+                           "added_tokens": [{"id": 1, "content": "<x>", "special": False}]})
+    assert _added_tokens_as_text(unigram) == unigram
+    assert _added_tokens_as_text("not json") == "not json"

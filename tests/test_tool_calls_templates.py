@@ -379,9 +379,8 @@ def _decode_forced(tok: Tokenizer, spec, seed: int, max_steps: int = 600) -> str
 def test_forced_calls_decode_on_the_real_tokens(case, toks, parallel):
     """tool_choice "required": the server's grammar, with this tokenizer's marker tokens,
     decoded under random logits, always parses into calls that validate (one without
-    parallel_tool_calls). A marker that is an added token but not special (Qwen's
-    <tool_call>) must be named as a token: as text, llguidance would force the token and
-    then reject it."""
+    parallel_tool_calls). Markers that are added tokens are named as tokens, so the call
+    is written with the model's own marker token, as its parser and template expect."""
     import jsonschema
 
     tok = toks(case)
@@ -399,3 +398,28 @@ def test_forced_calls_decode_on_the_real_tokens(case, toks, parallel):
         assert parallel or len(calls) == 1
         for call in calls:
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+@pytest.mark.parametrize("spec", [{"choice": ["<tool_call>", "<think>"]},
+                                  {"regex": r"<tool_call>[0-9]</tool_call>"},
+                                  {"json": {"enum": ["<think>", "</think>"]}}], ids=str)
+def test_user_grammars_may_spell_non_special_added_tokens(toks, spec):
+    """llguidance treats every added token as special, but tokenizes forced text with the
+    full tokenizer, which yields Qwen's non-special <tool_call> / <think> tokens: the mask
+    allowed a token its matcher then rejected (the request ended in an error). Non-special
+    added tokens are now given to llguidance as the text they are; special ones stay
+    matchable only by id."""
+    import re
+
+    from llm_engine.runtime.structured.spec import parse
+
+    tok = toks(CASES[1])  # Qwen3: <tool_call>, <think> are added but not special
+    assert tok.token_to_id("<think>") is not None
+    for seed in range(4):
+        text = _decode_forced(tok, parse(spec), seed)
+        if "choice" in spec:
+            assert text in spec["choice"]
+        elif "regex" in spec:
+            assert re.fullmatch(spec["regex"], text)
+        else:
+            assert json.loads(text) in spec["json"]["enum"]

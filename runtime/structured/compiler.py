@@ -41,10 +41,73 @@ def grammar_tokenizer(tokenizer_json: str, eos_token_ids: Sequence[int],
     eos = [int(i) for i in eos_token_ids]
     if not eos:
         raise ValueError("structured outputs need at least one end-of-sequence token id")
+    tokenizer_json = _added_tokens_as_text(tokenizer_json)
     tok = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
     digest = hashlib.sha256(tokenizer_json.encode() + json.dumps(eos).encode()
                             + str(vocab_size).encode()).hexdigest()[:16]
     return GrammarTokenizer(tok, digest, tok.vocab_size, tuple(eos))
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte-to-character table, which ByteLevel vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _uses_byte_level(spec: Any) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    return spec.get("type") == "ByteLevel" or any(
+        _uses_byte_level(d) for d in spec.get("decoders") or () if isinstance(d, dict))
+
+
+def _added_tokens_as_text(tokenizer_json: str) -> str:
+    """llguidance treats every added token as special (matched only as `<[id]>`, never as
+    text), yet for forced text it tokenizes with the full tokenizer, which does produce a
+    non-special added token (Qwen's `<tool_call>`, `<think>`): the mask then allows a token
+    the matcher rejects. Non-special added tokens are moved into the model's vocabulary, so
+    llguidance sees them as the text they are; special ones stay special. Vocabularies that
+    are not a dict (Unigram), and contents this cannot spell, are left as they were."""
+    try:
+        data = json.loads(tokenizer_json)
+        vocab = data["model"]["vocab"]
+    except (ValueError, KeyError, TypeError):
+        return tokenizer_json
+    if not isinstance(vocab, dict):
+        return tokenizer_json
+    byte_level = _uses_byte_level(data.get("decoder"))
+    chars = _byte_level_chars() if byte_level else {}
+    ids = set(vocab.values())
+    kept, moved = [], 0
+    for added in data.get("added_tokens") or ():
+        content, tid = added.get("content"), added.get("id")
+        if added.get("special", True) or not isinstance(content, str) or not content \
+                or tid in ids:
+            kept.append(added)
+            continue
+        if byte_level:
+            key = "".join(chars[b] for b in content.encode())
+        elif not any(c.isspace() for c in content):  # Metaspace: no spaces to spell as ▁
+            key = content
+        else:
+            kept.append(added)
+            continue
+        if key in vocab:
+            kept.append(added)
+            continue
+        vocab[key] = tid
+        moved += 1
+    if not moved:
+        return tokenizer_json
+    data["added_tokens"] = kept
+    return json.dumps(data)
 
 
 def from_runtime_tokenizer(tokenizer: Any) -> GrammarTokenizer:
