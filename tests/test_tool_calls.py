@@ -1,4 +1,4 @@
-"""runtime/tool_calls.py: validation, template inputs, parsers (whole and streaming; both
+"""runtime/tool_calls/: validation, template inputs, parsers (whole and streaming; both
 Mistral formats; at most one call for parallel_tool_calls false), format detection and the
 constrained grammar (decoded with random logits on SmolLM2's tokenizer). The real models'
 templates and special tokens are in test_tool_calls_templates.py."""
