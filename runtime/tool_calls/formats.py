@@ -4,7 +4,6 @@ reply."""
 
 from __future__ import annotations
 
-import json
 import re
 import string
 
@@ -81,13 +80,7 @@ class _ArgsScanner(ObjectScanner):
         return (self.text.lstrip() if self.expect != "open" else ""), self.done
 
     def valid_call(self) -> tuple[str, str] | None:
-        if not self.done:
-            return None
-        try:
-            obj = json.loads(self.text)
-        except json.JSONDecodeError:
-            return None
-        return (self.fixed_name, self.text.strip()) if isinstance(obj, dict) else None
+        return (self.fixed_name, self.text.strip()) if isinstance(self.parsed(), dict) else None
 
 
 # What may stand between Mistral v11's `[TOOL_CALLS]` and a call's arguments: the name, and the

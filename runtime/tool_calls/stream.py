@@ -200,14 +200,18 @@ class ObjectScanner:
             return raw, False
         return "", False
 
-    def valid_call(self) -> tuple[str, str] | None:
-        """(name, arguments JSON text) if the object is a well-formed call."""
+    def parsed(self) -> Any:
+        """The finished object's JSON value; None before it closes or when it is not JSON."""
         if not self.done:
             return None
         try:
-            obj = json.loads(self.text)
+            return json.loads(self.text)
         except json.JSONDecodeError:
             return None
+
+    def valid_call(self) -> tuple[str, str] | None:
+        """(name, arguments JSON text) if the object is a well-formed call."""
+        obj = self.parsed()
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
         if self.args_key is None:
