@@ -17,7 +17,7 @@ import torch
 import uvicorn
 
 from tests.scripts import load_script
-from tests.test_server import _free_port
+from tests.server_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_fastapi_app(engines):
     create_app = load_script("examples/fastapi_app.py").create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(str(engines("llama"))), port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

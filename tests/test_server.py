@@ -14,58 +14,23 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-import uvicorn
 
 from llm_engine.runtime import AsyncEngine, Engine, SamplingParams
 from llm_engine.runtime.cpu_info import cpu_info
-from llm_engine.runtime.server import ServerConfig, create_app
+from llm_engine.runtime.server import ServerConfig
+from tests.server_harness import TINY_SERVER, LiveServer, free_port, metric, serve, tiny_engine
 
 KEY = "sk-test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, ae: AsyncEngine, config: ServerConfig) -> None:
-        self.ae = ae
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        uv = uvicorn.Config(create_app(ae, config), host="127.0.0.1", port=self.port,
-                            log_level="warning", access_log=False)
-        self.server = uvicorn.Server(uv)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def _engine(engines) -> Engine:
-    return Engine.load(engines("llama"), block_size=4, kv_cache_memory=4 << 20)
-
-
 @pytest.fixture(scope="module")
 def reference(engines) -> Engine:
-    return _engine(engines)
+    return tiny_engine(engines)
 
 
 @pytest.fixture(scope="module")
 def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_n=4, max_logprobs=5,
-                                      max_body_bytes=4096))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines, **TINY_SERVER)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +286,7 @@ def test_request_log_line(live, caplog):
 # ---- authentication ---------------------------------------------------------------------------
 
 def test_api_keys(engines):
-    ae = AsyncEngine(_engine(engines))
+    ae = AsyncEngine(tiny_engine(engines))
     srv = LiveServer(ae, ServerConfig(model_name="tiny", api_keys=(KEY, "other")))
     try:
         url = srv.url
@@ -345,7 +310,7 @@ def test_api_keys(engines):
 
 
 def test_health_503_once_engine_stopped(engines):
-    ae = AsyncEngine(_engine(engines))
+    ae = AsyncEngine(tiny_engine(engines))
     srv = LiveServer(ae, ServerConfig())
     try:
         ae.shutdown()
@@ -366,7 +331,7 @@ def test_serve_command_graceful_sigterm(engines):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm_engine.builder.cli", "serve", str(engines("llama")), "--port",
@@ -436,59 +401,44 @@ def test_engine_bench_against_the_server(live, tmp_path):
     assert level["ttft_p50_ms"] > 0 and level["itl_p50_ms"] is not None
 
 
-def _metric(text: str, name: str, labels: str = "") -> float:
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{labels} not in /metrics")
-
-
 def test_metrics(live, client):
     client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
     text = httpx.get(live.url + "/metrics").text
-    assert _metric(text, "llm_engine_requests_total", '{finish_reason="length"}') >= 1
-    assert _metric(text, "llm_engine_time_to_first_token_seconds_count") >= 1
-    assert _metric(text, "llm_engine_e2e_request_latency_seconds_count") >= 1
-    assert _metric(text, "llm_engine_request_queue_time_seconds_count") >= 1
-    assert _metric(text, "llm_engine_generation_tokens_total") >= 5
-    assert _metric(text, "llm_engine_prefix_cache_queries_total") >= 1
+    assert metric(text, "llm_engine_requests_total", '{finish_reason="length"}') >= 1
+    assert metric(text, "llm_engine_time_to_first_token_seconds_count") >= 1
+    assert metric(text, "llm_engine_e2e_request_latency_seconds_count") >= 1
+    assert metric(text, "llm_engine_request_queue_time_seconds_count") >= 1
+    assert metric(text, "llm_engine_generation_tokens_total") >= 5
+    assert metric(text, "llm_engine_prefix_cache_queries_total") >= 1
     isa = cpu_info().isa
     assert f'isa="{isa}"' in text and "llm_engine_backend_info{" in text
     for name in ("llm_engine_requests_running", "llm_engine_requests_waiting",
                  "llm_engine_preemptions_total", "llm_engine_prefix_cache_hits_total",
                  "llm_engine_inter_token_latency_seconds_count"):
-        _metric(text, name)
+        metric(text, name)
     # a stream cancelled mid-way: its blocks show up as used, then free again
     body = {"prompt": list(range(10, 40)), "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         [next(lines) for _ in range(4)]
-        used = _metric(httpx.get(live.url + "/metrics").text, "llm_engine_kv_cache_usage_ratio")
+        used = metric(httpx.get(live.url + "/metrics").text, "llm_engine_kv_cache_usage_ratio")
         assert used > 0
     asyncio.run(_settled(live.ae))
     text = httpx.get(live.url + "/metrics").text
-    assert _metric(text, "llm_engine_kv_cache_usage_ratio") == 0
-    assert _metric(text, "llm_engine_requests_total", '{finish_reason="abort"}') >= 1
-
-
-def _server(engines, **config):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", **config))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    assert metric(text, "llm_engine_kv_cache_usage_ratio") == 0
+    assert metric(text, "llm_engine_requests_total", '{finish_reason="abort"}') >= 1
 
 
 @pytest.fixture
 def strict(engines):
     """A server admitting one request at a time."""
-    yield from _server(engines, max_concurrent_requests=1)
+    yield from serve(engines, max_concurrent_requests=1)
 
 
 @pytest.fixture
 def hasty(engines):
     """A server ending requests after 50 ms: far less than 480 tokens take."""
-    yield from _server(engines, request_timeout=0.05)
+    yield from serve(engines, request_timeout=0.05)
 
 
 def test_overload_gets_429_with_retry_after(strict):

@@ -10,26 +10,20 @@ import openai
 import pytest
 import torch
 
-from llm_engine.runtime import AsyncEngine, Engine, SamplingParams
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
+from llm_engine.runtime import Engine, SamplingParams
+from tests.server_harness import TINY_SERVER, serve, tiny_engine
 
 PROMPT_IDS = [25, 17, 33, 90, 120, 70, 250, 64, 77, 41, 199]  # no special tokens
 
 
 @pytest.fixture(scope="module")
 def reference(engines) -> Engine:
-    return _engine(engines)
+    return tiny_engine(engines)
 
 
 @pytest.fixture(scope="module")
 def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_n=4, max_logprobs=5,
-                                      max_body_bytes=4096))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines, **TINY_SERVER)
 
 
 def _hf_prompt_logprobs(hf, ids: list[int]) -> list[float]:

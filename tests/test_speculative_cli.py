@@ -20,7 +20,7 @@ from llm_engine.runtime.bench import speculation_probe
 from llm_engine.runtime.server import ServerConfig
 from llm_engine.runtime.server_metrics import ServerMetrics
 from tests.cli_util import one_line_error
-from tests.test_server import LiveServer, _metric
+from tests.server_harness import LiveServer, metric
 
 KV = ["--kv-cache-memory", "4MiB"]  # the default would reserve up to 2 GiB
 # Repeats give prompt lookup something to draft from.
@@ -153,11 +153,11 @@ def test_metrics_have_the_speculation_series(spec_server, reference):
     text = httpx.get(spec_server.url + "/metrics").text
     stats = spec_server.ae.engine.speculator.stats
     assert stats.proposed > 0  # prompt lookup found the repeats
-    assert _metric(text, "llm_engine_spec_proposed_tokens_total") == stats.proposed
-    assert _metric(text, "llm_engine_spec_accepted_tokens_total") == stats.accepted
-    assert _metric(text, "llm_engine_spec_acceptance_rate") == \
+    assert metric(text, "llm_engine_spec_proposed_tokens_total") == stats.proposed
+    assert metric(text, "llm_engine_spec_accepted_tokens_total") == stats.accepted
+    assert metric(text, "llm_engine_spec_acceptance_rate") == \
         pytest.approx(stats.acceptance_rate)
-    assert _metric(text, "llm_engine_spec_mean_accepted_length") >= 1
+    assert metric(text, "llm_engine_spec_mean_accepted_length") >= 1
 
 
 def test_no_speculation_series_when_off(engine_dir):

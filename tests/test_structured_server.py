@@ -16,10 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from llm_engine.builder.cli import main
-from llm_engine.runtime import AsyncEngine
-from llm_engine.runtime.server import ServerConfig
 from tests.cli_util import one_line_error
-from tests.test_server import LiveServer, _engine
+from tests.server_harness import serve
 
 MAX_TOKENS = 200
 PERSON = {
@@ -36,11 +34,7 @@ MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 
 @pytest.fixture(scope="module")
 def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_n=4))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines, max_n=4)
 
 
 def _post(live, route: str, body: dict) -> httpx.Response:

@@ -16,9 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from llm_engine.runtime import AsyncEngine
-from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
+from tests.server_harness import serve
 
 MAX_TOKENS = 300
 WEATHER = {
@@ -45,31 +43,19 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def live(engines):
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", max_n=4, tool_call_parser="hermes"))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines, max_n=4, tool_call_parser="hermes")
 
 
 @pytest.fixture(scope="module")
 def live_mistral(engines):
     """--tool-call-parser mistral; its markers are text in the tiny tokenizer."""
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny", tool_call_parser="mistral"))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines, tool_call_parser="mistral")
 
 
 @pytest.fixture(scope="module")
 def live_detect(engines):
     """No --tool-call-parser: the tiny engine's template has no tool markers."""
-    ae = AsyncEngine(_engine(engines))
-    srv = LiveServer(ae, ServerConfig(model_name="tiny"))
-    yield srv
-    srv.stop()
-    ae.shutdown()
+    yield from serve(engines)
 
 
 def _post(live, body: dict) -> httpx.Response:

@@ -6,7 +6,7 @@ import pytest
 
 from llm_engine.runtime import AsyncEngine
 from llm_engine.runtime.server import ServerConfig
-from tests.test_server import LiveServer, _engine
+from tests.server_harness import LiveServer, tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def serve_tiny(engines):
     started: list[tuple[LiveServer, AsyncEngine]] = []
 
     def start(engine=None, **options) -> LiveServer:
-        ae = AsyncEngine(engine if engine is not None else _engine(engines))
+        ae = AsyncEngine(engine if engine is not None else tiny_engine(engines))
         srv = LiveServer(ae, ServerConfig(model_name="tiny", **options))
         started.append((srv, ae))
         return srv

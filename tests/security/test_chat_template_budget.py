@@ -13,7 +13,7 @@ import pytest
 
 from llm_engine.runtime.chat_template import RenderBudget
 from llm_engine.runtime.tokenizer_errors import TokenizerError
-from tests.test_server import _engine
+from tests.server_harness import tiny_engine
 
 # Quadratic and silent: for each message, a walk over the whole conversation.
 SLOW = ("{% for m in messages %}{% for n in messages %}{% if n.role == 'x' %}!{% endif %}"
@@ -28,7 +28,7 @@ def _conversation(n: int) -> list[dict]:
 
 @pytest.fixture
 def tokenizer(engines):
-    return _engine(engines).tokenizer
+    return tiny_engine(engines).tokenizer
 
 
 @pytest.mark.parametrize("template", [SLOW, SPIN], ids=["nested-messages", "nested-range"])
@@ -54,7 +54,7 @@ def test_within_budget_the_render_is_unchanged(tokenizer):
 
 @pytest.fixture(scope="module")
 def live(engines, serve_tiny):
-    engine = _engine(engines)
+    engine = tiny_engine(engines)
     engine.tokenizer.chat_template = SLOW
     return serve_tiny(engine, template_timeout=1.5)
 

@@ -14,7 +14,7 @@ from llm_engine.runtime.sampling_params import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
 )
-from tests.test_server import _engine
+from tests.server_harness import tiny_engine
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -54,7 +54,7 @@ def test_the_attack_over_http_is_a_400_and_others_are_served(live, field, value)
 
 def test_stop_ids_still_stop(engines):
     """The set lookup stops where the list did: the first greedy token, made a stop id."""
-    engine = _engine(engines)
+    engine = tiny_engine(engines)
     first = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))[0]
     out = engine.generate([[5, 6, 7]], SamplingParams(
         temperature=0, max_tokens=4, stop_token_ids=[first.token_ids[0], 10**9]))[0]
