@@ -119,18 +119,28 @@ class DraftModel:
             if mirror is not None:
                 live.append((i, mirror))
         depth = 0
+        # A constrained request drafts under its grammar, on a copy of its matcher: guesses
+        # the target's mask would forbid are never made (they could not be kept).
+        guides = {i: reqs[i].matcher.copy() for i, _ in live if reqs[i].matcher is not None}
         chunks = [Chunk(m, m.num_computed, len(m.all_ids) - m.num_computed, True, False)
                   for _, m in live]
         while chunks:
             tables = [self.blocks.block_table(c.req.id) for c in chunks]
             logits = self.executor.run(chunks, tables, []).logits
+            if guides:
+                from llm_engine.runtime.structured.matcher import apply_masks
+
+                logits = apply_masks(logits, [guides.get(i) for i, _ in live])
             nxt = []
             for row, chunk, (i, mirror) in zip(logits, chunks, live, strict=True):
                 token, q = self._draw(row, reqs[i], mirror.id)
+                mirror.num_computed = chunk.start + chunk.num_tokens
+                guide = guides.get(i)
+                if guide is not None and not _follow(guide, token):
+                    continue  # the grammar is complete (or allows nothing this model has)
                 drafts[i].append(token)
                 if q is not None:
                     probs[i].append(q)
-                mirror.num_computed = chunk.start + chunk.num_tokens
                 mirror.all_ids.append(token)
                 if len(drafts[i]) < min(ks[i], self.max_seq_len - len(reqs[i].all_ids)):
                     nxt.append((i, mirror))
@@ -150,6 +160,15 @@ class DraftModel:
         state = _DrawState(self.generators.get(rid))
         token = int((p / _exponentials((1, p.shape[0]), [state], p.device)[0]).argmax())
         return token, p
+
+
+def _follow(guide: Any, token: int) -> bool:
+    """Advances a draft's grammar copy past `token`; False when the token cannot be a draft
+    (an end of sequence, which ends the grammar, or a token it forbids)."""
+    if not guide.allowed(token) or token in guide.eos_token_ids:
+        return False
+    guide.advance(token)
+    return True
 
 
 @dataclass

@@ -35,6 +35,14 @@ class Matcher:
         self._eos = frozenset(eos_token_ids)
         self.words = bitmask_words(vocab_size)
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def copy(self) -> Matcher:
+        """An independent matcher at the same position (a draft model's guide)."""
+        return Matcher(self._m.deep_copy(), self.vocab_size, self._eos)
+
     def fill_mask(self, row: torch.Tensor) -> None:
         """Writes the allowed-token bitmask into `row` (int32, CPU, contiguous,
         bitmask_words(vocab_size) words)."""
