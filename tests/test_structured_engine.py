@@ -201,3 +201,20 @@ def test_speculation_checks_drafts_against_the_grammar(tiny, method):
         assert again.token_ids == plain.token_ids
         greedy_stats = eng.speculator.stats
         assert greedy_stats.accepted >= 0.9 * greedy_stats.proposed > 0, greedy_stats
+
+
+def test_structured_benchmark_quick(tiny, tmp_path):
+    """benchmarks/structured.py end to end on the tiny engine: both overhead rows, and the
+    speculation row's outputs token-identical with and without prompt lookup."""
+    from tests.scripts import load_script
+
+    bench = load_script("benchmarks/structured.py")
+    out = tmp_path / "structured.json"
+    payload = bench.main(["--engine", str(tiny), "--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    assert [r["batch"] for r in payload["rows"]] == [1, 4]
+    for row in payload["rows"]:
+        assert row["plain_tok_s"] > 0 and row["json_schema_tok_s"] > 0
+    spec = payload["speculative"]
+    assert spec["identical"] is True and spec["plain_tok_s"] > 0 and spec["ngram_tok_s"] > 0
+    assert payload["machine"]["simd_flags"] is not None
