@@ -33,6 +33,20 @@ def async_engine(engines):
     ae.shutdown()
 
 
+@pytest.fixture
+def slow_steps(async_engine, monkeypatch):
+    """5 ms more per engine step: the tiny engine decodes LONG in ~0.15 s on a fast CPU, so
+    tests that cancel or time out a request in flight would race its end; at 400 steps x 5 ms
+    it stays in flight for 2 s on any machine."""
+    step = async_engine.engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(async_engine.engine, "step", slow_step)
+
+
 async def _settled(ae: AsyncEngine, timeout: float = 5.0) -> tuple[int, int, int]:
     """Poll (on the loop thread) until no request is left; returns (free, total, unfinished)."""
     deadline = time.monotonic() + timeout
@@ -63,7 +77,7 @@ def test_concurrent_coroutines_match_sequential_generate(engines, async_engine):
     assert async_engine.engine.stats["steps"] < 8 * GREEDY.max_tokens  # they shared steps
 
 
-def test_cancelled_consumer_aborts_and_frees_blocks(async_engine):
+def test_cancelled_consumer_aborts_and_frees_blocks(async_engine, slow_steps):
     async def main():
         got_two = asyncio.Event()
 
@@ -90,7 +104,7 @@ def test_cancelled_consumer_aborts_and_frees_blocks(async_engine):
     assert async_engine.alive
 
 
-def test_wait_for_timeout_aborts_the_request(async_engine):
+def test_wait_for_timeout_aborts_the_request(async_engine, slow_steps):
     async def main():
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(async_engine.complete(list(range(5, 25)), LONG), 0.2)
