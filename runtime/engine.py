@@ -453,16 +453,22 @@ class Engine:
         samples = sample(logits, [c.req.sampler for c, _ in sampling])
         now = time.monotonic()
         for (chunk, _), s in zip(sampling, samples):
-            req = chunk.req
-            if req.first_token_time is None:
-                req.first_token_time = now
-            self.stats["generated_tokens"] += 1
-            reason = append_token(req, s, self.eos_token_ids)
-            if reason is None and req.matcher is not None:
-                reason = self._follow_grammar(req, s.token_id)
-            if reason is not None:
-                self.scheduler.finish(req, reason, error=req.error)
-            changed[req.id] = req
+            self._emit(chunk.req, s, now)
+            changed[chunk.req.id] = chunk.req
+
+    def _emit(self, req: Request, s, now: float) -> bool:
+        """One sampled token into the request, through the stop checks and its grammar;
+        False once that finished the request."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+        self.stats["generated_tokens"] += 1
+        reason = append_token(req, s, self.eos_token_ids)
+        if reason is None and req.matcher is not None:
+            reason = self._follow_grammar(req, s.token_id)
+        if reason is None:
+            return True
+        self.scheduler.finish(req, reason, error=req.error)
+        return False
 
     def _verify(self, chunk, rows: torch.Tensor, changed: dict[str, Request]) -> None:
         """Keep what verification accepts of a speculative chunk's drafts, token by token
@@ -475,16 +481,7 @@ class Engine:
         def emit(s) -> bool:
             nonlocal emitted
             emitted += 1
-            if req.first_token_time is None:
-                req.first_token_time = time.monotonic()
-            self.stats["generated_tokens"] += 1
-            reason = append_token(req, s, self.eos_token_ids)
-            if reason is None and req.matcher is not None:
-                reason = self._follow_grammar(req, s.token_id)
-            if reason is not None:
-                self.scheduler.finish(req, reason, error=req.error)
-                return False
-            return True
+            return self._emit(req, s, time.monotonic())
 
         kept = verify(rows, chunk.draft, req.spec.q, req.sampler, emit)
         self.scheduler.accept(req, kept)
