@@ -76,8 +76,7 @@ class SpecState:
 class CostModel:
     """Step seconds as a + b * tokens, fitted by least squares on recent steps."""
 
-    window: int = 64
-    points: deque = field(default_factory=lambda: deque(maxlen=64))
+    points: deque = field(default_factory=lambda: deque(maxlen=64))  # the recent steps
 
     def add(self, tokens: int, seconds: float) -> None:
         self.points.append((tokens, seconds))
