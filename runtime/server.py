@@ -20,7 +20,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,31 +85,27 @@ _PARSER_MARKERS = {"hermes": {"<tool_call>", "</tool_call>"}, "llama3": {"<|pyth
 _ALL_MARKERS = sorted(set().union(*_PARSER_MARKERS.values()))
 
 
-def _special_markers(tok: Any) -> dict[str, int]:
-    """Markers that decoding with skip_special_tokens would drop."""
-    if tok is None:
-        return {}
+def _markers_among(tok: Any, ids: Container[int]) -> dict[str, int]:
+    """The tool-call markers that are one token of `tok` with its id in `ids`."""
     found = {}
     for marker in _ALL_MARKERS:
         i = tok.backend.token_to_id(marker)
-        if i is not None and i in tok.skipped_ids:
+        if i is not None and i in ids:
             found[marker] = i
     return found
+
+
+def _special_markers(tok: Any) -> dict[str, int]:
+    """Markers that decoding with skip_special_tokens would drop."""
+    return _markers_among(tok, tok.skipped_ids) if tok is not None else {}
 
 
 def _marker_tokens(tok: Any) -> dict[str, int]:
     """Markers that are one added token. llguidance takes every added token for a special one,
     so a grammar that wrote such a marker as text would force that token and then reject it:
     the grammar must name the token instead."""
-    if tok is None:
-        return {}
-    added = tok.backend.get_added_tokens_decoder()
-    found = {}
-    for marker in _ALL_MARKERS:
-        i = tok.backend.token_to_id(marker)
-        if i is not None and i in added:
-            found[marker] = i
-    return found
+    return _markers_among(tok, tok.backend.get_added_tokens_decoder()) if tok is not None \
+        else {}
 
 
 def _decoder(engine: Any) -> Callable[[int], str]:
