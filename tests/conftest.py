@@ -138,3 +138,21 @@ def built(tmp_path_factory, checkpoints):
 
 
 __all__ = ["ARCHS"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer as the builder writes it: HF save_pretrained of the GGUF's tokenizer
+    (engines/ is git-ignored, so tests make their own; once a session, ~10 s)."""
+    from llm_engine.builder.errors import BuildError
+    from llm_engine.builder.frontend.source import _named_model_path
+
+    try:
+        path = _named_model_path("smollm2")
+    except BuildError as e:
+        pytest.skip(str(e))
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    return out

@@ -41,22 +41,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory) -> str:
+def tokenizer_json(request) -> str:
     built = ROOT / "engines" / "smollm2" / "tokenizer" / "tokenizer.json"
     if built.is_file():  # an engine built here: skips the GGUF conversion (~10 s)
         return built.read_text(encoding="utf-8")
-    from llm_engine.builder.errors import BuildError
-    from llm_engine.builder.frontend.source import _named_model_path
-
-    try:
-        path = _named_model_path("smollm2")
-    except BuildError as e:
-        pytest.skip(str(e))
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
-    return (out / "tokenizer.json").read_text(encoding="utf-8")
+    # looked up only here, so the shortcut above never pays for the conversion
+    tokenizer_dir = request.getfixturevalue("smollm2_dir")
+    return (tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
